@@ -1,0 +1,2 @@
+//! Placeholder until the breaker benches land.
+fn main() {}

@@ -1,0 +1,2 @@
+//! Placeholder until the ratelimit benches land.
+fn main() {}

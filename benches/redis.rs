@@ -1,0 +1,2 @@
+//! Placeholder until the redis benches land.
+fn main() {}

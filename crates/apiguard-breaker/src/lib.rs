@@ -1,0 +1,1 @@
+//! apiguard breaker (work in progress).

@@ -1,0 +1,237 @@
+//! The clock every apiguard decision reads.
+//!
+//! Time is a [`Nanos`] count (`u64` nanoseconds since a process-wide origin).
+//! Decisions are integer arithmetic on it, which is why rates from one per
+//! hour to 10⁹ per second stay exact and never drift.
+//!
+//! # Why not `Instant::now()`?
+//!
+//! On the virtual machines these crates are measured on, one
+//! `clock_gettime` costs about 25 ns — more than a whole rate-limit decision.
+//! Reading the CPU's time-stamp counter costs about a third of that, but the
+//! TSC is only safe where it is synchronised across cores; where it is not,
+//! time jumps backwards when a thread migrates and a limiter refuses requests
+//! it should admit (governor #299). The default clock therefore reads the TSC
+//! (through `quanta`) only when the Linux kernel itself has chosen `tsc` as
+//! its clocksource, which it does only after checking that the counters are
+//! synchronised and invariant; anywhere else it uses the monotonic
+//! `Instant`.
+//!
+//! # Tests
+//!
+//! With the `test-util` feature the default clock reads tokio's clock
+//! instead, so `#[tokio::test(start_paused = true)]` and
+//! `tokio::time::advance` drive every bucket, breaker and backoff. For unit
+//! tests that want to set time by hand there is [`ManualClock`].
+
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Nanoseconds since the clock's origin.
+pub type Nanos = u64;
+
+/// Converts a duration to [`Nanos`], saturating at `u64::MAX` (584 years).
+#[inline]
+pub const fn duration_to_nanos(d: Duration) -> Nanos {
+    let n = d.as_nanos();
+    if n > u64::MAX as u128 {
+        u64::MAX
+    } else {
+        n as u64
+    }
+}
+
+/// Converts [`Nanos`] back to a duration.
+#[inline]
+pub const fn nanos_to_duration(n: Nanos) -> Duration {
+    Duration::from_nanos(n)
+}
+
+/// A source of monotonic time. Cheap to clone: the default is a unit value,
+/// a manual clock is one `Arc`.
+#[derive(Clone, Debug, Default)]
+pub struct Clock {
+    source: Source,
+}
+
+#[derive(Clone, Debug, Default)]
+enum Source {
+    #[default]
+    System,
+    Manual(Arc<AtomicU64>),
+}
+
+impl Clock {
+    /// The default clock (see the module docs for what it reads).
+    pub const fn system() -> Self {
+        Self {
+            source: Source::System,
+        }
+    }
+
+    /// The current time.
+    #[inline]
+    pub fn now(&self) -> Nanos {
+        match &self.source {
+            Source::System => system_now(),
+            Source::Manual(n) => n.load(Ordering::Acquire),
+        }
+    }
+
+    /// Whether this clock is a [`ManualClock`]'s.
+    pub fn is_manual(&self) -> bool {
+        matches!(self.source, Source::Manual(_))
+    }
+}
+
+/// A clock that moves only when told to, for deterministic unit tests.
+#[derive(Clone, Debug, Default)]
+pub struct ManualClock {
+    nanos: Arc<AtomicU64>,
+}
+
+impl ManualClock {
+    /// A clock standing at zero.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A [`Clock`] that reads this manual clock.
+    pub fn clock(&self) -> Clock {
+        Clock {
+            source: Source::Manual(self.nanos.clone()),
+        }
+    }
+
+    /// Moves time forward by `d`.
+    pub fn advance(&self, d: Duration) {
+        self.nanos.fetch_add(duration_to_nanos(d), Ordering::AcqRel);
+    }
+
+    /// Sets the time. Moving it backwards is allowed, to test that callers
+    /// cope with it.
+    pub fn set(&self, now: Nanos) {
+        self.nanos.store(now, Ordering::Release);
+    }
+
+    /// The current time.
+    pub fn now(&self) -> Nanos {
+        self.nanos.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(any(test, feature = "test-util"))]
+#[inline]
+fn system_now() -> Nanos {
+    static ORIGIN: OnceLock<tokio::time::Instant> = OnceLock::new();
+    let origin = *ORIGIN.get_or_init(tokio::time::Instant::now);
+    duration_to_nanos(tokio::time::Instant::now().saturating_duration_since(origin))
+}
+
+#[cfg(not(any(test, feature = "test-util")))]
+#[inline]
+fn system_now() -> Nanos {
+    match SYSTEM.get_or_init(SystemSource::detect) {
+        SystemSource::Tsc { clock, origin } => clock.delta_as_nanos(*origin, clock.raw()),
+        SystemSource::Monotonic { origin } => duration_to_nanos(origin.elapsed()),
+    }
+}
+
+#[cfg(not(any(test, feature = "test-util")))]
+static SYSTEM: OnceLock<SystemSource> = OnceLock::new();
+
+#[cfg(not(any(test, feature = "test-util")))]
+enum SystemSource {
+    Tsc {
+        clock: quanta::Clock,
+        origin: u64,
+    },
+    // This module is the one place allowed to read `std::time::Instant`.
+    #[allow(clippy::disallowed_types)]
+    Monotonic {
+        origin: std::time::Instant,
+    },
+}
+
+#[cfg(not(any(test, feature = "test-util")))]
+impl SystemSource {
+    #[allow(clippy::disallowed_types)]
+    fn detect() -> Self {
+        if kernel_trusts_tsc() {
+            let clock = quanta::Clock::new();
+            let origin = clock.raw();
+            Self::Tsc { clock, origin }
+        } else {
+            Self::Monotonic {
+                origin: std::time::Instant::now(),
+            }
+        }
+    }
+}
+
+/// The kernel picks `tsc` as clocksource only once it has verified that the
+/// counter is invariant and synchronised across CPUs; that is the one check
+/// we trust to make the TSC a monotonic clock.
+#[cfg(all(
+    not(any(test, feature = "test-util")),
+    target_os = "linux",
+    any(target_arch = "x86", target_arch = "x86_64")
+))]
+fn kernel_trusts_tsc() -> bool {
+    std::fs::read_to_string("/sys/devices/system/clocksource/clocksource0/current_clocksource")
+        .map(|s| s.trim() == "tsc")
+        .unwrap_or(false)
+}
+
+#[cfg(all(
+    not(any(test, feature = "test-util")),
+    not(all(target_os = "linux", any(target_arch = "x86", target_arch = "x86_64")))
+))]
+fn kernel_trusts_tsc() -> bool {
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manual_clock_moves_only_when_told() {
+        let manual = ManualClock::new();
+        let clock = manual.clock();
+        assert_eq!(clock.now(), 0);
+        manual.advance(Duration::from_millis(5));
+        assert_eq!(clock.now(), 5_000_000);
+        manual.set(7);
+        assert_eq!(clock.now(), 7);
+        assert!(clock.is_manual());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn system_clock_follows_paused_tokio_time() {
+        let clock = Clock::system();
+        let t0 = clock.now();
+        tokio::time::advance(Duration::from_secs(3)).await;
+        let t1 = clock.now();
+        assert_eq!(t1 - t0, 3_000_000_000);
+    }
+
+    #[test]
+    fn system_clock_never_goes_backwards() {
+        let clock = Clock::system();
+        let mut last = clock.now();
+        for _ in 0..100_000 {
+            let now = clock.now();
+            assert!(now >= last);
+            last = now;
+        }
+    }
+
+    #[test]
+    fn duration_conversion_saturates() {
+        assert_eq!(duration_to_nanos(Duration::MAX), u64::MAX);
+        assert_eq!(duration_to_nanos(Duration::from_secs(2)), 2_000_000_000);
+    }
+}

@@ -1,0 +1,371 @@
+//! Turning refusals into HTTP responses on servers.
+//!
+//! ```
+//! use apiguard_core::RejectionResponseLayer;
+//! use tower::ServiceBuilder;
+//! # use std::convert::Infallible;
+//! # let handler = tower::service_fn(|_req: http::Request<()>| async {
+//! #     Ok::<_, Infallible>(http::Response::new(String::new()))
+//! # });
+//!
+//! let svc = ServiceBuilder::new()
+//!     // 429 for `RateLimited`, 503 for `CircuitOpen`, both with `Retry-After`;
+//!     // other errors become a 500, so axum's `Router::layer` takes the stack.
+//!     .layer(RejectionResponseLayer::new().other_errors_as_500())
+//!     .service(handler);
+//! # let _ = svc;
+//! ```
+//!
+//! A `RateLimited` refusal becomes `429 Too Many Requests` with
+//! `Retry-After` (whole seconds, rounded up) and, when the refusal names its
+//! quota, the `RateLimit-Policy` and `RateLimit` fields of
+//! draft-ietf-httpapi-ratelimit-headers. A `CircuitOpen` refusal becomes
+//! `503 Service Unavailable`, with `Retry-After` when the breaker knows when
+//! it will probe again.
+//!
+//! What happens to other errors is the layer's second type parameter: by
+//! default ([`PassThrough`]) they stay errors; with
+//! [`other_errors_as_500`](RejectionResponseLayer::other_errors_as_500) they
+//! become an empty `500 Internal Server Error` (logged with `tracing`), and
+//! the service's error type is `Infallible`, as axum requires.
+
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use http::{Response, StatusCode, header::RETRY_AFTER};
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::error::{BoxError, CircuitOpen, RateLimited};
+use crate::headers::{
+    RATELIMIT, RATELIMIT_POLICY, format_ratelimit, format_ratelimit_policy, format_retry_after,
+};
+
+/// The name written in the `RateLimit` fields.
+const POLICY_NAME: &str = "default";
+
+/// What becomes of errors that are not apiguard refusals.
+pub trait OtherErrors: Clone {
+    /// The service's error type.
+    type Error;
+    /// Handles one error that is not a refusal.
+    fn handle<B: Default>(&self, err: BoxError) -> Result<Response<B>, Self::Error>;
+}
+
+/// Errors that are not refusals stay errors ([`BoxError`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PassThrough;
+
+impl OtherErrors for PassThrough {
+    type Error = BoxError;
+    fn handle<B: Default>(&self, err: BoxError) -> Result<Response<B>, BoxError> {
+        Err(err)
+    }
+}
+
+/// Errors that are not refusals become an empty `500`, logged at `error`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct InternalServerError;
+
+impl OtherErrors for InternalServerError {
+    type Error = Infallible;
+    fn handle<B: Default>(&self, err: BoxError) -> Result<Response<B>, Infallible> {
+        tracing::error!(target: "apiguard", error = %err, "unhandled error turned into 500");
+        let mut res = Response::new(B::default());
+        *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        Ok(res)
+    }
+}
+
+/// Layer that turns apiguard refusals into `429`/`503` responses.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RejectionResponseLayer<M = PassThrough> {
+    other: M,
+}
+
+impl RejectionResponseLayer {
+    /// Refusals become responses; other errors pass through.
+    pub const fn new() -> Self {
+        Self { other: PassThrough }
+    }
+}
+
+impl<M> RejectionResponseLayer<M> {
+    /// Other errors become an empty `500`; the service is infallible.
+    pub fn other_errors_as_500(self) -> RejectionResponseLayer<InternalServerError> {
+        RejectionResponseLayer {
+            other: InternalServerError,
+        }
+    }
+}
+
+impl<S, M: Clone> Layer<S> for RejectionResponseLayer<M> {
+    type Service = RejectionResponse<S, M>;
+    fn layer(&self, inner: S) -> Self::Service {
+        RejectionResponse {
+            inner,
+            other: self.other.clone(),
+            broken: None,
+        }
+    }
+}
+
+/// Service made by [`RejectionResponseLayer`].
+pub struct RejectionResponse<S, M = PassThrough> {
+    inner: S,
+    other: M,
+    // An error the inner service reported from `poll_ready`, answered on the
+    // next call (the caller was told the service is ready).
+    broken: Option<BoxError>,
+}
+
+impl<S: fmt::Debug, M: fmt::Debug> fmt::Debug for RejectionResponse<S, M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RejectionResponse")
+            .field("inner", &self.inner)
+            .field("other", &self.other)
+            .finish()
+    }
+}
+
+impl<S: Clone, M: Clone> Clone for RejectionResponse<S, M> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            other: self.other.clone(),
+            broken: None,
+        }
+    }
+}
+
+impl<S, M> RejectionResponse<S, M> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+    /// Takes the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, Req, B, M> Service<Req> for RejectionResponse<S, M>
+where
+    S: Service<Req, Response = Response<B>>,
+    S::Error: Into<BoxError>,
+    B: Default,
+    M: OtherErrors,
+{
+    type Response = Response<B>;
+    type Error = M::Error;
+    type Future = ResponseFuture<S::Future, M>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        if self.broken.is_some() {
+            return Poll::Ready(Ok(()));
+        }
+        match self.inner.poll_ready(cx) {
+            Poll::Ready(Err(e)) => {
+                self.broken = Some(e.into());
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let state = match self.broken.take() {
+            Some(err) => State::Failed { err: Some(err) },
+            None => State::Called {
+                fut: self.inner.call(req),
+            },
+        };
+        ResponseFuture {
+            state,
+            other: self.other.clone(),
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`RejectionResponse`].
+    pub struct ResponseFuture<F, M> {
+        #[pin]
+        state: State<F>,
+        other: M,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Called { #[pin] fut: F },
+        Failed { err: Option<BoxError> },
+    }
+}
+
+impl<F: fmt::Debug, M: fmt::Debug> fmt::Debug for ResponseFuture<F, M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, B, E, M> Future for ResponseFuture<F, M>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    E: Into<BoxError>,
+    B: Default,
+    M: OtherErrors,
+{
+    type Output = Result<Response<B>, M::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let err = match this.state.project() {
+            StateProj::Called { fut } => match std::task::ready!(fut.poll(cx)) {
+                Ok(res) => return Poll::Ready(Ok(res)),
+                Err(e) => e.into(),
+            },
+            StateProj::Failed { err } => match err.take() {
+                Some(e) => e,
+                None => panic!("ResponseFuture polled after completion"),
+            },
+        };
+        Poll::Ready(match refusal_response(&*err) {
+            Some(res) => Ok(res),
+            None => this.other.handle(err),
+        })
+    }
+}
+
+/// The response for a refusal, or `None` when `err` is not one.
+///
+/// Useful on its own in a custom error handler (axum's `HandleErrorLayer`).
+pub fn refusal_response<B: Default>(
+    err: &(dyn std::error::Error + 'static),
+) -> Option<Response<B>> {
+    if let Some(limited) = err.downcast_ref::<RateLimited>() {
+        return Some(rate_limited_response(limited));
+    }
+    if let Some(open) = err.downcast_ref::<CircuitOpen>() {
+        return Some(circuit_open_response(open));
+    }
+    None
+}
+
+/// `429 Too Many Requests` with `Retry-After` and, when the quota is known,
+/// `RateLimit-Policy` and `RateLimit`.
+pub fn rate_limited_response<B: Default>(limited: &RateLimited) -> Response<B> {
+    let mut res = Response::new(B::default());
+    *res.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+    let wait = limited.retry_after().unwrap_or_default();
+    let headers = res.headers_mut();
+    headers.insert(RETRY_AFTER, format_retry_after(wait));
+    if let Some(quota) = limited.quota() {
+        headers.insert(
+            RATELIMIT_POLICY,
+            format_ratelimit_policy(POLICY_NAME, quota.limit, quota.window),
+        );
+        headers.insert(RATELIMIT, format_ratelimit(POLICY_NAME, 0, wait));
+    }
+    res
+}
+
+/// `503 Service Unavailable`, with `Retry-After` when the breaker knows when
+/// it will probe again.
+pub fn circuit_open_response<B: Default>(open: &CircuitOpen) -> Response<B> {
+    let mut res = Response::new(B::default());
+    *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    if let Some(wait) = open.retry_after() {
+        res.headers_mut()
+            .insert(RETRY_AFTER, format_retry_after(wait));
+    }
+    res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Quota;
+    use std::time::Duration;
+    use tower::{ServiceExt, service_fn};
+
+    async fn answer(err: Option<BoxError>) -> Result<Response<String>, BoxError> {
+        let svc = service_fn(move |_req: ()| {
+            let err = err.clone_box();
+            async move {
+                match err {
+                    Some(e) => Err(e),
+                    None => Ok(Response::new("ok".to_string())),
+                }
+            }
+        });
+        RejectionResponseLayer::new().layer(svc).oneshot(()).await
+    }
+
+    trait CloneBox {
+        fn clone_box(&self) -> Option<BoxError>;
+    }
+    impl CloneBox for Option<BoxError> {
+        fn clone_box(&self) -> Option<BoxError> {
+            let e = self.as_ref()?;
+            if let Some(r) = e.downcast_ref::<RateLimited>() {
+                return Some(Box::new(*r));
+            }
+            if let Some(c) = e.downcast_ref::<CircuitOpen>() {
+                return Some(Box::new(*c));
+            }
+            Some(e.to_string().into())
+        }
+    }
+
+    #[tokio::test]
+    async fn rate_limited_becomes_429_with_headers() {
+        let quota = Quota {
+            limit: 10,
+            window: Duration::from_secs(5),
+        };
+        let err: BoxError =
+            Box::new(RateLimited::new(Duration::from_millis(300)).with_quota(quota));
+        let res = answer(Some(err)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(res.headers()[RETRY_AFTER], "1");
+        assert_eq!(res.headers()[RATELIMIT_POLICY], "\"default\";q=10;w=5");
+        assert_eq!(res.headers()[RATELIMIT], "\"default\";r=0;t=1");
+    }
+
+    #[tokio::test]
+    async fn circuit_open_becomes_503() {
+        let err: BoxError = Box::new(CircuitOpen::new(Some(Duration::from_secs(4))));
+        let res = answer(Some(err)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(res.headers()[RETRY_AFTER], "4");
+        let err: BoxError = Box::new(CircuitOpen::new(None));
+        let res = answer(Some(err)).await.unwrap();
+        assert!(res.headers().get(RETRY_AFTER).is_none());
+    }
+
+    #[tokio::test]
+    async fn other_errors_pass_through_or_become_500() {
+        let err = answer(Some("boom".into())).await.unwrap_err();
+        assert_eq!(err.to_string(), "boom");
+        assert_eq!(answer(None).await.unwrap().body(), "ok");
+
+        let svc = service_fn(|_req: ()| async { Err::<Response<String>, BoxError>("boom".into()) });
+        let res: Result<Response<String>, Infallible> = RejectionResponseLayer::new()
+            .other_errors_as_500()
+            .layer(svc)
+            .oneshot(())
+            .await;
+        assert_eq!(res.unwrap().status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+}

@@ -1,0 +1,1 @@
+//! apiguard redis (work in progress).

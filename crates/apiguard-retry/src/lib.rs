@@ -1,0 +1,1 @@
+//! apiguard retry (work in progress).

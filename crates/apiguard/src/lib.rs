@@ -1,0 +1,1 @@
+//! apiguard facade (work in progress).
