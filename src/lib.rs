@@ -1,2 +1,10 @@
 //! Support code shared by the workspace's examples and end-to-end tests:
 //! small local servers that misbehave on command.
+
+#![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
+#![forbid(unsafe_code)]
+
+pub mod plot;
+pub mod upstream;
+
+pub use upstream::{Behavior, Upstream};
