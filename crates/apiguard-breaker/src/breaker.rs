@@ -603,6 +603,13 @@ impl Permit {
         matches!(self.kind, Kind::Probe(_))
     }
 
+    /// The breaker this permit belongs to.
+    pub(crate) fn breaker(&self) -> CircuitBreaker {
+        CircuitBreaker {
+            inner: self.breaker.clone(),
+        }
+    }
+
     fn finish(&mut self, outcome: Outcome) {
         let kind = std::mem::replace(&mut self.kind, Kind::Done);
         let inner = &*self.breaker;
@@ -753,7 +760,6 @@ impl CircuitBreaker {
     /// Whether this breaker holds nothing a fresh one would not: closed, no
     /// failure counted, no trip to back off from, and no handle or permit
     /// other than this one. The keyed registry reclaims such breakers.
-    #[allow(dead_code)] // the keyed registry, next commit
     pub(crate) fn is_idle(&self) -> bool {
         let inner = &*self.inner;
         if Arc::strong_count(&self.inner) > 1

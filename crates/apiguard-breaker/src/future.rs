@@ -1,0 +1,94 @@
+//! Future types.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use apiguard_core::{BoxError, CircuitOpen, Classify};
+use pin_project_lite::pin_project;
+
+use crate::breaker::Permit;
+use crate::hold::HoldOpen;
+
+pin_project! {
+    /// Response future of [`CircuitBreakerService`](crate::CircuitBreakerService)
+    /// and [`KeyedCircuitBreakerService`](crate::KeyedCircuitBreakerService).
+    ///
+    /// Dropping it before it completes releases the call's permit without
+    /// recording anything, so a cancelled half-open probe frees its slot.
+    pub struct ResponseFuture<F, C, H> {
+        #[pin]
+        kind: Kind<F>,
+        permit: Option<Permit>,
+        classifier: C,
+        hold: H,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<F> {
+        Called { #[pin] future: F },
+        Refused { open: CircuitOpen },
+    }
+}
+
+impl<F, C, H> ResponseFuture<F, C, H> {
+    pub(crate) fn called(future: F, permit: Permit, classifier: C, hold: H) -> Self {
+        Self {
+            kind: Kind::Called { future },
+            permit: Some(permit),
+            classifier,
+            hold,
+        }
+    }
+
+    pub(crate) fn refused(open: CircuitOpen, classifier: C, hold: H) -> Self {
+        Self {
+            kind: Kind::Refused { open },
+            permit: None,
+            classifier,
+            hold,
+        }
+    }
+}
+
+impl<F, C, H, T, E> Future for ResponseFuture<F, C, H>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+    C: Classify<T, E>,
+    H: HoldOpen<T>,
+{
+    type Output = Result<T, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        match this.kind.project() {
+            KindProj::Called { future } => {
+                let result = ready!(future.poll(cx));
+                if let Some(permit) = this.permit.take() {
+                    let hold = result.as_ref().ok().and_then(|r| this.hold.hold_for(r));
+                    match hold {
+                        Some(d) => {
+                            let breaker = permit.breaker();
+                            permit.record(this.classifier.classify(&result));
+                            breaker.hold_open_for(d);
+                        }
+                        None => permit.record(this.classifier.classify(&result)),
+                    }
+                }
+                Poll::Ready(result.map_err(Into::into))
+            }
+            KindProj::Refused { open } => Poll::Ready(Err(Box::new(*open))),
+        }
+    }
+}
+
+impl<F, C, H> std::fmt::Debug for ResponseFuture<F, C, H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("permit", &self.permit)
+            .finish_non_exhaustive()
+    }
+}

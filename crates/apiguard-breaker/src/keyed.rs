@@ -1,0 +1,192 @@
+//! One breaker per key, with bounded memory.
+
+use std::fmt;
+use std::hash::Hash;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use apiguard_core::InvalidConfig;
+use dashmap::DashMap;
+use http::Request;
+use http::uri::Authority;
+
+use crate::breaker::{CircuitBreaker, CircuitBreakerBuilder, State};
+
+/// Picks the key a request's breaker is found under.
+///
+/// Closures `Fn(&Req) -> K` are extractors.
+pub trait KeyExtractor<Req> {
+    /// The key.
+    type Key;
+    /// The key of `req`.
+    fn extract(&self, req: &Req) -> Self::Key;
+}
+
+impl<Req, K, F> KeyExtractor<Req> for F
+where
+    F: Fn(&Req) -> K,
+{
+    type Key = K;
+    fn extract(&self, req: &Req) -> K {
+        self(req)
+    }
+}
+
+/// Keys HTTP requests by the authority (`host[:port]`) of their URI, or
+/// their `Host` header when the URI has none: one breaker per upstream on a
+/// client. Requests with neither share the `None` breaker.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostKey;
+
+impl<B> KeyExtractor<Request<B>> for HostKey {
+    type Key = Option<Authority>;
+    fn extract(&self, req: &Request<B>) -> Option<Authority> {
+        if let Some(a) = req.uri().authority() {
+            return Some(a.clone());
+        }
+        let host = req.headers().get(http::header::HOST)?;
+        Authority::try_from(host.as_bytes()).ok()
+    }
+}
+
+/// Keys HTTP requests by their path: one breaker per route on a server
+/// whose routes have no path parameters. (With parameters, key by axum's
+/// `MatchedPath` in a closure instead, or every id gets its own breaker.)
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PathKey;
+
+impl<B> KeyExtractor<Request<B>> for PathKey {
+    type Key = String;
+    fn extract(&self, req: &Request<B>) -> String {
+        req.uri().path().to_owned()
+    }
+}
+
+/// A registry of breakers, one per key, all built from one template.
+///
+/// Memory stays bounded without a background task: a breaker that is closed,
+/// has counted no failure, has no trip to back off from and is not in use is
+/// the same as a fresh one, so such breakers are dropped as the map is used
+/// (a sweep every time the map has grown by its own size, and whenever it
+/// reaches `max_keys`). At `max_keys` with nothing idle, a closed breaker is
+/// evicted, and an open one only if every breaker is open.
+///
+/// Cloning is cheap and clones share the registry.
+pub struct KeyedBreakers<K> {
+    inner: Arc<Registry<K>>,
+}
+
+struct Registry<K> {
+    map: DashMap<K, CircuitBreaker>,
+    template: CircuitBreakerBuilder,
+    max_keys: usize,
+    inserts_since_sweep: AtomicUsize,
+}
+
+impl<K> Clone for KeyedBreakers<K> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<K> fmt::Debug for KeyedBreakers<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedBreakers")
+            .field("max_keys", &self.inner.max_keys)
+            .field("template", &self.inner.template)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K: Hash + Eq + Clone> KeyedBreakers<K> {
+    /// A registry of at most `max_keys` breakers built from `template`.
+    /// Refuses a template that does not build, and `max_keys = 0`.
+    pub fn new(template: CircuitBreakerBuilder, max_keys: usize) -> Result<Self, InvalidConfig> {
+        if max_keys == 0 {
+            return Err(InvalidConfig::new("max_keys", "must be at least 1"));
+        }
+        template.build()?;
+        Ok(Self {
+            inner: Arc::new(Registry {
+                map: DashMap::new(),
+                template,
+                max_keys,
+                inserts_since_sweep: AtomicUsize::new(0),
+            }),
+        })
+    }
+
+    /// The breaker of `key`, created if need be.
+    pub fn get(&self, key: K) -> CircuitBreaker {
+        self.with(key, CircuitBreaker::clone)
+    }
+
+    /// The breaker of `key`, if it has one.
+    pub fn peek(&self, key: &K) -> Option<CircuitBreaker> {
+        self.inner.map.get(key).map(|b| b.clone())
+    }
+
+    /// The state of `key`'s breaker; a key without one reads as closed.
+    pub fn state(&self, key: &K) -> State {
+        self.inner.map.get(key).map_or(State::Closed, |b| b.state())
+    }
+
+    /// How many breakers the registry holds.
+    pub fn len(&self) -> usize {
+        self.inner.map.len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.inner.map.is_empty()
+    }
+
+    /// The cap on the number of breakers.
+    pub fn max_keys(&self) -> usize {
+        self.inner.max_keys
+    }
+
+    /// Runs `f` on `key`'s breaker without cloning its handle.
+    ///
+    /// `f` runs under a read lock of the map's shard: a transition hook that
+    /// writes to this registry could deadlock.
+    pub(crate) fn with<R>(&self, key: K, f: impl FnOnce(&CircuitBreaker) -> R) -> R {
+        let reg = &*self.inner;
+        if let Some(b) = reg.map.get(&key) {
+            return f(&b);
+        }
+        self.make_room();
+        let b = reg.map.entry(key).or_insert_with(|| {
+            // The template was checked in `new`.
+            reg.template.build().unwrap_or_else(|_| unreachable!())
+        });
+        f(&b.downgrade())
+    }
+
+    fn make_room(&self) {
+        let reg = &*self.inner;
+        let inserts = reg.inserts_since_sweep.fetch_add(1, Ordering::Relaxed) + 1;
+        let len = reg.map.len();
+        if len < reg.max_keys && inserts < len.max(64) {
+            return;
+        }
+        reg.inserts_since_sweep.store(0, Ordering::Relaxed);
+        reg.map.retain(|_, b| !b.is_idle());
+        if reg.map.len() < reg.max_keys {
+            return;
+        }
+        let victim = {
+            let closed = reg
+                .map
+                .iter()
+                .find(|e| e.value().state() == State::Closed)
+                .map(|e| e.key().clone());
+            closed.or_else(|| reg.map.iter().next().map(|e| e.key().clone()))
+        };
+        if let Some(k) = victim {
+            reg.map.remove(&k);
+        }
+    }
+}

@@ -1,0 +1,151 @@
+use apiguard_core::HttpClassifier;
+use tower_layer::Layer;
+
+use crate::breaker::CircuitBreaker;
+use crate::hold::{NoHold, RetryAfterHold};
+use crate::keyed::KeyedBreakers;
+use crate::service::{CircuitBreakerService, KeyedCircuitBreakerService};
+
+/// Guards services with a [`CircuitBreaker`].
+///
+/// Every service the layer makes, and every clone of those, shares the one
+/// breaker. Outcomes are classified by `C` (default [`HttpClassifier`]:
+/// transport errors and `5xx` are failures, `4xx` and `429` are ignored); a
+/// `503` with `Retry-After` also holds the breaker open for as long as it
+/// asks, up to five minutes (`H`, default [`RetryAfterHold`]; turn it off
+/// with [`no_hold_open`](Self::no_hold_open), which non-HTTP services need).
+#[derive(Debug, Clone)]
+pub struct CircuitBreakerLayer<C = HttpClassifier, H = RetryAfterHold> {
+    breaker: CircuitBreaker,
+    classifier: C,
+    hold: H,
+}
+
+impl CircuitBreakerLayer {
+    /// A layer over `breaker` with the HTTP defaults.
+    pub fn new(breaker: CircuitBreaker) -> Self {
+        Self {
+            breaker,
+            classifier: HttpClassifier::new(),
+            hold: RetryAfterHold::default(),
+        }
+    }
+}
+
+impl<C, H> CircuitBreakerLayer<C, H> {
+    /// Decides what counts as a failure: any
+    /// [`Classify`](apiguard_core::Classify), closures included.
+    pub fn classifier<C2>(self, classifier: C2) -> CircuitBreakerLayer<C2, H> {
+        CircuitBreakerLayer {
+            breaker: self.breaker,
+            classifier,
+            hold: self.hold,
+        }
+    }
+
+    /// Decides when a response holds the breaker open (see
+    /// [`HoldOpen`](crate::HoldOpen)).
+    pub fn hold_open<H2>(self, hold: H2) -> CircuitBreakerLayer<C, H2> {
+        CircuitBreakerLayer {
+            breaker: self.breaker,
+            classifier: self.classifier,
+            hold,
+        }
+    }
+
+    /// No response holds the breaker open; only the counts decide.
+    pub fn no_hold_open(self) -> CircuitBreakerLayer<C, NoHold> {
+        self.hold_open(NoHold)
+    }
+
+    /// The breaker.
+    pub fn breaker(&self) -> &CircuitBreaker {
+        &self.breaker
+    }
+}
+
+impl<S, C: Clone, H: Clone> Layer<S> for CircuitBreakerLayer<C, H> {
+    type Service = CircuitBreakerService<S, C, H>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CircuitBreakerService::new(
+            inner,
+            self.breaker.clone(),
+            self.classifier.clone(),
+            self.hold.clone(),
+        )
+    }
+}
+
+/// Guards services with one breaker per key, extracted from each request
+/// by `X` (see [`KeyExtractor`](crate::KeyExtractor)): one per upstream host
+/// on a client, one per route on a server.
+///
+/// The breakers live in a [`KeyedBreakers`] registry shared by every service
+/// the layer makes. Classification and holding work as in
+/// [`CircuitBreakerLayer`].
+#[derive(Debug, Clone)]
+pub struct KeyedCircuitBreakerLayer<K, X, C = HttpClassifier, H = RetryAfterHold> {
+    breakers: KeyedBreakers<K>,
+    extractor: X,
+    classifier: C,
+    hold: H,
+}
+
+impl<K, X> KeyedCircuitBreakerLayer<K, X> {
+    /// A layer over `breakers`, keyed by `extractor`, with the HTTP defaults.
+    pub fn new(breakers: KeyedBreakers<K>, extractor: X) -> Self {
+        Self {
+            breakers,
+            extractor,
+            classifier: HttpClassifier::new(),
+            hold: RetryAfterHold::default(),
+        }
+    }
+}
+
+impl<K, X, C, H> KeyedCircuitBreakerLayer<K, X, C, H> {
+    /// Decides what counts as a failure.
+    pub fn classifier<C2>(self, classifier: C2) -> KeyedCircuitBreakerLayer<K, X, C2, H> {
+        KeyedCircuitBreakerLayer {
+            breakers: self.breakers,
+            extractor: self.extractor,
+            classifier,
+            hold: self.hold,
+        }
+    }
+
+    /// Decides when a response holds its key's breaker open.
+    pub fn hold_open<H2>(self, hold: H2) -> KeyedCircuitBreakerLayer<K, X, C, H2> {
+        KeyedCircuitBreakerLayer {
+            breakers: self.breakers,
+            extractor: self.extractor,
+            classifier: self.classifier,
+            hold,
+        }
+    }
+
+    /// No response holds a breaker open.
+    pub fn no_hold_open(self) -> KeyedCircuitBreakerLayer<K, X, C, NoHold> {
+        self.hold_open(NoHold)
+    }
+
+    /// The registry.
+    pub fn breakers(&self) -> &KeyedBreakers<K> {
+        &self.breakers
+    }
+}
+
+impl<S, K, X: Clone, C: Clone, H: Clone> Layer<S> for KeyedCircuitBreakerLayer<K, X, C, H> {
+    type Service = KeyedCircuitBreakerService<S, K, X, C, H>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        KeyedCircuitBreakerService::new(
+            inner,
+            self.breakers.clone(),
+            self.extractor.clone(),
+            self.classifier.clone(),
+            self.hold.clone(),
+        )
+    }
+}
