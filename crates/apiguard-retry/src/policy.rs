@@ -1,0 +1,643 @@
+//! The retry policy: when to retry, and how long to wait first.
+
+use std::any::Any;
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use apiguard_core::clock::{Clock, Nanos, duration_to_nanos, nanos_to_duration};
+use apiguard_core::{
+    BoxError, BudgetExhausted, Classify, InvalidConfig, Outcome, RetriesExhausted,
+};
+use http::{Request, Response, StatusCode};
+
+use crate::backoff::{Backoff, Jitter, Random, SeededRandom, SharedRandom, ThreadRandom};
+use crate::body::{DEFAULT_MAX_REPLAY_BYTES, TryCloneBody};
+use crate::budget::{RetryBudget, Withdrawal};
+use crate::classify::{ErrorClass, classify_error, is_repeatable, response_hint};
+use crate::future::Wait;
+
+/// Decides whether and when to retry; drives [`RetryLayer`](crate::RetryLayer)
+/// and plain async closures ([`run`](Self::run)).
+///
+/// Built with [`RetryPolicy::builder`]. Cloning is cheap (one `Arc`) and
+/// clones share the configuration and the [`RetryBudget`]; the state of one
+/// request (attempts made, when it started) lives in the clone tower makes
+/// for that request.
+///
+/// ```
+/// use std::time::Duration;
+/// use apiguard_retry::{Jitter, RetryPolicy};
+///
+/// let policy = RetryPolicy::builder()
+///     .max_retries(3)
+///     .base_delay(Duration::from_millis(100))
+///     .max_delay(Duration::from_secs(2))
+///     .jitter(Jitter::Full)
+///     .deadline(Duration::from_secs(10))
+///     .build()?;
+/// # let _ = policy;
+/// # Ok::<(), apiguard_core::InvalidConfig>(())
+/// ```
+#[derive(Clone)]
+pub struct RetryPolicy {
+    cfg: Arc<Config>,
+    /// Retries made so far for the request this clone serves.
+    retries: u32,
+    /// When that request's first attempt started.
+    start: Nanos,
+    /// The previous delay, for decorrelated jitter.
+    prev_delay: Duration,
+}
+
+struct Config {
+    max_retries: u32,
+    backoff: Backoff,
+    statuses: StatusSet,
+    max_retry_after: Duration,
+    deadline: Option<Duration>,
+    budget: Option<RetryBudget>,
+    retry_non_idempotent: bool,
+    max_replay_bytes: usize,
+    clock: Clock,
+    random: SharedRandom,
+}
+
+/// Builds a [`RetryPolicy`]; see each setting for its default.
+#[derive(Debug)]
+pub struct RetryPolicyBuilder {
+    max_retries: u32,
+    base_delay: Duration,
+    max_delay: Duration,
+    jitter: Jitter,
+    statuses: Vec<u16>,
+    max_retry_after: Duration,
+    deadline: Option<Duration>,
+    budget: Option<RetryBudget>,
+    retry_non_idempotent: bool,
+    max_replay_bytes: usize,
+    clock: Clock,
+    random: SharedRandom,
+}
+
+/// The status codes retried by default.
+pub const DEFAULT_RETRYABLE_STATUS_CODES: [u16; 6] = [408, 429, 500, 502, 503, 504];
+
+impl Default for RetryPolicyBuilder {
+    fn default() -> Self {
+        Self {
+            max_retries: 3,
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(10),
+            jitter: Jitter::Full,
+            statuses: DEFAULT_RETRYABLE_STATUS_CODES.to_vec(),
+            max_retry_after: Duration::from_secs(60),
+            deadline: None,
+            budget: Some(RetryBudget::default()),
+            retry_non_idempotent: false,
+            max_replay_bytes: DEFAULT_MAX_REPLAY_BYTES,
+            clock: Clock::system(),
+            random: Arc::new(ThreadRandom),
+        }
+    }
+}
+
+impl RetryPolicyBuilder {
+    /// Retries after the first attempt (default 3; 0 turns retrying off).
+    pub fn max_retries(mut self, n: u32) -> Self {
+        self.max_retries = n;
+        self
+    }
+
+    /// Delay before the first retry, before jitter (default 100 ms).
+    pub fn base_delay(mut self, d: Duration) -> Self {
+        self.base_delay = d;
+        self
+    }
+
+    /// Cap on any backoff delay (default 10 s; must not be below
+    /// `base_delay`).
+    pub fn max_delay(mut self, d: Duration) -> Self {
+        self.max_delay = d;
+        self
+    }
+
+    /// How delays are spread (default [`Jitter::Full`]).
+    pub fn jitter(mut self, jitter: Jitter) -> Self {
+        self.jitter = jitter;
+        self
+    }
+
+    /// The response status codes that are retried (default 408, 429, 500,
+    /// 502, 503, 504). Codes outside 100–599 are refused by `build`.
+    pub fn retryable_status_codes(mut self, codes: impl IntoIterator<Item = u16>) -> Self {
+        self.statuses = codes.into_iter().collect();
+        self
+    }
+
+    /// The longest server-requested wait (`Retry-After`, `RateLimit` `t`,
+    /// an inner refusal's `retry_after`) worth waiting for (default 60 s).
+    /// A longer one ends retrying at once and returns what came back.
+    pub fn max_retry_after(mut self, d: Duration) -> Self {
+        self.max_retry_after = d;
+        self
+    }
+
+    /// A total time bound over all attempts and waits of one request
+    /// (default none). A retry whose wait would end past it is not made.
+    /// An attempt in flight is not cut short: put a timeout layer outside
+    /// the retry layer for that.
+    pub fn deadline(mut self, d: Duration) -> Self {
+        self.deadline = Some(d);
+        self
+    }
+
+    /// The budget retries are drawn from (default: a budget of its own,
+    /// [`RetryBudget::default`], shared by every clone of the policy). Pass
+    /// a clone of one budget to several policies to share it.
+    pub fn budget(mut self, budget: RetryBudget) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+
+    /// No budget: only `max_retries` and the deadline bound retries.
+    pub fn no_budget(mut self) -> Self {
+        self.budget = None;
+        self
+    }
+
+    /// Also retry requests that are not idempotent (POST, PATCH without an
+    /// `Idempotency-Key`) after failures where they may have reached the
+    /// server (default: no).
+    pub fn retry_non_idempotent(mut self, yes: bool) -> Self {
+        self.retry_non_idempotent = yes;
+        self
+    }
+
+    /// The most bytes of a streaming body kept for replay
+    /// ([`RetryLayer::replay_bodies`](crate::RetryLayer::replay_bodies));
+    /// default 64 KiB.
+    pub fn max_replay_bytes(mut self, n: usize) -> Self {
+        self.max_replay_bytes = n;
+        self
+    }
+
+    /// The clock deadlines are measured with (default [`Clock::system`]).
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The random source of jitter (default: a thread-local generator).
+    pub fn random(mut self, random: impl Random) -> Self {
+        self.random = Arc::new(random);
+        self
+    }
+
+    /// A reproducible random source, seeded ([`SeededRandom`]).
+    pub fn seed(self, seed: u64) -> Self {
+        self.random(SeededRandom::new(seed))
+    }
+
+    /// Checks the settings and builds the policy.
+    pub fn build(self) -> Result<RetryPolicy, InvalidConfig> {
+        let backoff = Backoff::new(self.base_delay, self.max_delay, self.jitter)?;
+        let mut statuses = StatusSet::default();
+        for code in self.statuses {
+            if !(100..=599).contains(&code) {
+                return Err(InvalidConfig::new(
+                    "retryable_status_codes",
+                    format!("{code} is not an HTTP status code"),
+                ));
+            }
+            statuses.insert(code);
+        }
+        if self.deadline == Some(Duration::ZERO) {
+            return Err(InvalidConfig::new("deadline", "must be more than zero"));
+        }
+        Ok(RetryPolicy {
+            cfg: Arc::new(Config {
+                max_retries: self.max_retries,
+                backoff,
+                statuses,
+                max_retry_after: self.max_retry_after,
+                deadline: self.deadline,
+                budget: self.budget,
+                retry_non_idempotent: self.retry_non_idempotent,
+                max_replay_bytes: self.max_replay_bytes,
+                clock: self.clock,
+                random: self.random,
+            }),
+            retries: 0,
+            start: 0,
+            prev_delay: Duration::ZERO,
+        })
+    }
+}
+
+/// A bit set of status codes 0..640.
+#[derive(Debug, Default, Clone, Copy)]
+struct StatusSet([u64; 10]);
+
+impl StatusSet {
+    fn insert(&mut self, code: u16) {
+        let i = usize::from(code);
+        self.0[i / 64] |= 1 << (i % 64);
+    }
+
+    #[inline]
+    fn contains(&self, status: StatusCode) -> bool {
+        let i = usize::from(status.as_u16());
+        i < 640 && self.0[i / 64] & (1 << (i % 64)) != 0
+    }
+}
+
+/// What the last attempt said.
+#[derive(Debug, Clone, Copy)]
+enum Signal {
+    /// A retryable status, with the server's hint.
+    Status(StatusCode, Option<Duration>),
+    Error(ErrorClass),
+    /// A failure as classified by `run`'s classifier.
+    Failed,
+}
+
+impl fmt::Display for Signal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Signal::Status(s, _) => write!(f, "status {}", s.as_u16()),
+            Signal::Error(ErrorClass::Refused(_)) => f.write_str("refused by an inner layer"),
+            Signal::Error(ErrorClass::NeverSent) => f.write_str("connection failed"),
+            Signal::Error(ErrorClass::Transient) => f.write_str("transient error"),
+            Signal::Error(ErrorClass::Other) => f.write_str("error"),
+            Signal::Failed => f.write_str("failure"),
+        }
+    }
+}
+
+enum Decision {
+    Retry(Duration, Withdrawal),
+    Stop(Stop),
+}
+
+/// Why retrying stopped; decides what an error result becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// Not a retryable outcome, or the request may not be repeated, or the
+    /// wait asked for does not fit: the result is returned as it is.
+    AsIs,
+    /// Retryable, but out of retries or out of time.
+    Exhausted,
+    /// Retryable, but the budget is spent.
+    Budget,
+}
+
+impl RetryPolicy {
+    /// A builder with the defaults.
+    pub fn builder() -> RetryPolicyBuilder {
+        RetryPolicyBuilder::default()
+    }
+
+    /// Retries after the first attempt.
+    pub fn max_retries(&self) -> u32 {
+        self.cfg.max_retries
+    }
+
+    /// The backoff between attempts.
+    pub fn backoff(&self) -> &Backoff {
+        &self.cfg.backoff
+    }
+
+    /// The budget retries are drawn from, if any.
+    pub fn budget(&self) -> Option<&RetryBudget> {
+        self.cfg.budget.as_ref()
+    }
+
+    /// The cap on bytes kept for replaying a streaming body.
+    pub fn max_replay_bytes(&self) -> usize {
+        self.cfg.max_replay_bytes
+    }
+
+    /// Whether `status` is retried.
+    pub fn is_retryable_status(&self, status: StatusCode) -> bool {
+        self.cfg.statuses.contains(status)
+    }
+
+    /// Starts the state of one request (its first attempt).
+    fn begin(&mut self, now: Nanos) {
+        self.retries = 0;
+        self.start = now;
+        self.prev_delay = Duration::ZERO;
+        if let Some(budget) = &self.cfg.budget {
+            budget.deposit_at(now);
+        }
+    }
+
+    /// The one decision, for both the layer and `run`.
+    fn decide(&mut self, signal: Signal, repeatable: bool, now: Nanos) -> Decision {
+        let (hint, needs_repeatable) = match signal {
+            Signal::Status(_, hint) => (hint, true),
+            Signal::Error(ErrorClass::Refused(None)) | Signal::Error(ErrorClass::Other) => {
+                return Decision::Stop(Stop::AsIs);
+            }
+            // An inner refusal or a refused connection: nothing was sent.
+            Signal::Error(ErrorClass::Refused(Some(wait))) => (Some(wait), false),
+            Signal::Error(ErrorClass::NeverSent) => (None, false),
+            Signal::Error(ErrorClass::Transient) | Signal::Failed => (None, true),
+        };
+        if needs_repeatable && !repeatable {
+            return Decision::Stop(Stop::AsIs);
+        }
+        let refused = matches!(signal, Signal::Error(ErrorClass::Refused(_)));
+        if self.retries >= self.cfg.max_retries {
+            return Decision::Stop(Stop::Exhausted);
+        }
+        let wait = match hint {
+            Some(hint) if hint > self.cfg.max_retry_after => return Decision::Stop(Stop::AsIs),
+            Some(hint) => hint,
+            None => {
+                let u = match self.cfg.backoff.jitter() {
+                    Jitter::None => 0.0,
+                    _ => self.cfg.random.unit(),
+                };
+                self.cfg.backoff.delay(self.retries + 1, self.prev_delay, u)
+            }
+        };
+        if let Some(deadline) = self.cfg.deadline {
+            let end = self.start.saturating_add(duration_to_nanos(deadline));
+            if now.saturating_add(duration_to_nanos(wait)) > end {
+                // A server's wait that does not fit is returned as it came.
+                return Decision::Stop(if hint.is_some() || refused {
+                    Stop::AsIs
+                } else {
+                    Stop::Exhausted
+                });
+            }
+        }
+        let withdrawal = match &self.cfg.budget {
+            Some(budget) if budget.try_withdraw_at(now) => Withdrawal::taken(budget.clone()),
+            Some(_) => {
+                tracing::debug!(attempts = self.retries + 1, reason = %signal, "retry budget exhausted");
+                return Decision::Stop(Stop::Budget);
+            }
+            None => Withdrawal::none(),
+        };
+        self.retries += 1;
+        if hint.is_none() {
+            self.prev_delay = wait;
+        }
+        tracing::debug!(
+            attempt = self.retries + 1,
+            reason = %signal,
+            wait_ms = wait.as_millis() as u64,
+            elapsed_ms = nanos_to_duration(now.saturating_sub(self.start)).as_millis() as u64,
+            "retrying"
+        );
+        Decision::Retry(wait, withdrawal)
+    }
+
+    /// Runs `f` under this policy, outside tower: APIGuard's retry loop.
+    ///
+    /// `f` gets the attempt number (1 for the first attempt). `Ok` results
+    /// are returned at once; every error is retried, with the backoff, the
+    /// deadline and the budget, except apiguard refusals from inside `f`
+    /// (`RateLimited`, `CircuitOpen`, as the error itself or inside a
+    /// [`BoxError`]): their `retry_after` is waited for if it fits, and
+    /// otherwise they end the loop at once. Errors come out as
+    /// [`RetriesExhausted`], with the number of attempts made and the last
+    /// error.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use std::time::Duration;
+    /// use apiguard_retry::RetryPolicy;
+    ///
+    /// let policy = RetryPolicy::builder().base_delay(Duration::from_millis(1)).build().unwrap();
+    /// let out = policy
+    ///     .run(|attempt| async move { if attempt < 3 { Err("flaky") } else { Ok(attempt) } })
+    ///     .await;
+    /// assert_eq!(out.unwrap(), 3);
+    /// # }
+    /// ```
+    pub async fn run<F, Fut, T, E>(&self, f: F) -> Result<T, RetriesExhausted<E>>
+    where
+        F: FnMut(u32) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        E: 'static,
+    {
+        self.run_classified(
+            |r: &Result<T, E>| match r {
+                Ok(_) => Outcome::Success,
+                Err(_) => Outcome::Failure,
+            },
+            f,
+        )
+        .await
+    }
+
+    /// As [`run`](Self::run), but `classify` decides which results are
+    /// failures worth retrying ([`Outcome::Failure`]); this is how an `Ok`
+    /// value can be retried too. The last result is returned either way.
+    pub async fn run_classified<C, F, Fut, T, E>(
+        &self,
+        classify: C,
+        mut f: F,
+    ) -> Result<T, RetriesExhausted<E>>
+    where
+        C: Classify<T, E>,
+        F: FnMut(u32) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        E: 'static,
+    {
+        let mut session = self.clone();
+        session.begin(self.cfg.clock.now());
+        let mut attempt = 1;
+        loop {
+            let result = f(attempt).await;
+            let refusal = result.as_ref().err().and_then(refusal_of);
+            let signal = match refusal {
+                Some(class) => Signal::Error(class),
+                None if classify.classify(&result) == Outcome::Failure => Signal::Failed,
+                None => Signal::Error(ErrorClass::Other),
+            };
+            match session.decide(signal, true, self.cfg.clock.now()) {
+                Decision::Retry(wait, mut withdrawal) => {
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
+                    withdrawal.commit();
+                    attempt += 1;
+                }
+                Decision::Stop(_) => {
+                    let hint = match refusal {
+                        Some(ErrorClass::Refused(hint)) => hint,
+                        _ => None,
+                    };
+                    return result
+                        .map_err(|e| RetriesExhausted::new(attempt, e).with_retry_after(hint));
+                }
+            }
+        }
+    }
+}
+
+/// An apiguard refusal, whether the error is one or boxes one.
+fn refusal_of<E: 'static>(err: &E) -> Option<ErrorClass> {
+    let any: &dyn Any = err;
+    let class = if let Some(boxed) = any.downcast_ref::<BoxError>() {
+        classify_error(&**boxed)
+    } else if let Some(e) = any.downcast_ref::<apiguard_core::RateLimited>() {
+        classify_error(e)
+    } else if let Some(e) = any.downcast_ref::<apiguard_core::CircuitOpen>() {
+        classify_error(e)
+    } else if let Some(e) = any.downcast_ref::<BudgetExhausted>() {
+        classify_error(e)
+    } else {
+        return None;
+    };
+    matches!(class, ErrorClass::Refused(_)).then_some(class)
+}
+
+impl fmt::Debug for RetryPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.cfg;
+        f.debug_struct("RetryPolicy")
+            .field("max_retries", &c.max_retries)
+            .field("backoff", &c.backoff)
+            .field("max_retry_after", &c.max_retry_after)
+            .field("deadline", &c.deadline)
+            .field("budget", &c.budget)
+            .field("retry_non_idempotent", &c.retry_non_idempotent)
+            .field("max_replay_bytes", &c.max_replay_bytes)
+            .field("retries", &self.retries)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Copies a request for a later attempt; `None` when its body cannot be
+/// copied.
+fn clone_request<B: TryCloneBody>(req: &Request<B>) -> Option<Request<B>> {
+    let body = req.body().try_clone_body()?;
+    let mut out = Request::new(body);
+    *out.method_mut() = req.method().clone();
+    *out.uri_mut() = req.uri().clone();
+    *out.version_mut() = req.version();
+    *out.headers_mut() = req.headers().clone();
+    *out.extensions_mut() = req.extensions().clone();
+    Some(out)
+}
+
+/// tower's retry machinery, driven by this policy.
+///
+/// The error type is [`BoxError`] (what every apiguard and tower layer
+/// returns); [`Retry`](crate::Retry) boxes other error types first. When
+/// retrying stops on an error, the error becomes:
+///
+/// - the error itself when it is not retried at all (see the crate docs),
+///   when the request may not be repeated, or when it is an inner refusal
+///   whose wait does not fit;
+/// - [`RetriesExhausted`] (attempts made, last error) when the retries or
+///   the deadline ran out;
+/// - [`BudgetExhausted`] when the retry budget refused the retry.
+///
+/// Responses are always returned as they came.
+impl<B, R> tower::retry::Policy<Request<B>, Response<R>, BoxError> for RetryPolicy
+where
+    B: TryCloneBody,
+{
+    type Future = Wait;
+
+    fn retry(
+        &mut self,
+        req: &mut Request<B>,
+        result: &mut Result<Response<R>, BoxError>,
+    ) -> Option<Wait> {
+        let signal = match result {
+            Ok(res) if !self.cfg.statuses.contains(res.status()) => return None,
+            Ok(res) => Signal::Status(res.status(), response_hint(res.headers())),
+            Err(e) => Signal::Error(classify_error(&**e)),
+        };
+        let repeatable =
+            self.cfg.retry_non_idempotent || is_repeatable(req.method(), req.headers());
+        let decision = if req.body().can_replay() {
+            self.decide(signal, repeatable, self.cfg.clock.now())
+        } else {
+            Decision::Stop(Stop::AsIs)
+        };
+        match decision {
+            Decision::Retry(wait, withdrawal) => Some(Wait::new(wait, withdrawal)),
+            Decision::Stop(stop) => {
+                if let Err(e) = result {
+                    let attempts = self.retries + 1;
+                    match stop {
+                        Stop::AsIs => {}
+                        Stop::Exhausted => {
+                            let last = std::mem::replace(e, Box::new(BudgetExhausted::new()));
+                            *e = Box::new(RetriesExhausted::new(attempts, last));
+                        }
+                        Stop::Budget => {
+                            tracing::debug!(attempts, error = %e, "retry budget spent; last error dropped");
+                            *e = Box::new(BudgetExhausted::new());
+                        }
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    fn clone_request(&mut self, req: &Request<B>) -> Option<Request<B>> {
+        // tower calls this on the service's policy for each new request
+        // (where no retry has happened yet) and on the request's own clone
+        // before each retry.
+        if self.retries == 0 {
+            self.begin(self.cfg.clock.now());
+        }
+        if self.cfg.max_retries == 0 {
+            return None;
+        }
+        clone_request(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_settings_are_refused() {
+        let e = RetryPolicy::builder()
+            .base_delay(Duration::from_secs(2))
+            .max_delay(Duration::from_secs(1))
+            .build()
+            .unwrap_err();
+        assert_eq!(e.field(), "max_delay");
+        let e = RetryPolicy::builder()
+            .jitter(Jitter::Proportional(1.5))
+            .build()
+            .unwrap_err();
+        assert_eq!(e.field(), "jitter");
+        let e = RetryPolicy::builder()
+            .retryable_status_codes([503, 99])
+            .build()
+            .unwrap_err();
+        assert_eq!(e.field(), "retryable_status_codes");
+        let e = RetryPolicy::builder()
+            .deadline(Duration::ZERO)
+            .build()
+            .unwrap_err();
+        assert_eq!(e.field(), "deadline");
+    }
+
+    #[test]
+    fn default_statuses() {
+        let p = RetryPolicy::builder().build().unwrap();
+        for code in [408, 429, 500, 502, 503, 504] {
+            assert!(p.is_retryable_status(StatusCode::from_u16(code).unwrap()));
+        }
+        for code in [200, 400, 404, 501, 599] {
+            assert!(!p.is_retryable_status(StatusCode::from_u16(code).unwrap()));
+        }
+    }
+}

@@ -1,0 +1,150 @@
+use std::fmt;
+use std::marker::PhantomData;
+use std::task::{Context, Poll};
+
+use apiguard_core::BoxError;
+use http::{Request, Response};
+use http_body::Body;
+use tower_service::Service;
+
+use crate::body::{CloneBodies, ReplayBodies, ReplayBody, TryCloneBody};
+use crate::future::{BoxErrorsFuture, ResponseFuture};
+use crate::policy::RetryPolicy;
+
+/// Retries requests to `S` by a [`RetryPolicy`]: tower's
+/// [`Retry`](tower::retry::Retry), with our policy and errors boxed.
+///
+/// `M` says what happens to request bodies: [`CloneBodies`] (the default)
+/// or [`ReplayBodies`] (see [`RetryLayer`](crate::RetryLayer)).
+///
+/// # Clone
+///
+/// Like tower's, this service clones itself (its policy and the inner
+/// service) for each request, so `S` must be `Clone`; wrap it in tower's
+/// `Buffer` if it is not. Clones share the policy's configuration and
+/// budget.
+pub struct Retry<S, M = CloneBodies> {
+    inner: tower::retry::Retry<RetryPolicy, BoxErrors<S>>,
+    max_replay_bytes: usize,
+    _mode: PhantomData<fn() -> M>,
+}
+
+impl<S> Retry<S, CloneBodies> {
+    /// Retries requests to `inner` by `policy`, cloning request bodies.
+    pub fn new(inner: S, policy: RetryPolicy) -> Self {
+        Self::with_mode(inner, policy)
+    }
+}
+
+impl<S, M> Retry<S, M> {
+    pub(crate) fn with_mode(inner: S, policy: RetryPolicy) -> Self {
+        Self {
+            max_replay_bytes: policy.max_replay_bytes(),
+            inner: tower::retry::Retry::new(policy, BoxErrors(inner)),
+            _mode: PhantomData,
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner.get_ref().0
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner.get_mut().0
+    }
+
+    /// Takes the inner service out.
+    pub fn into_inner(self) -> S {
+        self.inner.into_inner().0
+    }
+}
+
+impl<S: Clone, M> Clone for Retry<S, M> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            max_replay_bytes: self.max_replay_bytes,
+            _mode: PhantomData,
+        }
+    }
+}
+
+impl<S: fmt::Debug, M> fmt::Debug for Retry<S, M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Retry")
+            .field("inner", &self.inner)
+            .field("mode", &std::any::type_name::<M>())
+            .finish()
+    }
+}
+
+impl<S, B, R> Service<Request<B>> for Retry<S, CloneBodies>
+where
+    S: Service<Request<B>, Response = Response<R>> + Clone,
+    S::Error: Into<BoxError>,
+    B: TryCloneBody,
+{
+    type Response = Response<R>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, B, R>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    #[inline]
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        ResponseFuture::new(self.inner.call(req))
+    }
+}
+
+impl<S, B, R> Service<Request<B>> for Retry<S, ReplayBodies>
+where
+    S: Service<Request<ReplayBody<B>>, Response = Response<R>> + Clone,
+    S::Error: Into<BoxError>,
+    B: Body,
+{
+    type Response = Response<R>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, ReplayBody<B>, R>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let max = self.max_replay_bytes;
+        ResponseFuture::new(self.inner.call(req.map(|b| ReplayBody::new(b, max))))
+    }
+}
+
+/// Boxes the inner service's errors, so the policy can replace them with
+/// [`RetriesExhausted`](crate::error::RetriesExhausted).
+#[derive(Debug, Clone)]
+pub(crate) struct BoxErrors<S>(pub(crate) S);
+
+impl<S, Req> Service<Req> for BoxErrors<S>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = BoxErrorsFuture<S::Future>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.0.poll_ready(cx).map_err(Into::into)
+    }
+
+    #[inline]
+    fn call(&mut self, req: Req) -> Self::Future {
+        BoxErrorsFuture {
+            inner: self.0.call(req),
+        }
+    }
+}
