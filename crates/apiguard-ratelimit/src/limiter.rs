@@ -24,6 +24,55 @@ pub struct Grant {
     pub quota: Option<Quota>,
 }
 
+/// A [`Grant`] together with what the limiter needs to take it back
+/// ([`Limiter::cancel`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reservation {
+    grant: Grant,
+    cost: u32,
+    ticket: u64,
+    shared: bool,
+}
+
+impl Reservation {
+    /// A reservation of `cost` tokens; `ticket` is whatever the limiter
+    /// needs to recognise it again (the in-memory buckets store the
+    /// theoretical arrival time the reservation left behind).
+    pub const fn new(grant: Grant, cost: u32, ticket: u64) -> Self {
+        Self {
+            grant,
+            cost,
+            ticket,
+            shared: false,
+        }
+    }
+
+    /// The grant.
+    pub const fn grant(&self) -> Grant {
+        self.grant
+    }
+
+    /// The tokens reserved.
+    pub const fn cost(&self) -> u32 {
+        self.cost
+    }
+
+    /// The limiter's own mark of this reservation.
+    pub const fn ticket(&self) -> u64 {
+        self.ticket
+    }
+
+    /// Marks a reservation taken from a keyed limiter's overflow bucket.
+    pub(crate) const fn on_shared_bucket(mut self) -> Self {
+        self.shared = true;
+        self
+    }
+
+    pub(crate) const fn is_shared(&self) -> bool {
+        self.shared
+    }
+}
+
 /// A source of rate-limit decisions for keys of type `K` (`()` for a single
 /// bucket).
 pub trait Limiter<K: ?Sized> {
@@ -35,4 +84,28 @@ pub trait Limiter<K: ?Sized> {
     /// `max_wait` (`Duration::ZERO`: only if available now); otherwise
     /// refuses, reserving nothing, with the wait that would have been needed.
     fn reserve(&self, key: &K, cost: u32, max_wait: Duration) -> Self::Future;
+
+    /// The same decision made at once, for limiters that need no I/O to make
+    /// it; `None` (the default) means "await [`reserve`](Self::reserve)".
+    ///
+    /// The layers use it to decide inside `call` without touching the inner
+    /// service, and keep the [`Reservation`] to [`cancel`](Self::cancel) it
+    /// if the request is dropped while it waits.
+    fn reserve_now(
+        &self,
+        key: &K,
+        cost: u32,
+        max_wait: Duration,
+    ) -> Option<Result<Reservation, RateLimited>> {
+        let _ = (key, cost, max_wait);
+        None
+    }
+
+    /// Gives back a reservation that will not be used (its request was
+    /// dropped while it waited). Best effort: the default does nothing, and
+    /// the in-memory buckets give it back only when no later reservation
+    /// was made on the same bucket.
+    fn cancel(&self, key: &K, reservation: &Reservation) {
+        let _ = (key, reservation);
+    }
 }

@@ -1,0 +1,553 @@
+//! The registry of per-key buckets.
+
+use std::fmt;
+use std::future::{Ready, ready};
+use std::hash::Hash;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::time::Duration;
+
+use apiguard_core::{Clock, InvalidConfig, Nanos, Quota, RateLimited};
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+
+use crate::future::Acquire;
+use crate::gcra::{self, Rate};
+use crate::limiter::{Grant, Limiter, Reservation};
+use crate::sync::{AtomicU64, Ordering};
+
+/// The default cap on tracked keys.
+pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
+
+/// Sweeps start once the map holds this many entries.
+const MIN_SWEEP_LEN: usize = 64;
+
+/// Even when no entry can be full yet, sweep at least this often (ns) once
+/// a threshold is reached, in case reservations were given back.
+const MAX_SWEEP_DELAY: Nanos = 1_000_000_000;
+
+/// One bucket per key, with memory that bounds itself.
+///
+/// ```
+/// use apiguard_ratelimit::KeyedLimiter;
+///
+/// let users = KeyedLimiter::new(2, 1.0)?.with_max_keys(10_000);
+/// users.try_acquire(&"alice", 2).unwrap();
+/// assert!(users.try_acquire(&"alice", 1).is_err());
+/// assert!(users.try_acquire(&"bob", 1).is_ok()); // bob has his own bucket
+/// # Ok::<(), apiguard_core::InvalidConfig>(())
+/// ```
+///
+/// # Memory
+///
+/// A full bucket behaves exactly like a key never seen, so full buckets are
+/// dropped as the map is used: when a new key arrives and the map has grown
+/// to twice its size after the last sweep (or reached `max_keys`), the map
+/// is swept of full buckets. Sweeps are skipped until the earliest instant
+/// a tracked bucket can be full again, so a flood of new keys does not turn
+/// into a sweep per key. There is no background task.
+///
+/// `len()` never exceeds `max_keys`. When the map is at `max_keys` and no
+/// tracked bucket is full, a new key is not tracked: it shares one
+/// *overflow bucket* (with the default quota) with every other untracked
+/// key, until sweeps make room. So a flood of new keys can neither grow
+/// memory nor evict the buckets of keys already tracked — their limits hold
+/// — and the flood itself is limited as if it came from one key.
+///
+/// # Clone
+///
+/// A clone is a handle to the same registry.
+pub struct KeyedLimiter<K> {
+    inner: Arc<Inner<K>>,
+}
+
+impl<K> Clone for KeyedLimiter<K> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+struct Inner<K> {
+    map: DashMap<K, Slot>,
+    rate: Rate,
+    max_keys: usize,
+    clock: Clock,
+    /// Entries in `map` plus insertions in flight; checked against
+    /// `max_keys` before inserting, so the map never outgrows it.
+    count: AtomicUsize,
+    overflow: AtomicU64,
+    overrides: DashMap<K, Rate>,
+    override_count: AtomicUsize,
+    sweep_at_len: AtomicUsize,
+    next_sweep: std::sync::atomic::AtomicU64,
+    sweeping: AtomicBool,
+}
+
+struct Slot {
+    tat: AtomicU64,
+    /// A per-key quota; `None` is the registry's default.
+    rate: Option<Box<Rate>>,
+}
+
+impl Slot {
+    #[inline]
+    fn rate<'a>(&'a self, default: &'a Rate) -> &'a Rate {
+        self.rate.as_deref().unwrap_or(default)
+    }
+}
+
+impl<K> fmt::Debug for KeyedLimiter<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedLimiter")
+            .field("capacity", &self.inner.rate.capacity())
+            .field("refill_per_sec", &self.inner.rate.refill_per_sec())
+            .field("max_keys", &self.inner.max_keys)
+            .field("tracked", &self.inner.count.load(StdOrdering::Relaxed))
+            .finish()
+    }
+}
+
+use std::sync::atomic::Ordering as StdOrdering;
+
+impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
+    /// A registry whose buckets hold `capacity` tokens refilled at
+    /// `refill_per_sec`, tracking at most [`DEFAULT_MAX_KEYS`] keys.
+    pub fn new(capacity: u32, refill_per_sec: f64) -> Result<Self, InvalidConfig> {
+        Ok(Self::build(
+            Rate::new(capacity, refill_per_sec)?,
+            DEFAULT_MAX_KEYS,
+            Clock::system(),
+        ))
+    }
+
+    fn build(rate: Rate, max_keys: usize, clock: Clock) -> Self {
+        let overflow = rate.full_at(clock.now());
+        Self {
+            inner: Arc::new(Inner {
+                map: DashMap::new(),
+                rate,
+                max_keys,
+                clock,
+                count: AtomicUsize::new(0),
+                overflow: AtomicU64::new(overflow),
+                overrides: DashMap::new(),
+                override_count: AtomicUsize::new(0),
+                sweep_at_len: AtomicUsize::new(MIN_SWEEP_LEN),
+                next_sweep: std::sync::atomic::AtomicU64::new(0),
+                sweeping: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Tracks at most `max_keys` keys (see *Memory* above; `0` tracks none:
+    /// every key shares the overflow bucket). Configure before use: the
+    /// returned registry starts empty and shares nothing with `self`.
+    pub fn with_max_keys(self, max_keys: usize) -> Self {
+        Self::build(self.inner.rate, max_keys, self.inner.clock.clone())
+    }
+
+    /// Reads time from `clock` (a [`ManualClock`](apiguard_core::ManualClock)
+    /// in tests). Configure before use: the returned registry starts empty.
+    pub fn with_clock(self, clock: Clock) -> Self {
+        Self::build(self.inner.rate, self.inner.max_keys, clock)
+    }
+
+    /// Gives `key` its own quota instead of the default one; its current
+    /// bucket keeps the tokens it has spent. Overrides are kept until
+    /// [`remove_quota`](Self::remove_quota), apart from the `max_keys` cap.
+    pub fn set_quota(
+        &self,
+        key: K,
+        capacity: u32,
+        refill_per_sec: f64,
+    ) -> Result<(), InvalidConfig> {
+        let rate = Rate::new(capacity, refill_per_sec)?;
+        if self.inner.overrides.insert(key.clone(), rate).is_none() {
+            self.inner.override_count.fetch_add(1, StdOrdering::Relaxed);
+        }
+        if let Some(mut slot) = self.inner.map.get_mut(&key) {
+            let old = *slot.rate(&self.inner.rate);
+            let full_time = old.full_time(slot.tat.load(Ordering::Relaxed));
+            slot.tat = AtomicU64::new(rate.units(full_time));
+            slot.rate = Some(Box::new(rate));
+        }
+        Ok(())
+    }
+
+    /// Returns `key` to the default quota (from its next fresh bucket on).
+    pub fn remove_quota(&self, key: &K) {
+        if self.inner.overrides.remove(key).is_some() {
+            self.inner.override_count.fetch_sub(1, StdOrdering::Relaxed);
+        }
+    }
+
+    /// The quota `key` gets.
+    pub fn quota_of(&self, key: &K) -> Quota {
+        if self.inner.override_count.load(StdOrdering::Relaxed) > 0
+            && let Some(rate) = self.inner.overrides.get(key)
+        {
+            return rate.quota();
+        }
+        self.inner.rate.quota()
+    }
+
+    /// Takes `tokens` from `key`'s bucket if they are there now.
+    #[inline]
+    pub fn try_acquire(&self, key: &K, tokens: u32) -> Result<(), RateLimited> {
+        self.try_acquire_at(key, tokens, self.inner.clock.now())
+    }
+
+    /// [`try_acquire`](Self::try_acquire) at an explicit time.
+    #[inline]
+    pub fn try_acquire_at(&self, key: &K, tokens: u32, now: Nanos) -> Result<(), RateLimited> {
+        self.with_bucket(key, now, |tat, rate| {
+            gcra::try_acquire(tat, rate, tokens, now)
+        })
+        .0
+    }
+
+    /// Reserves `tokens` from `key`'s bucket if they will be there within
+    /// `max_wait` (see [`TokenBucket::reserve`](crate::TokenBucket::reserve)).
+    #[inline]
+    pub fn reserve(
+        &self,
+        key: &K,
+        tokens: u32,
+        max_wait: Duration,
+    ) -> Result<Reservation, RateLimited> {
+        self.reserve_at(key, tokens, max_wait, self.inner.clock.now())
+    }
+
+    /// [`reserve`](Self::reserve) at an explicit time.
+    #[inline]
+    pub fn reserve_at(
+        &self,
+        key: &K,
+        tokens: u32,
+        max_wait: Duration,
+        now: Nanos,
+    ) -> Result<Reservation, RateLimited> {
+        let (res, shared) = self.with_bucket(key, now, |tat, rate| {
+            gcra::reserve(tat, rate, tokens, max_wait, now)
+        });
+        if shared {
+            res.map(Reservation::on_shared_bucket)
+        } else {
+            res
+        }
+    }
+
+    /// Gives back a reservation that will not be used, when no later one was
+    /// made on the same bucket. Returns whether the tokens went back.
+    pub fn cancel(&self, key: &K, reservation: &Reservation) -> bool {
+        if reservation.is_shared() {
+            return gcra::cancel(&self.inner.overflow, &self.inner.rate, reservation);
+        }
+        match self.inner.map.get(key) {
+            Some(slot) => gcra::cancel(&slot.tat, slot.rate(&self.inner.rate), reservation),
+            None => false,
+        }
+    }
+
+    /// Waits until `tokens` are available in `key`'s bucket and takes them
+    /// (see [`TokenBucket::acquire`](crate::TokenBucket::acquire)).
+    pub fn acquire(&self, key: &K, tokens: u32) -> Acquire<Self, K> {
+        match self.reserve(key, tokens, Duration::MAX) {
+            Ok(reservation) => Acquire::waiting(self.clone(), key.clone(), reservation),
+            Err(err) => Acquire::failed(err),
+        }
+    }
+
+    /// Tokens available to `key` now.
+    pub fn available(&self, key: &K) -> f64 {
+        let now = self.inner.clock.now();
+        match self.inner.map.get(key) {
+            Some(slot) => slot
+                .rate(&self.inner.rate)
+                .available(slot.tat.load(Ordering::Relaxed), now),
+            None => self.quota_of(key).limit as f64,
+        }
+    }
+
+    /// Keys tracked now (never more than `max_keys`).
+    pub fn len(&self) -> usize {
+        self.inner.map.len()
+    }
+
+    /// Whether no key is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.inner.map.is_empty()
+    }
+
+    /// The cap on tracked keys.
+    pub fn max_keys(&self) -> usize {
+        self.inner.max_keys
+    }
+
+    /// Whether `key` has a bucket of its own now (a key whose bucket filled
+    /// up may have been forgotten: that changes nothing for it).
+    pub fn contains(&self, key: &K) -> bool {
+        self.inner.map.contains_key(key)
+    }
+
+    /// Forgets `key`'s bucket: its next request finds a full one.
+    pub fn remove(&self, key: &K) -> bool {
+        let removed = self.inner.map.remove(key).is_some();
+        if removed {
+            self.inner.count.fetch_sub(1, StdOrdering::Relaxed);
+        }
+        removed
+    }
+
+    /// Forgets every bucket (quota overrides are kept).
+    pub fn clear(&self) {
+        let mut removed = 0;
+        self.inner.map.retain(|_, _| {
+            removed += 1;
+            false
+        });
+        self.inner.count.fetch_sub(removed, StdOrdering::Relaxed);
+    }
+
+    /// The default capacity of a bucket.
+    pub fn capacity(&self) -> u32 {
+        self.inner.rate.capacity()
+    }
+
+    /// The default refill rate, tokens per second.
+    pub fn refill_per_sec(&self) -> f64 {
+        self.inner.rate.refill_per_sec()
+    }
+
+    /// Runs `decide` on `key`'s bucket, creating it (full) if needed; the
+    /// flag says the overflow bucket was used.
+    #[inline]
+    fn with_bucket<T>(
+        &self,
+        key: &K,
+        now: Nanos,
+        decide: impl Fn(&AtomicU64, &Rate) -> T,
+    ) -> (T, bool) {
+        let inner = &*self.inner;
+        if let Some(slot) = inner.map.get(key) {
+            return (decide(&slot.tat, slot.rate(&inner.rate)), false);
+        }
+        self.with_new_bucket(key, now, decide)
+    }
+
+    #[cold]
+    fn with_new_bucket<T>(
+        &self,
+        key: &K,
+        now: Nanos,
+        decide: impl Fn(&AtomicU64, &Rate) -> T,
+    ) -> (T, bool) {
+        let inner = &*self.inner;
+        self.maybe_sweep(now);
+        if inner.count.fetch_add(1, StdOrdering::Relaxed) >= inner.max_keys {
+            inner.count.fetch_sub(1, StdOrdering::Relaxed);
+            // Another thread may have created it meanwhile.
+            if let Some(slot) = inner.map.get(key) {
+                return (decide(&slot.tat, slot.rate(&inner.rate)), false);
+            }
+            return (decide(&inner.overflow, &inner.rate), true);
+        }
+        match inner.map.entry(key.clone()) {
+            Entry::Occupied(entry) => {
+                inner.count.fetch_sub(1, StdOrdering::Relaxed);
+                let slot = entry.get();
+                (decide(&slot.tat, slot.rate(&inner.rate)), false)
+            }
+            Entry::Vacant(entry) => {
+                let rate = if inner.override_count.load(StdOrdering::Relaxed) > 0 {
+                    inner.overrides.get(key).map(|r| Box::new(*r))
+                } else {
+                    None
+                };
+                let tat = rate.as_deref().unwrap_or(&inner.rate).full_at(now);
+                let slot = entry.insert(Slot {
+                    tat: AtomicU64::new(tat),
+                    rate,
+                });
+                (decide(&slot.tat, slot.rate(&inner.rate)), false)
+            }
+        }
+    }
+
+    /// Drops full buckets, when the map has grown enough to be worth it and
+    /// some bucket may be full by now.
+    fn maybe_sweep(&self, now: Nanos) {
+        let inner = &*self.inner;
+        let len = inner.count.load(StdOrdering::Relaxed);
+        if len < inner.sweep_at_len.load(StdOrdering::Relaxed) && len < inner.max_keys {
+            return;
+        }
+        if now < inner.next_sweep.load(StdOrdering::Relaxed) {
+            return;
+        }
+        if inner.sweeping.swap(true, StdOrdering::Acquire) {
+            return;
+        }
+        let mut removed = 0;
+        let mut earliest_full = Nanos::MAX;
+        inner.map.retain(|_, slot| {
+            let rate = slot.rate(&inner.rate);
+            let tat = slot.tat.load(Ordering::Relaxed);
+            if rate.is_full(tat, now) {
+                removed += 1;
+                false
+            } else {
+                earliest_full = earliest_full.min(rate.full_time(tat));
+                true
+            }
+        });
+        let left = inner.count.fetch_sub(removed, StdOrdering::Relaxed) - removed;
+        inner.next_sweep.store(
+            earliest_full.min(now.saturating_add(MAX_SWEEP_DELAY)),
+            StdOrdering::Relaxed,
+        );
+        inner
+            .sweep_at_len
+            .store((2 * left).max(MIN_SWEEP_LEN), StdOrdering::Relaxed);
+        inner.sweeping.store(false, StdOrdering::Release);
+        tracing::trace!(target: "apiguard::ratelimit", removed, left, "swept full buckets");
+    }
+}
+
+impl<K: Hash + Eq + Clone> Limiter<K> for KeyedLimiter<K> {
+    type Future = Ready<Result<Grant, RateLimited>>;
+
+    fn reserve(&self, key: &K, cost: u32, max_wait: Duration) -> Self::Future {
+        ready(KeyedLimiter::reserve(self, key, cost, max_wait).map(|r| r.grant()))
+    }
+
+    #[inline]
+    fn reserve_now(
+        &self,
+        key: &K,
+        cost: u32,
+        max_wait: Duration,
+    ) -> Option<Result<Reservation, RateLimited>> {
+        Some(KeyedLimiter::reserve(self, key, cost, max_wait))
+    }
+
+    fn cancel(&self, key: &K, reservation: &Reservation) {
+        KeyedLimiter::cancel(self, key, reservation);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use apiguard_core::ManualClock;
+
+    fn limiter(capacity: u32, rate: f64, max_keys: usize) -> (KeyedLimiter<u64>, ManualClock) {
+        let manual = ManualClock::new();
+        let limiter = KeyedLimiter::new(capacity, rate)
+            .unwrap()
+            .with_max_keys(max_keys)
+            .with_clock(manual.clock());
+        (limiter, manual)
+    }
+
+    #[test]
+    fn each_key_has_its_own_bucket() {
+        let (l, _clock) = limiter(2, 1.0, 100);
+        l.try_acquire(&1, 2).unwrap();
+        assert!(l.try_acquire(&1, 1).is_err());
+        l.try_acquire(&2, 2).unwrap();
+        assert_eq!(l.len(), 2);
+        assert!(l.contains(&1));
+    }
+
+    #[test]
+    fn full_buckets_are_reclaimed_as_the_map_is_used() {
+        let (l, clock) = limiter(1, 1.0, 1_000_000);
+        for k in 0..1000 {
+            l.try_acquire(&k, 1).unwrap();
+        }
+        assert_eq!(l.len(), 1000);
+        // Once every bucket has refilled, new keys sweep the old ones out.
+        clock.advance(Duration::from_secs(1));
+        for k in 1000..1200 {
+            l.try_acquire(&k, 1).unwrap();
+        }
+        assert!(l.len() <= 200, "len {}", l.len());
+        assert!(!l.contains(&0));
+    }
+
+    #[test]
+    fn a_full_map_sends_new_keys_to_the_overflow_bucket_and_keeps_tracked_limits() {
+        let (l, _clock) = limiter(3, 1.0, 10);
+        l.try_acquire(&0, 2).unwrap();
+        for k in 1..10 {
+            l.try_acquire(&k, 1).unwrap();
+        }
+        assert_eq!(l.len(), 10);
+        // Untracked keys share one bucket of capacity 3.
+        for k in 10..13 {
+            l.try_acquire(&k, 1).unwrap();
+        }
+        assert!(l.try_acquire(&13, 1).is_err());
+        assert_eq!(l.len(), 10);
+        // Key 0 kept its count: one token left, not a fresh bucket.
+        l.try_acquire(&0, 1).unwrap();
+        assert!(l.try_acquire(&0, 1).is_err());
+    }
+
+    #[test]
+    fn zero_max_keys_tracks_nothing() {
+        let (l, _clock) = limiter(1, 1.0, 0);
+        l.try_acquire(&1, 1).unwrap();
+        assert!(l.try_acquire(&2, 1).is_err());
+        assert!(l.is_empty());
+    }
+
+    #[test]
+    fn quota_override_applies_to_its_key_only() {
+        let (l, _clock) = limiter(1, 1.0, 100);
+        l.set_quota(7, 5, 1.0).unwrap();
+        for _ in 0..5 {
+            l.try_acquire(&7, 1).unwrap();
+        }
+        assert!(l.try_acquire(&7, 1).is_err());
+        assert_eq!(l.quota_of(&7).limit, 5);
+        l.try_acquire(&8, 1).unwrap();
+        assert!(l.try_acquire(&8, 1).is_err());
+        assert!(l.set_quota(9, 0, 1.0).is_err());
+    }
+
+    #[test]
+    fn override_on_a_tracked_key_keeps_its_spent_tokens() {
+        let (l, _clock) = limiter(2, 1.0, 100);
+        l.try_acquire(&1, 2).unwrap();
+        l.set_quota(1, 4, 1.0).unwrap();
+        l.try_acquire(&1, 2).unwrap();
+        assert!(l.try_acquire(&1, 1).is_err());
+    }
+
+    #[test]
+    fn remove_and_clear_forget_buckets() {
+        let (l, _clock) = limiter(1, 1.0, 100);
+        l.try_acquire(&1, 1).unwrap();
+        l.try_acquire(&2, 1).unwrap();
+        assert!(l.remove(&1));
+        l.try_acquire(&1, 1).unwrap();
+        l.clear();
+        assert!(l.is_empty());
+        l.try_acquire(&2, 1).unwrap();
+    }
+
+    #[test]
+    fn cancel_gives_back_the_last_reservation_of_a_key() {
+        let (l, _clock) = limiter(1, 1.0, 100);
+        l.try_acquire(&1, 1).unwrap();
+        let r = l.reserve(&1, 1, Duration::from_secs(2)).unwrap();
+        assert_eq!(r.grant().wait, Duration::from_secs(1));
+        assert!(l.cancel(&1, &r));
+        let again = l.reserve(&1, 1, Duration::from_secs(2)).unwrap();
+        assert_eq!(again.grant().wait, Duration::from_secs(1));
+    }
+}
