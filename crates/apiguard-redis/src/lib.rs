@@ -1,1 +1,106 @@
-//! apiguard redis (work in progress).
+//! Rate limits shared by many instances through Redis.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use apiguard_ratelimit::Limiter;
+//! use apiguard_redis::{FailurePolicy, RedisLimiter};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! // 100 requests per second per user, shared by every instance.
+//! let limiter = RedisLimiter::builder(100, Duration::from_secs(1))
+//!     .burst(20)
+//!     .prefix("myapp:rl:")
+//!     .timeout(Duration::from_millis(5))
+//!     .on_redis_failure(FailurePolicy::local_bucket(4))
+//!     .connect("redis://127.0.0.1:6379/")
+//!     .await?;
+//!
+//! match limiter.reserve("user-42", 1, Duration::ZERO).await {
+//!     Ok(grant) => println!("admitted, {} left", grant.remaining),
+//!     Err(refused) => println!("refused, retry after {:?}", refused.retry_after()),
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! [`RedisLimiter`] implements [`apiguard_ratelimit::Limiter`], the trait the
+//! in-memory buckets implement, so the rate-limit layers take it as they
+//! take a `TokenBucket`; keys are anything that implements [`RedisKey`].
+//!
+//! # The decision
+//!
+//! Each decision is one `EVALSHA` of a Lua script (the `redis` crate loads
+//! it again on `NOSCRIPT`) implementing GCRA, the algorithm of the
+//! in-memory buckets:
+//!
+//! - **Redis' clock, not ours.** The script reads Redis `TIME`, so
+//!   instances whose clocks disagree still share one timeline.
+//! - **Exact integers.** Time is counted in microseconds and fractions of a
+//!   microsecond chosen so one token is a whole number of them (Lua numbers
+//!   are doubles, exact to 2^53); a rate of 3 per second is exactly 3 per
+//!   second, not 3.000003. Quotas the arithmetic cannot hold exactly are
+//!   refused when built.
+//! - **One key per bucket, with a TTL.** The key holds the theoretical
+//!   arrival time and expires when the bucket is full again (`PX` rounded up
+//!   to the millisecond): idle keys cost nothing, and each call touches one
+//!   key, so it works on Redis Cluster.
+//! - **Weighted costs and reservations.** A request may cost several tokens;
+//!   with a `max_wait`, tokens due within it are reserved (the caller waits
+//!   [`Decision::wait`]), and a refusal reserves nothing. A cost above the
+//!   burst is refused without asking Redis, with a wait of `Duration::MAX`
+//!   (it would never fit), as the in-memory buckets do.
+//! - **The `RateLimit` fields.** A [`Decision`] carries remaining tokens,
+//!   the wait (`Retry-After`) and the reset.
+//!
+//! # When Redis is slow or away
+//!
+//! Every decision waits at most the timeout ([`DEFAULT_TIMEOUT`], 5 ms).
+//! Past it, or on any Redis error, the [`FailurePolicy`] decides: admit,
+//! refuse, or enforce this instance's share of the limit in local buckets.
+//! Each such decision increments the `metrics` counter
+//! `apiguard_redis_fallback_total` (labels `policy`, `reason` =
+//! `timeout`/`error`) and logs a `tracing` warning, at most one every ten
+//! seconds per limiter. For [`retry_redis_after`] (100 ms) after a failure
+//! the policy decides without asking Redis, so a dead Redis does not add the
+//! timeout to every request; then Redis is asked again, and once it answers
+//! the shared limit applies again by itself (the connection manager
+//! reconnects in the background).
+//!
+//! # Clone
+//!
+//! A [`RedisLimiter`] is a handle: clones share the connection, the
+//! configuration and the failure state.
+//!
+//! # Cancellation
+//!
+//! Dropping a decision's future abandons it. If the script already ran, its
+//! reservation stands (the tokens are spent), as for a request that already
+//! left.
+//!
+//! [`retry_redis_after`]: RedisLimiterBuilder::retry_redis_after
+
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    unreachable_pub,
+    rust_2018_idioms
+)]
+#![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod error;
+pub mod future;
+mod key;
+mod limiter;
+mod local;
+mod policy;
+mod script;
+
+pub use error::BuildError;
+pub use key::RedisKey;
+pub use limiter::{
+    DEFAULT_PREFIX, DEFAULT_RETRY_REDIS_AFTER, DEFAULT_TIMEOUT, DecidedBy, Decision, RedisLimiter,
+    RedisLimiterBuilder, connection_manager_config,
+};
+pub use local::LOCAL_MAX_KEYS;
+pub use policy::FailurePolicy;

@@ -1,0 +1,207 @@
+//! The GCRA decision as a Lua script, and the integer units it works in.
+//!
+//! # Units
+//!
+//! Redis runs Lua 5.1, whose numbers are doubles: integers are exact up to
+//! 2^53. Time comes from Redis `TIME` in microseconds (about 1.8·10^15 today,
+//! well inside that range), so no instance's clock takes part in a decision.
+//!
+//! One token's emission interval, `window / limit` microseconds, is rarely a
+//! whole number (3 per second is 333 333.3… µs). Rounding it would change the
+//! rate, so the script counts in *ticks* of `1 / l` microseconds, where
+//! `window_us / limit` reduced to lowest terms is `w / l`: one token is
+//! exactly `w` ticks. The theoretical arrival time (TAT) is stored as whole
+//! microseconds plus a remainder in ticks (`"<tat_us>:<ticks>"`), and all
+//! arithmetic is done relative to `now`, where magnitudes stay below 2^52.
+//!
+//! # One key, one round trip
+//!
+//! The script reads and writes only `KEYS[1]` (cluster-safe) and answers in
+//! the same call. Its key expires when the bucket is full again (`PX` = time
+//! to refill, rounded up to the millisecond), so idle keys cost no memory.
+
+use std::time::Duration;
+
+use apiguard_core::InvalidConfig;
+
+/// The decision script. `KEYS[1]` is the bucket; `ARGV` is `w` (ticks per
+/// token), `l` (ticks per microsecond), `tol` (burst tolerance in ticks:
+/// capacity × `w`), `cost` (tokens) and `max_wait` (microseconds).
+///
+/// Returns `{allowed, remaining, wait_us, reset_us}`: on admission `wait_us`
+/// is how long the caller must wait for its (reserved) tokens; on refusal it
+/// is how long until they would be there, and nothing was written. `reset_us`
+/// is the time until the bucket is full again.
+pub(crate) const GCRA_LUA: &str = r#"
+local w = tonumber(ARGV[1])
+local l = tonumber(ARGV[2])
+local tol = tonumber(ARGV[3])
+local cost = tonumber(ARGV[4])
+local max_wait = tonumber(ARGV[5]) * l
+-- Before Redis 5 a script must opt in to effect replication to write after
+-- reading TIME; from Redis 7 on this is a no-op.
+if redis.replicate_commands ~= nil then redis.replicate_commands() end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+-- d: the stored TAT relative to now, in ticks (0 when the bucket is full).
+local d = 0
+local v = redis.call('GET', KEYS[1])
+if v then
+  local us, fr = string.match(v, '^(%d+):(%d+)$')
+  if us then
+    local diff = tonumber(us) - now
+    if diff >= 0 then
+      -- A TAT this far ahead only comes from Redis' clock jumping back;
+      -- the cap keeps the arithmetic exact.
+      local cap = math.floor(2251799813685248 / l)
+      if diff > cap then diff = cap end
+      fr = tonumber(fr)
+      if fr >= l then fr = l - 1 end
+      d = diff * l + fr
+    end
+  end
+end
+local new_d = d + cost * w
+local wait = new_d - tol
+if wait < 0 then wait = 0 end
+if wait > max_wait then
+  local remaining = 0
+  if tol > d then remaining = math.floor((tol - d) / w) end
+  return {0, remaining, math.ceil(wait / l), math.ceil(d / l)}
+end
+if cost > 0 then
+  local us = math.floor(new_d / l)
+  local fr = new_d - us * l
+  if fr < 0 then us = us - 1; fr = fr + l end
+  if fr >= l then us = us + 1; fr = fr - l end
+  local ttl = math.ceil(new_d / (l * 1000))
+  if ttl < 1 then ttl = 1 end
+  redis.call('SET', KEYS[1], string.format('%.0f:%.0f', now + us, fr),
+    'PX', string.format('%.0f', ttl))
+end
+local remaining = 0
+if tol > new_d then remaining = math.floor((tol - new_d) / w) end
+return {1, remaining, math.ceil(wait / l), math.ceil(new_d / l)}
+"#;
+
+/// Every quantity the script multiplies stays below this (2^50), so sums of
+/// a few of them stay exact in a double.
+const EXACT_LIMIT: u128 = 1 << 50;
+
+/// A quota in the script's units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Units {
+    /// Ticks per token.
+    pub(crate) w: u64,
+    /// Ticks per microsecond.
+    pub(crate) l: u64,
+    /// Burst tolerance in ticks (capacity × `w`).
+    pub(crate) tol: u64,
+    /// The largest `max_wait` (µs) the script can take exactly.
+    pub(crate) max_wait_us: u64,
+}
+
+impl Units {
+    /// `limit` tokens per `window`, bursts of up to `burst` tokens.
+    pub(crate) fn new(limit: u64, window: Duration, burst: u64) -> Result<Self, InvalidConfig> {
+        if limit == 0 {
+            return Err(InvalidConfig::new("limit", "must be at least 1"));
+        }
+        if burst == 0 {
+            return Err(InvalidConfig::new("burst", "must be at least 1"));
+        }
+        let window_us = window.as_micros();
+        if window_us == 0 {
+            return Err(InvalidConfig::new("window", "must be at least 1 µs"));
+        }
+        let g = gcd(window_us, u128::from(limit));
+        let w = window_us / g;
+        let l = u128::from(limit) / g;
+        let tol = w * u128::from(burst);
+        if tol > EXACT_LIMIT {
+            return Err(InvalidConfig::new(
+                "burst",
+                "burst × (window / limit) is beyond the script's exact integer range (2^50 ticks)",
+            ));
+        }
+        // `l` divides `limit` (< 2^64) and `w`, `tol` were bounded above.
+        Ok(Self {
+            w: w as u64,
+            l: l as u64,
+            tol: tol as u64,
+            max_wait_us: (EXACT_LIMIT / l) as u64,
+        })
+    }
+
+    /// `max_wait` in whole microseconds, clamped to what the script takes.
+    pub(crate) fn max_wait_us(&self, max_wait: Duration) -> u64 {
+        let us = max_wait.as_micros();
+        if us > u128::from(self.max_wait_us) {
+            self.max_wait_us
+        } else {
+            us as u64
+        }
+    }
+}
+
+fn gcd(mut a: u128, mut b: u128) -> u128 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units_are_exact_for_rates_that_are_not_whole_microseconds() {
+        // 3 per second: one token is 1_000_000 / 3 µs, i.e. 1_000_000 ticks of 1/3 µs.
+        let u = Units::new(3, Duration::from_secs(1), 3).unwrap();
+        assert_eq!((u.w, u.l, u.tol), (1_000_000, 3, 3_000_000));
+    }
+
+    #[test]
+    fn units_reduce_to_lowest_terms() {
+        let u = Units::new(100, Duration::from_secs(1), 10).unwrap();
+        assert_eq!((u.w, u.l, u.tol), (10_000, 1, 100_000));
+    }
+
+    #[test]
+    fn zero_limit_burst_or_window_is_refused() {
+        assert_eq!(
+            Units::new(0, Duration::from_secs(1), 1)
+                .unwrap_err()
+                .field(),
+            "limit"
+        );
+        assert_eq!(
+            Units::new(1, Duration::from_secs(1), 0)
+                .unwrap_err()
+                .field(),
+            "burst"
+        );
+        assert_eq!(
+            Units::new(1, Duration::from_nanos(999), 1)
+                .unwrap_err()
+                .field(),
+            "window"
+        );
+    }
+
+    #[test]
+    fn quotas_beyond_exact_range_are_refused() {
+        // One token a year with a burst of a billion: 3e13 µs × 1e9.
+        let err = Units::new(1, Duration::from_secs(31_536_000), 1_000_000_000).unwrap_err();
+        assert_eq!(err.field(), "burst");
+    }
+
+    #[test]
+    fn max_wait_is_clamped_to_the_exact_range() {
+        let u = Units::new(1_000_000, Duration::from_secs(1), 1).unwrap();
+        assert_eq!(u.l, 1);
+        assert_eq!(u.max_wait_us(Duration::MAX), 1 << 50);
+        assert_eq!(u.max_wait_us(Duration::from_millis(3)), 3_000);
+    }
+}
