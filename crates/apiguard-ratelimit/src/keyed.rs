@@ -22,9 +22,10 @@ pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
 /// Sweeps start once the map holds this many entries.
 const MIN_SWEEP_LEN: usize = 64;
 
-/// Even when no entry can be full yet, sweep at least this often (ns) once
-/// a threshold is reached, in case reservations were given back.
-const MAX_SWEEP_DELAY: Nanos = 1_000_000_000;
+/// After a sweep, the next one waits this long (ns) per entry left, so a
+/// map at its cap, where new keys keep asking for room, spends a bounded
+/// share of its time sweeping (a sweep costs well under 1 µs per entry).
+const SWEEP_SPACING_PER_ENTRY: Nanos = 1_000;
 
 /// One bucket per key, with memory that bounds itself.
 ///
@@ -44,8 +45,9 @@ const MAX_SWEEP_DELAY: Nanos = 1_000_000_000;
 /// dropped as the map is used: when a new key arrives and the map has grown
 /// to twice its size after the last sweep (or reached `max_keys`), the map
 /// is swept of full buckets. Sweeps are skipped until the earliest instant
-/// a tracked bucket can be full again, so a flood of new keys does not turn
-/// into a sweep per key. There is no background task.
+/// a tracked bucket can be full again, and spaced by 1 µs per entry left
+/// after the last one, so a flood of new keys does not turn into a sweep
+/// per key. There is no background task.
 ///
 /// `len()` never exceeds `max_keys`. When the map is at `max_keys` and no
 /// tracked bucket is full, a new key is not tracked: it shares one
@@ -81,7 +83,11 @@ struct Inner<K> {
     overrides: DashMap<K, Rate>,
     override_count: AtomicUsize,
     sweep_at_len: AtomicUsize,
-    next_sweep: std::sync::atomic::AtomicU64,
+    /// No bucket is full before this instant (a lower bound: lowered as
+    /// buckets are created, raised by sweeps).
+    first_full: std::sync::atomic::AtomicU64,
+    /// Earliest instant of the next sweep (spacing).
+    sweep_not_before: std::sync::atomic::AtomicU64,
     sweeping: AtomicBool,
 }
 
@@ -135,7 +141,8 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
                 overrides: DashMap::new(),
                 override_count: AtomicUsize::new(0),
                 sweep_at_len: AtomicUsize::new(MIN_SWEEP_LEN),
-                next_sweep: std::sync::atomic::AtomicU64::new(0),
+                first_full: std::sync::atomic::AtomicU64::new(0),
+                sweep_not_before: std::sync::atomic::AtomicU64::new(0),
                 sweeping: AtomicBool::new(false),
             }),
         }
@@ -371,7 +378,11 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
                     tat: AtomicU64::new(tat),
                     rate,
                 });
-                (decide(&slot.tat, slot.rate(&inner.rate)), false)
+                let rate = slot.rate(&inner.rate);
+                let decision = decide(&slot.tat, rate);
+                let full = rate.full_time(slot.tat.load(Ordering::Relaxed));
+                inner.first_full.fetch_min(full, StdOrdering::Relaxed);
+                (decision, false)
             }
         }
     }
@@ -384,7 +395,9 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
         if len < inner.sweep_at_len.load(StdOrdering::Relaxed) && len < inner.max_keys {
             return;
         }
-        if now < inner.next_sweep.load(StdOrdering::Relaxed) {
+        if now < inner.first_full.load(StdOrdering::Relaxed)
+            || now < inner.sweep_not_before.load(StdOrdering::Relaxed)
+        {
             return;
         }
         if inner.sweeping.swap(true, StdOrdering::Acquire) {
@@ -404,8 +417,11 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
             }
         });
         let left = inner.count.fetch_sub(removed, StdOrdering::Relaxed) - removed;
-        inner.next_sweep.store(
-            earliest_full.min(now.saturating_add(MAX_SWEEP_DELAY)),
+        // A bucket created while the sweep ran may have lowered the bound;
+        // overwriting it only delays reclaiming, never loses a limit.
+        inner.first_full.store(earliest_full, StdOrdering::Relaxed);
+        inner.sweep_not_before.store(
+            now.saturating_add(left as u64 * SWEEP_SPACING_PER_ENTRY),
             StdOrdering::Relaxed,
         );
         inner
