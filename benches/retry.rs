@@ -1,2 +1,248 @@
-//! Placeholder until the retry benches land.
-fn main() {}
+//! Retry side by side: apiguard's `RetryLayer` against tower's `Retry` (with
+//! a minimal policy over its `ExponentialBackoff`, written here) and
+//! tower-resilience's retry, around the same no-op service.
+//!
+//! Groups, one question each:
+//! - `success_path`: what a request that succeeds first time pays for being
+//!   retryable — `poll_ready` + `call` + polling the response future to
+//!   completion, request built inside the loop for every contender alike
+//!   (`bare` is the no-op service alone). apiguard is measured with its
+//!   default budget (one deposit per request) and without a budget.
+//!   tower-resilience needs a `Clone` request, so it gets an
+//!   `Arc<Request<_>>`;
+//! - `request_clone`: the copy kept for a retry — apiguard's
+//!   `clone_request` of a `Request<Full<Bytes>>` (1 KiB body, 4 headers)
+//!   against the same copy written by hand for tower's policy, plus
+//!   wrapping a body in a `ReplayBody` and copying it.
+//!
+//! Every future here is ready on its first poll; they are polled with a
+//! no-op waker inside a tokio runtime context.
+//!
+//! Run: `cargo bench -p apiguard-benches --bench retry`.
+
+use std::future::{Future, Ready, ready};
+use std::hint::black_box;
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use apiguard_core::BoxError;
+use apiguard_retry::{ReplayBody, RetryLayer, RetryPolicy, TryCloneBody};
+use bytes::Bytes;
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use http::{Request, Response};
+use http_body_util::Full;
+use tower::retry::Policy;
+use tower::retry::backoff::{Backoff, ExponentialBackoff, ExponentialBackoffMaker, MakeBackoff};
+use tower::util::rng::HasherRng;
+use tower::{Layer, Service, ServiceExt};
+
+type Req = Request<Full<Bytes>>;
+type Res = Response<()>;
+
+/// The inner service: answers 200 at once.
+#[derive(Clone, Copy, Debug)]
+struct Noop;
+
+impl Service<Req> for Noop {
+    type Response = Res;
+    type Error = BoxError;
+    type Future = Ready<Result<Res, BoxError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        black_box(&req);
+        ready(Ok(Response::new(())))
+    }
+}
+
+/// The same, for tower-resilience's `Clone` request.
+#[derive(Clone, Copy, Debug)]
+struct NoopArc;
+
+impl Service<Arc<Req>> for NoopArc {
+    type Response = Res;
+    type Error = BoxError;
+    type Future = Ready<Result<Res, BoxError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Arc<Req>) -> Self::Future {
+        black_box(&req);
+        ready(Ok(Response::new(())))
+    }
+}
+
+/// The smallest useful tower policy: retry 5xx and errors up to three
+/// times, waiting by tower's `ExponentialBackoff`.
+#[derive(Clone, Debug)]
+struct TowerPolicy {
+    backoff: ExponentialBackoff,
+    remaining: u32,
+}
+
+impl TowerPolicy {
+    fn new() -> Self {
+        let backoff = ExponentialBackoffMaker::new(
+            Duration::from_millis(100),
+            Duration::from_secs(10),
+            1.0,
+            HasherRng::default(),
+        )
+        .unwrap()
+        .make_backoff();
+        Self {
+            backoff,
+            remaining: 3,
+        }
+    }
+}
+
+impl Policy<Req, Res, BoxError> for TowerPolicy {
+    type Future = tokio::time::Sleep;
+
+    fn retry(&mut self, _: &mut Req, result: &mut Result<Res, BoxError>) -> Option<Self::Future> {
+        let failed = match result {
+            Ok(res) => res.status().is_server_error(),
+            Err(_) => true,
+        };
+        if failed && self.remaining > 0 {
+            self.remaining -= 1;
+            Some(self.backoff.next_backoff())
+        } else {
+            None
+        }
+    }
+
+    fn clone_request(&mut self, req: &Req) -> Option<Req> {
+        Some(copy_request(req))
+    }
+}
+
+fn copy_request(req: &Req) -> Req {
+    let mut out = Request::new(req.body().clone());
+    *out.method_mut() = req.method().clone();
+    *out.uri_mut() = req.uri().clone();
+    *out.version_mut() = req.version();
+    *out.headers_mut() = req.headers().clone();
+    *out.extensions_mut() = req.extensions().clone();
+    out
+}
+
+/// Polls a future that is ready (or becomes ready) without a real waker.
+fn now<F: Future>(f: F) -> F::Output {
+    let mut f = pin!(f);
+    let mut cx = Context::from_waker(Waker::noop());
+    loop {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+    }
+}
+
+fn small_request() -> Req {
+    Request::get("/").body(Full::new(Bytes::new())).unwrap()
+}
+
+fn one_request<S, R>(svc: &mut S, req: R)
+where
+    S: Service<R, Response = Res, Error = BoxError>,
+{
+    let ready = now(svc.ready()).unwrap();
+    let res = now(ready.call(req)).unwrap();
+    black_box(res);
+}
+
+fn group<'a>(
+    c: &'a mut Criterion,
+    name: &str,
+) -> criterion::BenchmarkGroup<'a, criterion::measurement::WallTime> {
+    let mut g = c.benchmark_group(name);
+    g.measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_secs(1))
+        .sample_size(40)
+        .throughput(Throughput::Elements(1));
+    g
+}
+
+fn success_path(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let mut g = group(c, "success_path");
+
+    g.bench_function("bare", |b| {
+        let mut svc = Noop;
+        b.iter(|| one_request(&mut svc, small_request()));
+    });
+    g.bench_function("apiguard", |b| {
+        let mut svc = RetryLayer::new(RetryPolicy::builder().build().unwrap()).layer(Noop);
+        b.iter(|| one_request(&mut svc, small_request()));
+    });
+    g.bench_function("apiguard_no_budget", |b| {
+        let policy = RetryPolicy::builder().no_budget().build().unwrap();
+        let mut svc = RetryLayer::new(policy).layer(Noop);
+        b.iter(|| one_request(&mut svc, small_request()));
+    });
+    g.bench_function("tower", |b| {
+        let mut svc = tower::retry::RetryLayer::new(TowerPolicy::new()).layer(Noop);
+        b.iter(|| one_request(&mut svc, small_request()));
+    });
+    g.bench_function("tower_resilience", |b| {
+        let layer = tower_resilience::retry::RetryLayer::<Arc<Req>, Res, BoxError>::builder()
+            .max_attempts(4)
+            .exponential_backoff(Duration::from_millis(100))
+            .build();
+        let mut svc = layer.layer(NoopArc);
+        b.iter(|| one_request(&mut svc, Arc::new(small_request())));
+    });
+    g.finish();
+}
+
+fn big_request() -> Req {
+    Request::post("https://api.example.com/v1/orders?page=2")
+        .header("host", "api.example.com")
+        .header("user-agent", "apiguard-bench/0.1")
+        .header("content-type", "application/json")
+        .header("idempotency-key", "5b1c7e0e-8c1f-4c52-9d8e-0f1a2b3c4d5e")
+        .body(Full::new(Bytes::from(vec![b'x'; 1024])))
+        .unwrap()
+}
+
+fn request_clone(c: &mut Criterion) {
+    let mut g = group(c, "request_clone");
+    let req = big_request();
+
+    g.bench_function("apiguard_clone_request", |b| {
+        let mut policy = RetryPolicy::builder().no_budget().build().unwrap();
+        b.iter(|| {
+            let copy = <RetryPolicy as Policy<Req, Res, BoxError>>::clone_request(
+                &mut policy,
+                black_box(&req),
+            );
+            black_box(copy)
+        });
+    });
+    g.bench_function("by_hand_for_tower", |b| {
+        b.iter(|| black_box(copy_request(black_box(&req))));
+    });
+    g.bench_function("replay_body_wrap_and_copy", |b| {
+        b.iter(|| {
+            let body = ReplayBody::new(Full::new(Bytes::from_static(&[b'x'; 1024])), 64 * 1024);
+            let copy = body.try_clone_body();
+            black_box((body, copy))
+        });
+    });
+    g.finish();
+}
+
+criterion_group!(benches, success_path, request_clone);
+criterion_main!(benches);

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use apiguard_core::clock::{Clock, Nanos, duration_to_nanos, nanos_to_duration};
+use apiguard_core::clock::{Clock, Nanos, duration_to_nanos};
 use apiguard_core::{
     BoxError, BudgetExhausted, Classify, InvalidConfig, Outcome, RetriesExhausted,
 };
@@ -391,7 +391,6 @@ impl RetryPolicy {
             attempt = self.retries + 1,
             reason = %signal,
             wait_ms = wait.as_millis() as u64,
-            elapsed_ms = nanos_to_duration(now.saturating_sub(self.start)).as_millis() as u64,
             "retrying"
         );
         Decision::Retry(wait, withdrawal)
@@ -592,7 +591,14 @@ where
         // (where no retry has happened yet) and on the request's own clone
         // before each retry.
         if self.retries == 0 {
-            self.begin(self.cfg.clock.now());
+            // Time is only needed for a deadline or a budget; skipping the
+            // read keeps the success path cheap without them.
+            let now = if self.cfg.deadline.is_some() || self.cfg.budget.is_some() {
+                self.cfg.clock.now()
+            } else {
+                0
+            };
+            self.begin(now);
         }
         if self.cfg.max_retries == 0 {
             return None;
