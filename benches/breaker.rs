@@ -1,2 +1,388 @@
-//! Placeholder until the breaker benches land.
-fn main() {}
+//! Circuit breakers side by side: apiguard's `CircuitBreakerLayer` against
+//! tower-resilience's circuit breaker layer, failsafe and recloser, each
+//! wrapped around the same no-op tower service and driven through
+//! `poll_ready` + `call` + one poll of the response future.
+//!
+//! failsafe and recloser are not tower layers; each gets the thinnest
+//! possible tower wrapper here (no allocation, no boxing), so the figures
+//! compare the breakers, not the wrappers.
+//!
+//! Groups, one question each:
+//! - `closed`: what does a healthy call pay for passing a closed breaker?
+//! - `open`: what does a refusal cost?
+//! - `contended/{2,8}`: the closed path with 2 and 8 threads on one breaker.
+//!
+//! Run: `cargo bench -p apiguard-benches --bench breaker`.
+
+use std::fmt;
+use std::future::{Future, Ready, ready};
+use std::pin::{Pin, pin};
+use std::sync::Barrier;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use apiguard_breaker::{CircuitBreaker, CircuitBreakerLayer, SlidingWindow};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use http::Response;
+use tower::{Layer, Service};
+
+type Res = Response<()>;
+
+/// The error of the failing inner service used to trip the breakers.
+#[derive(Debug, Clone, Copy)]
+struct Boom;
+
+impl fmt::Display for Boom {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("boom")
+    }
+}
+
+impl std::error::Error for Boom {}
+
+/// A service that answers at once: `200` or, when `fail`, an error.
+#[derive(Clone, Copy)]
+struct Noop {
+    fail: bool,
+}
+
+impl Service<()> for Noop {
+    type Response = Res;
+    type Error = Boom;
+    type Future = Ready<Result<Res, Boom>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Boom>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: ()) -> Self::Future {
+        ready(if self.fail {
+            Err(Boom)
+        } else {
+            Ok(Res::new(()))
+        })
+    }
+}
+
+const OK: Noop = Noop { fail: false };
+const FAIL: Noop = Noop { fail: true };
+
+/// One call: `poll_ready`, `call`, and one poll of the future (every
+/// future here completes on its first poll; tower-resilience's mutex is
+/// uncontended in the single-thread groups and spun through otherwise).
+#[inline]
+fn once<S: Service<()>>(svc: &mut S) -> bool {
+    let mut cx = Context::from_waker(Waker::noop());
+    loop {
+        if let Poll::Ready(r) = svc.poll_ready(&mut cx) {
+            assert!(r.is_ok(), "poll_ready failed");
+            break;
+        }
+    }
+    let mut fut = pin!(svc.call(()));
+    loop {
+        if let Poll::Ready(r) = fut.as_mut().poll(&mut cx) {
+            return r.is_ok();
+        }
+        std::hint::spin_loop();
+    }
+}
+
+// --- failsafe: a minimal tower wrapper around its state machine ----------
+
+type Failsafe = failsafe::StateMachine<
+    failsafe::failure_policy::ConsecutiveFailures<failsafe::backoff::Constant>,
+    (),
+>;
+
+#[derive(Clone)]
+struct FailsafeService<S> {
+    inner: S,
+    breaker: Failsafe,
+}
+
+struct FailsafeFuture<F> {
+    inner: Option<F>,
+    breaker: Failsafe,
+}
+
+#[derive(Debug)]
+enum FailsafeError<E> {
+    Rejected,
+    Inner(E),
+}
+
+impl<F, T, E> Future for FailsafeFuture<F>
+where
+    F: Future<Output = Result<T, E>> + Unpin,
+{
+    type Output = Result<T, FailsafeError<E>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Some(f) = self.inner.as_mut() else {
+            return Poll::Ready(Err(FailsafeError::Rejected));
+        };
+        let r = std::task::ready!(Pin::new(f).poll(cx));
+        match &r {
+            Ok(_) => self.breaker.on_success(),
+            Err(_) => self.breaker.on_error(),
+        }
+        Poll::Ready(r.map_err(FailsafeError::Inner))
+    }
+}
+
+impl<S> Service<()> for FailsafeService<S>
+where
+    S: Service<()>,
+    S::Future: Unpin,
+{
+    type Response = S::Response;
+    type Error = FailsafeError<S::Error>;
+    type Future = FailsafeFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(FailsafeError::Inner)
+    }
+
+    fn call(&mut self, req: ()) -> Self::Future {
+        let inner = self
+            .breaker
+            .is_call_permitted()
+            .then(|| self.inner.call(req));
+        FailsafeFuture {
+            inner,
+            breaker: self.breaker.clone(),
+        }
+    }
+}
+
+fn failsafe<S>(inner: S) -> FailsafeService<S> {
+    let policy = failsafe::failure_policy::consecutive_failures(
+        5,
+        failsafe::backoff::constant(Duration::from_secs(3600)),
+    );
+    FailsafeService {
+        inner,
+        breaker: failsafe::Config::new().failure_policy(policy).build(),
+    }
+}
+
+// --- recloser: its own future adapter, behind a tower `Service` ----------
+
+#[derive(Clone)]
+struct RecloserService<S> {
+    inner: S,
+    breaker: recloser::AsyncRecloser,
+}
+
+impl<S> Service<()> for RecloserService<S>
+where
+    S: Service<()>,
+{
+    type Response = S::Response;
+    type Error = recloser::Error<S::Error>;
+    type Future = recloser::RecloserFuture<S::Future, recloser::AnyError>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(recloser::Error::Inner)
+    }
+
+    fn call(&mut self, req: ()) -> Self::Future {
+        self.breaker.call(self.inner.call(req))
+    }
+}
+
+fn recloser<S>(inner: S) -> RecloserService<S> {
+    let breaker = recloser::Recloser::custom()
+        .error_rate(0.5)
+        .closed_len(100)
+        .open_wait(Duration::from_secs(3600))
+        .build();
+    RecloserService {
+        inner,
+        breaker: breaker.into(),
+    }
+}
+
+// --- the contenders ------------------------------------------------------
+
+fn ours_consecutive() -> CircuitBreaker {
+    CircuitBreaker::builder()
+        .failure_threshold(5)
+        .recovery_timeout(Duration::from_secs(3600))
+        .build()
+        .unwrap()
+}
+
+fn ours_window() -> CircuitBreaker {
+    CircuitBreaker::builder()
+        .failure_threshold(5)
+        .failure_rate(0.5)
+        .sliding_window(SlidingWindow::Count(100))
+        .recovery_timeout(Duration::from_secs(3600))
+        .build()
+        .unwrap()
+}
+
+fn tr_window() -> tower_resilience::circuitbreaker::CircuitBreakerLayer {
+    tower_resilience::circuitbreaker::CircuitBreakerLayer::builder()
+        .failure_rate_threshold(0.5)
+        .sliding_window_size(100)
+        .wait_duration_in_open(Duration::from_secs(3600))
+        .build()
+        .unwrap()
+}
+
+fn tr_consecutive() -> tower_resilience::circuitbreaker::CircuitBreakerLayer {
+    tower_resilience::circuitbreaker::CircuitBreakerLayer::builder()
+        .consecutive_failures(5)
+        .wait_duration_in_open(Duration::from_secs(3600))
+        .build()
+        .unwrap()
+}
+
+fn bench_one<S: Service<()>>(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    mut svc: S,
+    expect_ok: bool,
+) {
+    assert_eq!(once(&mut svc), expect_ok, "{name}: wrong state");
+    g.bench_function(name, |b| b.iter(|| once(&mut svc)));
+}
+
+fn closed(c: &mut Criterion) {
+    let mut g = c.benchmark_group("breaker/closed");
+    configure(&mut g);
+    g.throughput(Throughput::Elements(1));
+    bench_one(&mut g, "no breaker", OK, true);
+    bench_one(
+        &mut g,
+        "apiguard consecutive",
+        CircuitBreakerLayer::new(ours_consecutive()).layer(OK),
+        true,
+    );
+    bench_one(
+        &mut g,
+        "apiguard count window",
+        CircuitBreakerLayer::new(ours_window()).layer(OK),
+        true,
+    );
+    bench_one(
+        &mut g,
+        "tower-resilience consecutive",
+        tr_consecutive().layer(OK),
+        true,
+    );
+    bench_one(
+        &mut g,
+        "tower-resilience count window",
+        tr_window().layer(OK),
+        true,
+    );
+    bench_one(&mut g, "failsafe consecutive", failsafe(OK), true);
+    bench_one(&mut g, "recloser count window", recloser(OK), true);
+    g.finish();
+}
+
+/// Fails calls through `svc` until it refuses one.
+fn trip<S: Service<()>>(svc: &mut S) {
+    for _ in 0..1_000 {
+        once(svc);
+    }
+}
+
+fn open(c: &mut Criterion) {
+    let mut g = c.benchmark_group("breaker/open");
+    configure(&mut g);
+    g.throughput(Throughput::Elements(1));
+    let mut ours = CircuitBreakerLayer::new(ours_consecutive()).layer(FAIL);
+    trip(&mut ours);
+    assert!(ours.breaker().try_acquire().is_err());
+    bench_one(&mut g, "apiguard", ours, false);
+    let mut tr = tr_consecutive().layer(FAIL);
+    trip(&mut tr);
+    bench_one(&mut g, "tower-resilience", tr, false);
+    let mut fs = failsafe(FAIL);
+    trip(&mut fs);
+    bench_one(&mut g, "failsafe", fs, false);
+    let mut rc = recloser(FAIL);
+    trip(&mut rc);
+    bench_one(&mut g, "recloser", rc, false);
+    g.finish();
+}
+
+/// `threads` threads, each making calls through its own clone of `svc`
+/// (all clones share one breaker). One iteration is one call per thread.
+fn contended<S>(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    threads: usize,
+    svc: S,
+) where
+    S: Service<()> + Clone + Send,
+{
+    g.bench_with_input(BenchmarkId::new(name, threads), &threads, |b, &threads| {
+        b.iter_custom(|iters| {
+            let barrier = Barrier::new(threads + 1);
+            std::thread::scope(|s| {
+                for _ in 0..threads {
+                    let mut svc = svc.clone();
+                    let barrier = &barrier;
+                    s.spawn(move || {
+                        barrier.wait();
+                        for _ in 0..iters {
+                            assert!(once(&mut svc));
+                        }
+                        barrier.wait();
+                    });
+                }
+                barrier.wait();
+                // Measuring wall time is what a bench is for; no decision
+                // reads this clock.
+                #[allow(clippy::disallowed_types)]
+                let start = std::time::Instant::now();
+                barrier.wait();
+                start.elapsed()
+            })
+        });
+    });
+}
+
+fn threads(c: &mut Criterion) {
+    for n in [2usize, 8] {
+        let mut g = c.benchmark_group(format!("breaker/contended/{n}"));
+        configure(&mut g);
+        g.throughput(Throughput::Elements(n as u64));
+        contended(
+            &mut g,
+            "apiguard consecutive",
+            n,
+            CircuitBreakerLayer::new(ours_consecutive()).layer(OK),
+        );
+        contended(
+            &mut g,
+            "apiguard count window",
+            n,
+            CircuitBreakerLayer::new(ours_window()).layer(OK),
+        );
+        contended(
+            &mut g,
+            "tower-resilience consecutive",
+            n,
+            tr_consecutive().layer(OK),
+        );
+        contended(&mut g, "failsafe consecutive", n, failsafe(OK));
+        contended(&mut g, "recloser count window", n, recloser(OK));
+        g.finish();
+    }
+}
+
+fn configure(g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>) {
+    g.measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_secs(1))
+        .sample_size(40);
+}
+
+criterion_group!(benches, closed, open, threads);
+criterion_main!(benches);

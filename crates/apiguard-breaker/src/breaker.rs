@@ -9,7 +9,7 @@ use apiguard_core::clock::{duration_to_nanos, nanos_to_duration};
 use apiguard_core::{CircuitOpen, Clock, InvalidConfig, Nanos, Outcome};
 
 use crate::error::CallError;
-use crate::sync::{AtomicU32, AtomicU64, Ordering};
+use crate::sync::{AtomicU32, AtomicU64, CachePadded, Ordering};
 use crate::window::{CountWindow, Counts, MAX_COUNT_WINDOW, TimeWindow, Window, encode};
 
 /// Where a breaker stands.
@@ -42,6 +42,8 @@ pub enum Reason {
     RecoveryTimeout,
     /// A probe failed.
     ProbeFailed,
+    /// Every probe slot stayed taken for the half-open timeout.
+    ProbeTimeout,
     /// `success_threshold` probes succeeded.
     ProbesSucceeded,
     /// [`CircuitBreaker::hold_open_for`] (a server's `Retry-After`, or a
@@ -121,6 +123,7 @@ pub struct CircuitBreakerBuilder {
     recovery_timeout: Duration,
     success_threshold: u32,
     half_open_probes: u32,
+    half_open_timeout: Duration,
     failure_rate: Option<f64>,
     slow_call: Option<(Duration, f64)>,
     window: Option<SlidingWindow>,
@@ -141,6 +144,7 @@ impl fmt::Debug for CircuitBreakerBuilder {
             .field("recovery_timeout", &self.recovery_timeout)
             .field("success_threshold", &self.success_threshold)
             .field("half_open_probes", &self.half_open_probes)
+            .field("half_open_timeout", &self.half_open_timeout)
             .field("failure_rate", &self.failure_rate)
             .field("slow_call", &self.slow_call)
             .field("window", &self.window)
@@ -160,6 +164,7 @@ impl Default for CircuitBreakerBuilder {
             recovery_timeout: Duration::from_secs(30),
             success_threshold: 1,
             half_open_probes: 1,
+            half_open_timeout: Duration::from_secs(60),
             failure_rate: None,
             slow_call: None,
             window: None,
@@ -176,6 +181,16 @@ impl Default for CircuitBreakerBuilder {
 }
 
 impl CircuitBreakerBuilder {
+    /// How long a half-open period may last with every probe slot taken
+    /// before the probes are given up on: the next refused caller reopens
+    /// the breaker, as if a probe had failed. A probe that hangs (no
+    /// timeout below the breaker) or a leaked permit therefore cannot keep
+    /// the breaker half-open for ever. Default 60 s.
+    pub fn half_open_timeout(mut self, d: Duration) -> Self {
+        self.half_open_timeout = d;
+        self
+    }
+
     /// Consecutive failures (in the closed state) that open the circuit.
     /// Default 5. `u32::MAX` in effect turns this trip off, for breakers
     /// that trip on rates only.
@@ -294,9 +309,10 @@ impl CircuitBreakerBuilder {
         });
         Ok(CircuitBreaker {
             inner: Arc::new(Inner {
-                state: AtomicU64::new(closed(0)),
-                consecutive: AtomicU32::new(0),
-                window,
+                state: CachePadded(AtomicU64::new(closed(0))),
+                consecutive: CachePadded(AtomicU32::new(0)),
+                window: CachePadded(window),
+                half_open_since: AtomicU64::new(0),
                 epoch: AtomicU64::new(0),
                 trips: AtomicU32::new(0),
                 clock: self.clock.clone(),
@@ -335,6 +351,9 @@ impl CircuitBreakerBuilder {
                 "half_open_probes",
                 "must be between 1 and 65535",
             ));
+        }
+        if self.half_open_timeout.is_zero() {
+            return Err(InvalidConfig::new("half_open_timeout", "must be positive"));
         }
         let failure_rate_ppm = self
             .failure_rate
@@ -406,6 +425,7 @@ impl CircuitBreakerBuilder {
             recovery_timeout: self.recovery_timeout,
             success_threshold: self.success_threshold,
             half_open_probes: self.half_open_probes,
+            half_open_timeout: duration_to_nanos(self.half_open_timeout),
             failure_rate_ppm,
             slow,
             window,
@@ -423,6 +443,7 @@ struct Config {
     recovery_timeout: Duration,
     success_threshold: u32,
     half_open_probes: u32,
+    half_open_timeout: Nanos,
     failure_rate_ppm: Option<u64>,
     /// (threshold in nanos, rate in parts per million)
     slow: Option<(Nanos, u64)>,
@@ -497,9 +518,13 @@ fn state_of(w: u64) -> State {
 }
 
 struct Inner {
-    state: AtomicU64,
-    consecutive: AtomicU32,
-    window: Option<Window>,
+    state: CachePadded<AtomicU64>,
+    consecutive: CachePadded<AtomicU32>,
+    window: CachePadded<Option<Window>>,
+    /// When the current (or last) half-open period began. Only ever moves
+    /// forward (`fetch_max`), so a late write from a thread that lost the
+    /// race into half-open cannot make a newer period look old.
+    half_open_since: AtomicU64,
     epoch: AtomicU64,
     trips: AtomicU32,
     clock: Clock,
@@ -769,7 +794,7 @@ impl CircuitBreaker {
         {
             return false;
         }
-        match &inner.window {
+        match &*inner.window {
             None => true,
             Some(w) => {
                 let c = w.counts(inner.clock.now());
@@ -816,6 +841,7 @@ impl Inner {
                     // Epochs only need to differ between periods, so one
                     // wasted by a lost race does no harm.
                     let epoch = self.next_epoch();
+                    self.half_open_since.fetch_max(t, Ordering::AcqRel);
                     match self.cas(w, half_open(epoch, 1, 0)) {
                         Ok(()) => {
                             self.emit(State::Open, State::HalfOpen, None, Reason::RecoveryTimeout);
@@ -827,7 +853,33 @@ impl Inner {
                 _ => {
                     // Half-open: take a probe slot if one is free.
                     if in_flight(w) >= u64::from(self.config.half_open_probes) {
-                        return Err(CircuitOpen::new(None));
+                        let t = *now.get_or_insert_with(|| self.clock.now());
+                        let since = self.half_open_since.load(Ordering::Acquire);
+                        if t.saturating_sub(since) < self.config.half_open_timeout {
+                            return Err(CircuitOpen::new(None));
+                        }
+                        // The probes are stuck: give up on them. Their
+                        // permits belong to this period and will find a
+                        // different word when they finish.
+                        let trips = self.trips.load(Ordering::Acquire).saturating_add(1);
+                        let open_for = self.open_time(trips);
+                        let until = t.saturating_add(duration_to_nanos(open_for));
+                        match self.cas(w, open(until)) {
+                            Ok(()) => {
+                                self.trips.store(trips, Ordering::Release);
+                                self.emit(
+                                    State::HalfOpen,
+                                    State::Open,
+                                    Some(open_for),
+                                    Reason::ProbeTimeout,
+                                );
+                                return Err(CircuitOpen::new(Some(open_for)));
+                            }
+                            Err(seen) => {
+                                w = seen;
+                                continue;
+                            }
+                        }
                     }
                     match self.cas(w, w + (1 << INFLIGHT_SHIFT)) {
                         Ok(()) => return Ok(permit(Kind::Probe(ho_epoch(w)))),
@@ -862,7 +914,7 @@ impl Inner {
             // threads reporting successes do not fight over the cache line.
             self.consecutive.store(0, Ordering::Release);
         }
-        if let Some(window) = &self.window {
+        if let Some(window) = &*self.window {
             let (now, slow) = match self.config.slow {
                 Some((threshold, _)) => {
                     let now = self.clock.now();
@@ -1000,7 +1052,7 @@ impl Inner {
 
     fn clear_counts(&self) {
         self.consecutive.store(0, Ordering::Release);
-        if let Some(w) = &self.window {
+        if let Some(w) = &*self.window {
             w.clear();
         }
     }

@@ -73,7 +73,10 @@
 //! A call whose [`Permit`] is dropped without an outcome — a response
 //! future dropped mid-flight, a timeout above the layer — counts as neither
 //! success nor failure, and gives back its half-open probe slot, so a
-//! cancelled probe never wedges the breaker half-open.
+//! cancelled probe never wedges the breaker half-open. A probe that never
+//! ends at all (a hung call with no timeout, a leaked permit) is given up on
+//! after [`half_open_timeout`](CircuitBreakerBuilder::half_open_timeout):
+//! the breaker reopens as if it had failed.
 //!
 //! # Errors
 //!

@@ -369,6 +369,10 @@ fn bad_configuration_is_refused_at_build() {
     );
     assert_eq!(field(b().success_threshold(0)), "success_threshold");
     assert_eq!(field(b().half_open_probes(0)), "half_open_probes");
+    assert_eq!(
+        field(b().half_open_timeout(Duration::ZERO)),
+        "half_open_timeout"
+    );
     assert_eq!(field(b().failure_rate(f64::NAN)), "failure_rate");
     assert_eq!(field(b().failure_rate(1.5)), "failure_rate");
     assert_eq!(field(b().slow_call(Duration::ZERO, 0.5)), "slow_call");
@@ -389,4 +393,31 @@ fn bad_configuration_is_refused_at_build() {
         field(b().max_recovery_timeout(Duration::from_secs(1))),
         "max_recovery_timeout"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_probe_cannot_wedge_it_half_open() {
+    let b = CircuitBreaker::builder()
+        .failure_threshold(1)
+        .recovery_timeout(Duration::from_secs(1))
+        .half_open_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    fail(&b);
+    advance(Duration::from_secs(1)).await;
+    let hung = b.try_acquire().unwrap();
+    std::mem::forget(hung); // never finishes, never drops
+    advance(Duration::from_secs(4)).await;
+    assert_eq!(b.try_acquire().unwrap_err().retry_after(), None);
+    assert_eq!(b.state(), State::HalfOpen);
+    advance(Duration::from_secs(1)).await;
+    // Given up on: reopened, and probing again after the recovery timeout.
+    assert_eq!(
+        b.try_acquire().unwrap_err().retry_after(),
+        Some(Duration::from_secs(1))
+    );
+    assert_eq!(b.state(), State::Open);
+    advance(Duration::from_secs(1)).await;
+    succeed(&b);
+    assert_eq!(b.state(), State::Closed);
 }
