@@ -9,7 +9,7 @@ use apiguard_core::clock::duration_to_nanos;
 use apiguard_core::{Clock, InvalidConfig, Nanos, Quota, RateLimited};
 use apiguard_ratelimit::Limiter;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{RedisError, Script};
+use redis::{Cmd, ErrorKind, RedisError, Script, ServerErrorKind};
 
 use crate::error::BuildError;
 use crate::future::{Call, DecisionFuture, ReserveFuture};
@@ -183,22 +183,31 @@ impl RedisLimiter {
             return DecisionFuture::ready(inner.fallback(&redis_key, cost, max_wait));
         }
 
-        let fallback_key = inner.local.as_ref().map(|_| redis_key.clone());
-        let max_wait_us = inner.units.max_wait_us(max_wait);
+        let u = inner.units;
+        let mut cmd = Cmd::with_capacity(9, 96 + redis_key.len());
+        cmd.arg("EVALSHA")
+            .arg(inner.script.get_hash())
+            .arg(1)
+            .arg(&redis_key)
+            .arg(u.w)
+            .arg(u.l)
+            .arg(u.tol)
+            .arg(cost)
+            .arg(u.max_wait_us(max_wait));
+        let fallback_key = inner.local.as_ref().map(|_| redis_key);
         let call_inner = Arc::clone(inner);
         let call: Call = Box::pin(async move {
             let mut con = call_inner.con.clone();
-            let u = call_inner.units;
-            call_inner
-                .script
-                .key(redis_key)
-                .arg(u.w)
-                .arg(u.l)
-                .arg(u.tol)
-                .arg(cost)
-                .arg(max_wait_us)
-                .invoke_async(&mut con)
-                .await
+            match cmd.query_async(&mut con).await {
+                // A restarted or flushed Redis forgot the script: load it
+                // and ask again (what redis-rs' `Script::invoke_async` does,
+                // without its per-call argument vectors).
+                Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                    call_inner.script.load_async(&mut con).await?;
+                    cmd.query_async(&mut con).await
+                }
+                reply => reply,
+            }
         });
         DecisionFuture::remote(
             call,
