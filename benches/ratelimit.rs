@@ -1,2 +1,235 @@
-//! Placeholder until the ratelimit benches land.
-fn main() {}
+//! Rate limiting side by side: apiguard's GCRA against governor's, and
+//! apiguard's `RateLimitLayer` against tower's `RateLimit`.
+//!
+//! Every limiter is configured so that no check is refused during the run
+//! (a burst of 10⁹), and so that per-key state never fills up again (one
+//! token a second): the figures are the cost of an admitted decision on a
+//! tracked bucket, for both crates alike.
+//!
+//! Groups, one question each:
+//! - `direct`: one shared bucket, one thread — `TokenBucket::try_acquire`
+//!   vs governor's `check`;
+//! - `keyed/{1k,1M}`: a tracked key among 1 000 or 1 000 000 —
+//!   `KeyedLimiter::try_acquire` vs governor's keyed (DashMap) `check_key`;
+//! - `layer`: `poll_ready` + `call` + one poll through `RateLimitLayer` vs
+//!   tower's `RateLimit`, both around the same no-op service;
+//! - `contended_direct/{2,8}` and `contended_keyed/{2,8}`: the same checks
+//!   from 2 and 8 threads at once on one limiter.
+//!
+//! Run: `cargo bench -p apiguard-benches --bench ratelimit`.
+
+use std::future::{Future, Ready, ready};
+use std::hint::black_box;
+use std::num::NonZeroU32;
+use std::pin::pin;
+use std::sync::Barrier;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use apiguard_ratelimit::{KeyedLimiter, RateLimitLayer, TokenBucket};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use governor::{Quota, RateLimiter};
+use tower::{Layer, Service};
+
+const BURST: u32 = 1_000_000_000;
+
+fn governor_quota() -> Quota {
+    Quota::per_second(NonZeroU32::new(1).unwrap()).allow_burst(NonZeroU32::new(BURST).unwrap())
+}
+
+fn ours_bucket() -> TokenBucket {
+    TokenBucket::new(BURST, 1.0).unwrap()
+}
+
+fn ours_keyed(max_keys: usize) -> KeyedLimiter<u64> {
+    KeyedLimiter::new(BURST, 1.0)
+        .unwrap()
+        .with_max_keys(max_keys)
+}
+
+fn group<'a>(
+    c: &'a mut Criterion,
+    name: &str,
+) -> criterion::BenchmarkGroup<'a, criterion::measurement::WallTime> {
+    let mut g = c.benchmark_group(name);
+    g.measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_secs(1))
+        .sample_size(40);
+    g
+}
+
+fn direct(c: &mut Criterion) {
+    let mut g = group(c, "direct");
+    g.throughput(Throughput::Elements(1));
+    let ours = ours_bucket();
+    g.bench_function("apiguard", |b| {
+        b.iter(|| black_box(ours.try_acquire(1)).is_ok())
+    });
+    let theirs = RateLimiter::direct(governor_quota());
+    g.bench_function("governor", |b| b.iter(|| black_box(theirs.check()).is_ok()));
+    g.finish();
+}
+
+fn keyed(c: &mut Criterion) {
+    for (label, n) in [("1k", 1_000u64), ("1M", 1_000_000)] {
+        let mut g = group(c, &format!("keyed/{label}"));
+        g.throughput(Throughput::Elements(1));
+        let ours = ours_keyed(2 * n as usize);
+        let theirs = RateLimiter::keyed(governor_quota());
+        for k in 0..n {
+            ours.try_acquire(&k, 1).unwrap();
+            theirs.check_key(&k).unwrap();
+        }
+        // A cheap scramble so consecutive keys land in different shards and
+        // cache lines, as real traffic would.
+        let key = |i: u64| i.wrapping_mul(0x9E37_79B9_7F4A_7C15) % n;
+        g.bench_function("apiguard", |b| {
+            let mut i = 0u64;
+            b.iter(|| {
+                i += 1;
+                black_box(ours.try_acquire(&key(i), 1)).is_ok()
+            })
+        });
+        g.bench_function("governor", |b| {
+            let mut i = 0u64;
+            b.iter(|| {
+                i += 1;
+                black_box(theirs.check_key(&key(i))).is_ok()
+            })
+        });
+        g.finish();
+    }
+}
+
+/// A service that answers at once.
+#[derive(Clone, Copy)]
+struct Noop;
+
+impl Service<()> for Noop {
+    type Response = ();
+    type Error = std::convert::Infallible;
+    type Future = Ready<Result<(), Self::Error>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: ()) -> Self::Future {
+        ready(Ok(()))
+    }
+}
+
+/// `ready().await` + `call` + await, without an executor: every future here
+/// completes on its first poll.
+#[inline]
+fn once<S: Service<()>>(svc: &mut S) -> bool {
+    let mut cx = Context::from_waker(Waker::noop());
+    loop {
+        if let Poll::Ready(r) = svc.poll_ready(&mut cx) {
+            assert!(r.is_ok(), "poll_ready failed");
+            break;
+        }
+    }
+    let mut fut = pin!(svc.call(()));
+    loop {
+        if let Poll::Ready(r) = fut.as_mut().poll(&mut cx) {
+            return r.is_ok();
+        }
+    }
+}
+
+fn layer(c: &mut Criterion) {
+    // tower's RateLimit keeps a tokio `Sleep`, which needs a runtime context.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let mut g = group(c, "layer");
+    g.throughput(Throughput::Elements(1));
+    let mut ours = RateLimitLayer::new(ours_bucket()).layer(Noop);
+    g.bench_function("apiguard", |b| b.iter(|| once(&mut ours)));
+    let mut theirs =
+        tower::limit::RateLimitLayer::new(u64::MAX, Duration::from_secs(1)).layer(Noop);
+    g.bench_function("tower", |b| b.iter(|| once(&mut theirs)));
+    g.finish();
+}
+
+/// Runs `per_thread` on `threads` threads, `iters` times each, all started
+/// together; returns the wall time of the slowest.
+fn contended(threads: usize, iters: u64, per_thread: &(impl Fn(u64) + Sync)) -> Duration {
+    let barrier = Barrier::new(threads + 1);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    barrier.wait();
+                    let start = tokio::time::Instant::now();
+                    for i in 0..iters {
+                        per_thread(i.wrapping_add(t as u64 * 7919));
+                    }
+                    start.elapsed()
+                })
+            })
+            .collect();
+        barrier.wait();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .max()
+            .unwrap()
+    })
+}
+
+fn contention(c: &mut Criterion) {
+    for threads in [2usize, 8] {
+        let mut g = group(c, "contended_direct");
+        g.throughput(Throughput::Elements(threads as u64));
+        let ours = ours_bucket();
+        g.bench_with_input(BenchmarkId::new("apiguard", threads), &threads, |b, &t| {
+            b.iter_custom(|iters| {
+                contended(t, iters, &|_| {
+                    black_box(ours.try_acquire(1).is_ok());
+                })
+            })
+        });
+        let theirs = RateLimiter::direct(governor_quota());
+        g.bench_with_input(BenchmarkId::new("governor", threads), &threads, |b, &t| {
+            b.iter_custom(|iters| {
+                contended(t, iters, &|_| {
+                    black_box(theirs.check().is_ok());
+                })
+            })
+        });
+        g.finish();
+
+        let mut g = group(c, "contended_keyed");
+        g.throughput(Throughput::Elements(threads as u64));
+        let n = 1_000u64;
+        let ours = ours_keyed(2 * n as usize);
+        let theirs = RateLimiter::keyed(governor_quota());
+        for k in 0..n {
+            ours.try_acquire(&k, 1).unwrap();
+            theirs.check_key(&k).unwrap();
+        }
+        g.bench_with_input(BenchmarkId::new("apiguard", threads), &threads, |b, &t| {
+            b.iter_custom(|iters| {
+                contended(t, iters, &|i| {
+                    black_box(ours.try_acquire(&(i % n), 1).is_ok());
+                })
+            })
+        });
+        g.bench_with_input(BenchmarkId::new("governor", threads), &threads, |b, &t| {
+            b.iter_custom(|iters| {
+                contended(t, iters, &|i| {
+                    black_box(theirs.check_key(&(i % n)).is_ok());
+                })
+            })
+        });
+        g.finish();
+    }
+}
+
+criterion_group!(benches, direct, keyed, layer, contention);
+criterion_main!(benches);

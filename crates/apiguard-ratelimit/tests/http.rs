@@ -1,4 +1,5 @@
 //! The layers in front of real HTTP servers and clients on loopback.
+#![cfg(not(loom))]
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
