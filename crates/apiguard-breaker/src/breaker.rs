@@ -298,6 +298,21 @@ impl CircuitBreakerBuilder {
         self
     }
 
+    /// The sliding window the breaker will count over: the one set with
+    /// [`sliding_window`](Self::sliding_window), the last 100 calls when a
+    /// rate trip is set without one, `None` when no rate trip needs a
+    /// window. For layers that check it against their own settings.
+    pub fn window_config(&self) -> Option<SlidingWindow> {
+        match (
+            self.window,
+            self.failure_rate.is_some() || self.slow_call.is_some(),
+        ) {
+            (_, false) => None,
+            (Some(w), true) => Some(w),
+            (None, true) => Some(SlidingWindow::Count(100)),
+        }
+    }
+
     /// Checks the settings and builds the breaker.
     pub fn build(&self) -> Result<CircuitBreaker, InvalidConfig> {
         let config = self.validate()?;

@@ -421,3 +421,23 @@ async fn a_hung_probe_cannot_wedge_it_half_open() {
     succeed(&b);
     assert_eq!(b.state(), State::Closed);
 }
+
+#[test]
+fn window_config_reports_the_effective_window() {
+    let b = CircuitBreaker::builder;
+    assert_eq!(b().window_config(), None);
+    assert_eq!(
+        b().failure_rate(0.5).window_config(),
+        Some(SlidingWindow::Count(100))
+    );
+    let time = SlidingWindow::Time {
+        span: Duration::from_secs(10),
+        buckets: 10,
+    };
+    assert_eq!(
+        b().slow_call(Duration::from_secs(1), 0.5)
+            .sliding_window(time)
+            .window_config(),
+        Some(time)
+    );
+}
