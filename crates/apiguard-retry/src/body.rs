@@ -197,7 +197,7 @@ where
         let mut sh = shared.lock().unwrap_or_else(|e| e.into_inner());
 
         if this.pos < sh.total {
-            if sh.overflowed {
+            if sh.overflowed || sh.failed {
                 return Poll::Ready(Some(Err(NotReplayable { _priv: () }.into())));
             }
             let chunk = sh.chunks[this.pos].clone();
@@ -394,6 +394,19 @@ mod tests {
         let c2 = second.collect().await.unwrap();
         assert_eq!(c2.trailers(), Some(&t));
         assert_eq!(c2.to_bytes(), "ab");
+    }
+
+    #[tokio::test]
+    async fn a_failed_body_is_not_replayed() {
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"ab"))),
+            Err("disk gone".into()),
+        ];
+        let first = ReplayBody::new(StreamBody::new(futures_stream(frames)), 100);
+        let copy = first.try_clone_body().unwrap();
+        assert_eq!(collect(first).await.unwrap_err().to_string(), "disk gone");
+        assert!(!copy.can_replay());
+        assert!(collect(copy).await.unwrap_err().is::<NotReplayable>());
     }
 
     #[test]

@@ -23,10 +23,11 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use apiguard_core::InvalidConfig;
+
+use crate::sync::{AtomicU64, Ordering};
 use apiguard_core::clock::{Clock, Nanos, duration_to_nanos};
 
 /// Fixed-point scale: one retry is worth `UNIT` units.
@@ -117,7 +118,7 @@ impl RetryBudget {
                 slot_nanos,
                 reserve,
                 deposit: (retry_ratio * UNIT as f64).round() as i64,
-                slots: Default::default(),
+                slots: std::array::from_fn(|_| AtomicU64::new(0)),
             }),
         })
     }

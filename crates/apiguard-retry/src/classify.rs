@@ -185,4 +185,18 @@ mod tests {
         );
         assert_eq!(response_hint(&h), Some(Duration::from_secs(5)));
     }
+
+    proptest::proptest! {
+        #[test]
+        fn hints_from_any_header_bytes_never_panic(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+        ) {
+            if let Ok(v) = http::HeaderValue::from_bytes(&bytes) {
+                let mut h = HeaderMap::new();
+                h.insert(RETRY_AFTER, v.clone());
+                h.insert(apiguard_core::headers::RATELIMIT, v);
+                let _ = response_hint(&h);
+            }
+        }
+    }
 }

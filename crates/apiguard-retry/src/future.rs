@@ -91,7 +91,7 @@ where
 
 impl<S, B, R> Future for ResponseFuture<S, B, R>
 where
-    S: Service<Request<B>, Response = Response<R>> + Clone,
+    S: Service<Request<B>, Response = Response<R>>,
     S::Error: Into<BoxError>,
     B: TryCloneBody,
 {

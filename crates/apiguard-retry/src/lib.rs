@@ -120,6 +120,7 @@ pub mod future;
 mod layer;
 mod policy;
 mod service;
+mod sync;
 
 pub use backoff::{Backoff, Jitter, Random, SeededRandom, ThreadRandom};
 pub use body::{ReplayBody, TryCloneBody};

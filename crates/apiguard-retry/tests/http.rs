@@ -1,5 +1,6 @@
 //! Over real loopback sockets: a hyper client behind `RetryLayer` against a
 //! local axum server. These use real time, so waits are kept to 1–2 s.
+#![cfg(not(loom))]
 
 use std::net::SocketAddr;
 use std::pin::Pin;
