@@ -678,7 +678,9 @@ impl CircuitBreaker {
 
     /// Asks to make a call. Refused with [`CircuitOpen`] when open (its
     /// `retry_after` is the time until the next probe; `None` when forced
-    /// open or when every probe slot is taken).
+    /// open). While every half-open probe slot is taken, the refusal names
+    /// the recovery timeout, or the time left before the probes are given up
+    /// on if that is shorter: when a slot frees up depends on the probes.
     #[inline]
     pub fn try_acquire(&self) -> Result<Permit, CircuitOpen> {
         let inner = &*self.inner;
@@ -870,8 +872,16 @@ impl Inner {
                     if in_flight(w) >= u64::from(self.config.half_open_probes) {
                         let t = *now.get_or_insert_with(|| self.clock.now());
                         let since = self.half_open_since.load(Ordering::Acquire);
-                        if t.saturating_sub(since) < self.config.half_open_timeout {
-                            return Err(CircuitOpen::new(None));
+                        let probing = t.saturating_sub(since);
+                        if probing < self.config.half_open_timeout {
+                            // The probe's outcome decides when the next call
+                            // may pass; a recovery timeout is the fair guess
+                            // (and the most it waits for a stuck probe).
+                            let hint = self
+                                .config
+                                .recovery_timeout
+                                .min(nanos_to_duration(self.config.half_open_timeout - probing));
+                            return Err(CircuitOpen::new(Some(hint)));
                         }
                         // The probes are stuck: give up on them. Their
                         // permits belong to this period and will find a

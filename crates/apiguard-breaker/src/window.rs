@@ -276,6 +276,49 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        #[test]
+        fn count_window_matches_a_model(
+            n in 1u32..20,
+            calls in proptest::collection::vec((proptest::bool::ANY, proptest::bool::ANY), 0..200),
+        ) {
+            let w = CountWindow::new(n);
+            let mut model = std::collections::VecDeque::new();
+            for (failed, slow) in calls {
+                let got = w.record(encode(failed, slow));
+                model.push_back((failed, slow));
+                if model.len() > n as usize {
+                    model.pop_front();
+                }
+                let want = Counts {
+                    calls: model.len() as u64,
+                    failures: model.iter().filter(|c| c.0).count() as u64,
+                    slow: model.iter().filter(|c| c.1).count() as u64,
+                };
+                proptest::prop_assert_eq!(got, want);
+            }
+        }
+
+        #[test]
+        fn time_window_matches_a_model(
+            steps in proptest::collection::vec((0u64..3_000, proptest::bool::ANY), 0..200),
+        ) {
+            // 10 buckets of 1 000 ns: a call counts while its bucket is one
+            // of the 10 latest.
+            let w = TimeWindow::new(10_000, 10);
+            let mut now = 0;
+            let mut model: Vec<(u64, bool)> = Vec::new();
+            for (dt, failed) in steps {
+                now += dt;
+                let got = w.record(encode(failed, false), now);
+                model.push((now / 1_000, failed));
+                let live: Vec<_> = model.iter().filter(|c| now / 1_000 - c.0 < 10).collect();
+                proptest::prop_assert_eq!(got.calls, live.len() as u64);
+                proptest::prop_assert_eq!(got.failures, live.iter().filter(|c| c.1).count() as u64);
+            }
+        }
+    }
+
     #[test]
     fn time_window_drops_buckets_older_than_the_span() {
         let w = TimeWindow::new(10_000, 10);

@@ -52,8 +52,11 @@ async fn open_refuses_until_the_recovery_timeout_then_probes() {
     let probe = b.try_acquire().expect("probe after the timeout");
     assert!(probe.is_probe());
     assert_eq!(b.state(), State::HalfOpen);
-    // One probe at a time by default.
-    assert_eq!(b.try_acquire().unwrap_err().retry_after(), None);
+    // One probe at a time by default; the refusal names a recovery timeout.
+    assert_eq!(
+        b.try_acquire().unwrap_err().retry_after(),
+        Some(Duration::from_secs(10))
+    );
     probe.success();
     assert_eq!(b.state(), State::Closed);
 }
@@ -408,7 +411,11 @@ async fn a_hung_probe_cannot_wedge_it_half_open() {
     let hung = b.try_acquire().unwrap();
     std::mem::forget(hung); // never finishes, never drops
     advance(Duration::from_secs(4)).await;
-    assert_eq!(b.try_acquire().unwrap_err().retry_after(), None);
+    // Probing for 4 s of the 5 allowed: the hint is what is left.
+    assert_eq!(
+        b.try_acquire().unwrap_err().retry_after(),
+        Some(Duration::from_secs(1))
+    );
     assert_eq!(b.state(), State::HalfOpen);
     advance(Duration::from_secs(1)).await;
     // Given up on: reopened, and probing again after the recovery timeout.

@@ -136,3 +136,34 @@ async fn probes_in_flight_never_exceed_the_limit() {
     assert_eq!(s.state, State::HalfOpen);
     assert_eq!(s.probes_in_flight, 0, "every slot came back");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wrapping_count_window_stays_exact_under_contention() {
+    const WINDOW: u32 = 1_000;
+    let b = CircuitBreaker::builder()
+        .failure_threshold(u32::MAX)
+        .failure_rate(1.0)
+        .sliding_window(SlidingWindow::Count(WINDOW))
+        .minimum_calls(1_000_000)
+        .build()
+        .unwrap();
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|_| {
+            let b = b.clone();
+            tokio::spawn(async move {
+                for i in 0..3_000u32 {
+                    b.try_acquire().unwrap().failure();
+                    if i % 64 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let s = b.stats();
+    assert_eq!(s.window_calls, u64::from(WINDOW));
+    assert_eq!(s.window_failures, u64::from(WINDOW));
+}
