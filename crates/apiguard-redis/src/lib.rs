@@ -66,6 +66,20 @@
 //! the shared limit applies again by itself (the connection manager
 //! reconnects in the background).
 //!
+//! # Shared breaker signal
+//!
+//! [`SharedBreakerSignal`] (opt-in) lets circuit breakers of many instances
+//! share their trips: a bound breaker that opens publishes "open for `d`"
+//! as a key with that TTL, and the others, polling every 100 ms by default,
+//! hold their breaker for the same key open until then, without spending
+//! failures of their own. Redis can only add bounded holds, never stop a
+//! breaker from tripping or recovering by itself.
+//!
+//! # Redis versions
+//!
+//! Redis 5 or later (the script writes after reading `TIME`, which needs
+//! effect replication, the default since Redis 5); tested with 7.0.
+//!
 //! # Clone
 //!
 //! A [`RedisLimiter`] is a handle: clones share the connection, the
@@ -95,6 +109,8 @@ mod limiter;
 mod local;
 mod policy;
 mod script;
+mod signal;
+mod warn;
 
 pub use error::BuildError;
 pub use key::RedisKey;
@@ -104,3 +120,7 @@ pub use limiter::{
 };
 pub use local::LOCAL_MAX_KEYS;
 pub use policy::FailurePolicy;
+pub use signal::{
+    DEFAULT_MAX_HOLD, DEFAULT_POLL_EVERY, DEFAULT_SIGNAL_PREFIX, SharedBreakerSignal,
+    SharedBreakerSignalBuilder,
+};

@@ -17,6 +17,7 @@ use crate::key::RedisKey;
 use crate::local::LocalBuckets;
 use crate::policy::FailurePolicy;
 use crate::script::{GCRA_LUA, Units};
+use crate::warn::WarnGate;
 
 /// The prefix of every bucket key unless [`RedisLimiterBuilder::prefix`]
 /// says otherwise.
@@ -30,10 +31,6 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(5);
 /// How long decisions skip Redis after it failed, unless
 /// [`RedisLimiterBuilder::retry_redis_after`] says otherwise.
 pub const DEFAULT_RETRY_REDIS_AFTER: Duration = Duration::from_millis(100);
-
-/// Warnings about an unreachable Redis are logged at most this often per
-/// limiter; the ones in between are counted in the next warning.
-const WARN_EVERY: Nanos = 10_000_000_000;
 
 /// The connection settings [`RedisLimiterBuilder::connect`] uses: reconnect
 /// attempts back off from 10 ms to at most 1 s, connecting times out after
@@ -124,8 +121,7 @@ pub(crate) struct Inner {
     skip_until: AtomicU64,
     /// Set on a failure, cleared (with a log line) on the next answer.
     degraded: AtomicBool,
-    warn_next: AtomicU64,
-    warn_suppressed: AtomicU64,
+    warn: WarnGate,
     local: Option<LocalBuckets>,
 }
 
@@ -318,7 +314,7 @@ impl Inner {
             "reason" => reason,
         )
         .increment(1);
-        if let Some(suppressed) = self.warn_gate(now) {
+        if let Some(suppressed) = self.warn.check(now) {
             match failure {
                 Failure::Timeout => tracing::warn!(
                     prefix = %self.prefix,
@@ -337,28 +333,6 @@ impl Inner {
             }
         }
         self.fallback(key.unwrap_or(""), cost, max_wait)
-    }
-
-    /// Some(number of warnings swallowed since the last one) when this one
-    /// may be logged.
-    fn warn_gate(&self, now: Nanos) -> Option<u64> {
-        let next = self.warn_next.load(Ordering::Relaxed);
-        if now >= next
-            && self
-                .warn_next
-                .compare_exchange(
-                    next,
-                    now.saturating_add(WARN_EVERY),
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-        {
-            Some(self.warn_suppressed.swap(0, Ordering::Relaxed))
-        } else {
-            self.warn_suppressed.fetch_add(1, Ordering::Relaxed);
-            None
-        }
     }
 
     fn fallback(&self, key: &str, cost: u32, max_wait: Duration) -> Decision {
@@ -521,8 +495,7 @@ impl RedisLimiterBuilder {
                 clock: self.clock,
                 skip_until: AtomicU64::new(0),
                 degraded: AtomicBool::new(false),
-                warn_next: AtomicU64::new(0),
-                warn_suppressed: AtomicU64::new(0),
+                warn: WarnGate::default(),
                 local,
             }),
         })
