@@ -4,6 +4,7 @@
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 #![forbid(unsafe_code)]
 
+pub mod demo;
 pub mod plot;
 pub mod upstream;
 

@@ -1,1 +1,76 @@
-//! apiguard facade (work in progress).
+//! Keep HTTP services and clients working when the other side fails:
+//! token-bucket rate limiting, a circuit breaker, and retry with backoff,
+//! jitter and `Retry-After`, as tower layers — composed.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), apiguard::BoxError> {
+//! use std::time::Duration;
+//! use apiguard::{CircuitBreaker, GuardLayer, RetryPolicy};
+//! use bytes::Bytes;
+//! use http::{Request, Response};
+//! use http_body_util::Full;
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
+//!
+//! let guard = GuardLayer::builder()
+//!     .total_timeout(Duration::from_secs(10))
+//!     .retry(RetryPolicy::builder().max_retries(3).build()?)
+//!     .circuit_breaker(CircuitBreaker::builder().failure_threshold(5))
+//!     .rate_limit(100, 50.0)
+//!     .attempt_timeout(Duration::from_secs(2))
+//!     .build()?;
+//!
+//! let svc = ServiceBuilder::new().layer(guard).service(service_fn(
+//!     |_req: Request<Full<Bytes>>| async {
+//!         Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("ok"))))
+//!     },
+//! ));
+//! let res = svc.oneshot(Request::get("http://api.example/").body(Full::default())?).await?;
+//! assert_eq!(res.status(), 200);
+//! # Ok(()) }
+//! ```
+//!
+//! # Crates
+//!
+//! This crate re-exports the pattern crates, so it is the only dependency
+//! you need: [`core`] (refusals, classification, headers, the clock),
+//! [`ratelimit`], [`breaker`] and [`retry`]. The common types are at the
+//! root.
+//!
+//! # The stack
+//!
+//! [`GuardLayer`] composes them in the order a client needs (see [`stack`]
+//! for the reasons), [`GuardedClient`] puts it on a `hyper_util` client, and
+//! [`server`] holds the server-side recipe.
+//!
+//! # Observability
+//!
+//! Every decision emits a `tracing` event: targets `apiguard::ratelimit`,
+//! `apiguard::breaker` and `apiguard::retry`.
+
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    unreachable_pub,
+    rust_2018_idioms
+)]
+#![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod client;
+pub mod server;
+pub mod stack;
+
+pub use apiguard_breaker as breaker;
+pub use apiguard_core as core;
+pub use apiguard_ratelimit as ratelimit;
+pub use apiguard_retry as retry;
+
+pub use apiguard_breaker::{CircuitBreaker, CircuitBreakerLayer, KeyedCircuitBreakerLayer};
+pub use apiguard_core::{
+    BoxError, BudgetExhausted, CircuitOpen, InvalidConfig, RateLimited, RejectionResponseLayer,
+    RetriesExhausted,
+};
+pub use apiguard_ratelimit::{KeyedLimiter, KeyedRateLimitLayer, RateLimitLayer, TokenBucket};
+pub use apiguard_retry::{Jitter, RetryBudget, RetryLayer, RetryPolicy};
+pub use client::{ClientError, ClientStats, ErrorKind, GuardedClient};
+pub use stack::{GuardLayer, GuardLayerBuilder};

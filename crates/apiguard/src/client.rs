@@ -1,0 +1,649 @@
+//! [`GuardedClient`]: a `hyper_util` HTTP client behind the whole stack.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use apiguard_breaker::CircuitBreakerBuilder;
+use apiguard_core::clock::{Clock, Nanos, nanos_to_duration};
+use apiguard_core::{
+    BoxError, BudgetExhausted, CircuitOpen, InvalidConfig, RateLimited, RetriesExhausted,
+};
+use apiguard_retry::RetryPolicy;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use pin_project_lite::pin_project;
+use tower::ServiceExt;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::stack::{Guard, GuardLayer, GuardLayerBuilder};
+
+type Transport = Counted<Client<HttpConnector, Full<Bytes>>>;
+
+/// Builds a [`GuardedClient`]; see [`GuardedClient::builder`].
+#[derive(Debug, Clone)]
+pub struct GuardedClientBuilder {
+    base_url: Option<String>,
+    headers: HeaderMap,
+    limit: Option<(u32, f64)>,
+    max_wait: Duration,
+    max_retries: u32,
+    base_delay: Duration,
+    retry: Option<RetryPolicy>,
+    failure_threshold: u32,
+    recovery_timeout: Duration,
+    success_threshold: u32,
+    breaker: Option<CircuitBreakerBuilder>,
+    attempt_timeout: Duration,
+    total_timeout: Duration,
+    per_host: bool,
+    max_hosts: usize,
+}
+
+impl Default for GuardedClientBuilder {
+    fn default() -> Self {
+        Self {
+            base_url: None,
+            headers: HeaderMap::new(),
+            limit: None,
+            max_wait: Duration::from_secs(30),
+            max_retries: 3,
+            base_delay: Duration::from_millis(100),
+            retry: None,
+            failure_threshold: 5,
+            recovery_timeout: Duration::from_secs(30),
+            success_threshold: 1,
+            breaker: None,
+            attempt_timeout: Duration::from_secs(10),
+            total_timeout: Duration::from_secs(60),
+            per_host: true,
+            max_hosts: 1024,
+        }
+    }
+}
+
+impl GuardedClientBuilder {
+    /// Paths given to [`GuardedClient::get`] and friends are joined to this
+    /// URL (absolute URLs are used as they are).
+    pub fn base_url(mut self, url: impl Into<String>) -> Self {
+        self.base_url = Some(url.into());
+        self
+    }
+
+    /// A header sent with every request (unless the request sets it).
+    pub fn default_header(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        self.headers.insert(name, value);
+        self
+    }
+
+    /// Token bucket per host: `capacity` at once, `refill_per_sec` after.
+    /// Requests wait for their token (up to `max_wait`). Off by default.
+    pub fn rate_limit(mut self, capacity: u32, refill_per_sec: f64) -> Self {
+        self.limit = Some((capacity, refill_per_sec));
+        self
+    }
+
+    /// The longest a request waits for a token (default 30 s).
+    pub fn max_wait(mut self, d: Duration) -> Self {
+        self.max_wait = d;
+        self
+    }
+
+    /// Retries after the first attempt (default 3; 0 turns retry off).
+    pub fn max_retries(mut self, n: u32) -> Self {
+        self.max_retries = n;
+        self
+    }
+
+    /// First backoff delay (default 100 ms), doubled on each retry.
+    pub fn base_delay(mut self, d: Duration) -> Self {
+        self.base_delay = d;
+        self
+    }
+
+    /// A full retry policy, replacing `max_retries` and `base_delay`.
+    pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.retry = Some(policy);
+        self
+    }
+
+    /// Consecutive failures that open a host's circuit (default 5).
+    pub fn failure_threshold(mut self, n: u32) -> Self {
+        self.failure_threshold = n;
+        self
+    }
+
+    /// Time a circuit stays open before it probes (default 30 s).
+    pub fn recovery_timeout(mut self, d: Duration) -> Self {
+        self.recovery_timeout = d;
+        self
+    }
+
+    /// Probe successes that close it again (default 1).
+    pub fn success_threshold(mut self, n: u32) -> Self {
+        self.success_threshold = n;
+        self
+    }
+
+    /// A full breaker template, replacing the three knobs above.
+    pub fn circuit_breaker(mut self, template: CircuitBreakerBuilder) -> Self {
+        self.breaker = Some(template);
+        self
+    }
+
+    /// Bound on each attempt's network call (default 10 s).
+    pub fn attempt_timeout(mut self, d: Duration) -> Self {
+        self.attempt_timeout = d;
+        self
+    }
+
+    /// Bound on a whole request, waits and retries included (default 60 s).
+    pub fn total_timeout(mut self, d: Duration) -> Self {
+        self.total_timeout = d;
+        self
+    }
+
+    /// One breaker and bucket per host (default) or one for all.
+    pub fn per_host(mut self, yes: bool) -> Self {
+        self.per_host = yes;
+        self
+    }
+
+    /// Builds the client. Must be called within a tokio runtime's reach
+    /// when requests are sent (the transport spawns its connections).
+    pub fn build(self) -> Result<GuardedClient, InvalidConfig> {
+        let base = match &self.base_url {
+            Some(url) => {
+                let uri: Uri = url
+                    .parse()
+                    .map_err(|_| InvalidConfig::new("base_url", format!("`{url}` is not a URL")))?;
+                if uri.scheme().is_none() || uri.authority().is_none() {
+                    return Err(InvalidConfig::new(
+                        "base_url",
+                        format!("`{url}` needs a scheme and a host"),
+                    ));
+                }
+                Some(url.trim_end_matches('/').to_owned())
+            }
+            None => None,
+        };
+        let mut stack: GuardLayerBuilder = GuardLayer::builder()
+            .total_timeout(self.total_timeout)
+            .attempt_timeout(self.attempt_timeout)
+            .per_host(self.per_host)
+            .max_hosts(self.max_hosts)
+            .max_wait(self.max_wait);
+        let policy = match self.retry {
+            Some(p) => Some(p),
+            None if self.max_retries == 0 => None,
+            None => Some(
+                RetryPolicy::builder()
+                    .max_retries(self.max_retries)
+                    .base_delay(self.base_delay)
+                    .deadline(self.total_timeout)
+                    .build()?,
+            ),
+        };
+        if let Some(p) = policy {
+            stack = stack.retry(p);
+        }
+        let breaker = self.breaker.unwrap_or_else(|| {
+            CircuitBreakerBuilder::default()
+                .failure_threshold(self.failure_threshold)
+                .recovery_timeout(self.recovery_timeout)
+                .success_threshold(self.success_threshold)
+        });
+        stack = stack.circuit_breaker(breaker);
+        if let Some((capacity, rate)) = self.limit {
+            stack = stack.rate_limit(capacity, rate);
+        }
+        let layer = stack.build()?;
+        let stats = Arc::new(Counters::default());
+        let transport = Counted {
+            inner: Client::builder(TokioExecutor::new()).build_http(),
+            stats: stats.clone(),
+        };
+        Ok(GuardedClient {
+            base,
+            headers: self.headers,
+            service: layer.layer(transport),
+            layer,
+            stats,
+        })
+    }
+}
+
+/// An HTTP client with rate limiting, per-host circuit breakers and retries:
+/// APIGuard's `AsyncRateLimitedClient`, on `hyper_util`.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use apiguard::GuardedClient;
+///
+/// let client = GuardedClient::builder()
+///     .base_url("http://127.0.0.1:8080")
+///     .rate_limit(10, 5.0)           // waits for a token instead of failing
+///     .max_retries(3)                // backoff with jitter, honours Retry-After
+///     .failure_threshold(5)          // per-host circuit breaker
+///     .recovery_timeout(Duration::from_secs(10))
+///     .build()?;
+/// let res = client.get("/health").await?;
+/// println!("{}", res.status());
+/// # Ok(()) }
+/// ```
+///
+/// Cloning is cheap; clones share the limits, breakers and retry budget.
+#[derive(Clone)]
+pub struct GuardedClient {
+    base: Option<String>,
+    headers: HeaderMap,
+    service: Guard<Transport>,
+    layer: GuardLayer,
+    stats: Arc<Counters>,
+}
+
+impl fmt::Debug for GuardedClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GuardedClient")
+            .field("base", &self.base)
+            .field("layer", &self.layer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GuardedClient {
+    /// Starts a builder.
+    pub fn builder() -> GuardedClientBuilder {
+        GuardedClientBuilder::default()
+    }
+
+    /// The stack, to inspect breakers and buckets.
+    pub fn layer(&self) -> &GuardLayer {
+        &self.layer
+    }
+
+    /// What this client (and its clones) did so far.
+    pub fn stats(&self) -> ClientStats {
+        self.stats.snapshot()
+    }
+
+    /// `GET path`.
+    pub async fn get(&self, path: &str) -> Result<Response<Incoming>, ClientError> {
+        self.send(Method::GET, path, Bytes::new()).await
+    }
+
+    /// `DELETE path`.
+    pub async fn delete(&self, path: &str) -> Result<Response<Incoming>, ClientError> {
+        self.send(Method::DELETE, path, Bytes::new()).await
+    }
+
+    /// `POST path` with `body`. Not retried unless the policy allows
+    /// non-idempotent retries or a default `Idempotency-Key` is set.
+    pub async fn post(
+        &self,
+        path: &str,
+        body: impl Into<Bytes>,
+    ) -> Result<Response<Incoming>, ClientError> {
+        self.send(Method::POST, path, body.into()).await
+    }
+
+    /// `PUT path` with `body`.
+    pub async fn put(
+        &self,
+        path: &str,
+        body: impl Into<Bytes>,
+    ) -> Result<Response<Incoming>, ClientError> {
+        self.send(Method::PUT, path, body.into()).await
+    }
+
+    /// `PATCH path` with `body`.
+    pub async fn patch(
+        &self,
+        path: &str,
+        body: impl Into<Bytes>,
+    ) -> Result<Response<Incoming>, ClientError> {
+        self.send(Method::PATCH, path, body.into()).await
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<Response<Incoming>, ClientError> {
+        let uri = self.resolve(path)?;
+        let mut req = Request::new(Full::new(body));
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        self.request(req).await
+    }
+
+    fn resolve(&self, path: &str) -> Result<Uri, ClientError> {
+        let full;
+        let target = if path.starts_with("http://") || path.starts_with("https://") {
+            path
+        } else {
+            let Some(base) = &self.base else {
+                return Err(ClientError::invalid(format!(
+                    "`{path}` is relative and no base_url is set"
+                )));
+            };
+            full = if path.starts_with('/') {
+                format!("{base}{path}")
+            } else {
+                format!("{base}/{path}")
+            };
+            &full
+        };
+        target
+            .parse()
+            .map_err(|_| ClientError::invalid(format!("`{target}` is not a valid URL")))
+    }
+
+    /// Sends a request through the stack. A relative URI is joined to the
+    /// base URL; default headers are added where the request has none.
+    pub async fn request(
+        &self,
+        mut req: Request<Full<Bytes>>,
+    ) -> Result<Response<Incoming>, ClientError> {
+        if req.uri().scheme().is_none() {
+            let path = req
+                .uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_owned();
+            *req.uri_mut() = self.resolve(&path)?;
+        }
+        for (name, value) in &self.headers {
+            if !req.headers().contains_key(name) {
+                req.headers_mut().insert(name, value.clone());
+            }
+        }
+        // Lets the transport tell a request's first attempt from its retries
+        // (the retry layer copies extensions into each attempt).
+        req.extensions_mut()
+            .insert(Attempted(Arc::new(AtomicBool::new(false))));
+        let started = Clock::system().now();
+        let result = self.service.clone().oneshot(req).await;
+        let elapsed = Clock::system().now().saturating_sub(started);
+        let s = &self.stats;
+        s.requests.fetch_add(1, Ordering::Relaxed);
+        s.request_nanos.fetch_add(elapsed, Ordering::Relaxed);
+        match result {
+            Ok(res) => Ok(res),
+            Err(e) => {
+                s.failed.fetch_add(1, Ordering::Relaxed);
+                let err = ClientError::from_box(e);
+                s.by_kind[err.kind as usize].fetch_add(1, Ordering::Relaxed);
+                Err(err)
+            }
+        }
+    }
+}
+
+/// What went wrong, in the terms a caller acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// No token came within `max_wait`; see [`ClientError::retry_after`].
+    RateLimited,
+    /// The host's circuit is open; see [`ClientError::retry_after`].
+    CircuitOpen,
+    /// Every attempt failed; see [`ClientError::attempts`].
+    RetriesExhausted,
+    /// The retry budget refused to retry a failure.
+    BudgetExhausted,
+    /// The attempt or total timeout elapsed.
+    Timeout,
+    /// The connection failed (refused, reset, closed early...).
+    Transport,
+    /// The request could not be built (a bad URL).
+    InvalidRequest,
+}
+
+const KINDS: usize = ErrorKind::InvalidRequest as usize + 1;
+
+/// The error of a [`GuardedClient`] request.
+pub struct ClientError {
+    kind: ErrorKind,
+    source: BoxError,
+}
+
+impl ClientError {
+    fn invalid(msg: String) -> Self {
+        Self {
+            kind: ErrorKind::InvalidRequest,
+            source: msg.into(),
+        }
+    }
+
+    fn from_box(source: BoxError) -> Self {
+        Self {
+            kind: kind_of(&*source),
+            source,
+        }
+    }
+
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The wait the limiter, the breaker or the server asked for, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        let e = &*self.source;
+        if let Some(r) = e.downcast_ref::<RateLimited>() {
+            return r.retry_after();
+        }
+        if let Some(c) = e.downcast_ref::<CircuitOpen>() {
+            return c.retry_after();
+        }
+        if let Some(r) = e.downcast_ref::<RetriesExhausted>() {
+            return r
+                .retry_after()
+                .or_else(|| apiguard_core::error::refusal_retry_after(&**r.last_error()));
+        }
+        None
+    }
+
+    /// Attempts made, when retries ran out.
+    pub fn attempts(&self) -> Option<u32> {
+        self.source
+            .downcast_ref::<RetriesExhausted>()
+            .map(RetriesExhausted::attempts)
+    }
+
+    /// The underlying error.
+    pub fn into_inner(self) -> BoxError {
+        self.source
+    }
+
+    /// Whether a request was refused for rate limiting.
+    pub fn is_rate_limited(&self) -> bool {
+        self.kind == ErrorKind::RateLimited
+    }
+
+    /// Whether a request was refused by an open circuit.
+    pub fn is_circuit_open(&self) -> bool {
+        self.kind == ErrorKind::CircuitOpen
+    }
+
+    /// Whether a timeout elapsed.
+    pub fn is_timeout(&self) -> bool {
+        self.kind == ErrorKind::Timeout
+    }
+}
+
+fn kind_of(e: &(dyn std::error::Error + 'static)) -> ErrorKind {
+    if e.is::<RateLimited>() {
+        ErrorKind::RateLimited
+    } else if e.is::<CircuitOpen>() {
+        ErrorKind::CircuitOpen
+    } else if e.is::<RetriesExhausted>() {
+        ErrorKind::RetriesExhausted
+    } else if e.is::<BudgetExhausted>() {
+        ErrorKind::BudgetExhausted
+    } else if e.is::<tower::timeout::error::Elapsed>() {
+        ErrorKind::Timeout
+    } else {
+        ErrorKind::Transport
+    }
+}
+
+impl fmt::Debug for ClientError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientError")
+            .field("kind", &self.kind)
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+impl fmt::Display for ClientError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.source, f)
+    }
+}
+
+impl std::error::Error for ClientError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.source)
+    }
+}
+
+/// Counts of what a [`GuardedClient`] did: [`GuardedClient::stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ClientStats {
+    /// Requests that finished (either way).
+    pub requests: u64,
+    /// Requests that ended in an error.
+    pub failed: u64,
+    /// ... of which refused for rate limiting.
+    pub rate_limited: u64,
+    /// ... of which refused by an open circuit.
+    pub circuit_open: u64,
+    /// ... of which ran out of retries (or of deadline).
+    pub retries_exhausted: u64,
+    /// ... of which the retry budget refused to retry.
+    pub budget_exhausted: u64,
+    /// ... of which timed out.
+    pub timeouts: u64,
+    /// ... of which failed in the transport and were not retried.
+    pub transport: u64,
+    /// Attempts that went out on the network (first tries and retries).
+    pub attempts: u64,
+    /// ... of which were retries.
+    pub retries: u64,
+    /// Time requests spent in total.
+    pub request_time: Duration,
+    /// Time attempts spent on the network.
+    pub attempt_time: Duration,
+}
+
+impl ClientStats {
+    /// Time requests spent waiting (for tokens, for backoff, for the circuit)
+    /// rather than on the network.
+    pub fn waiting(&self) -> Duration {
+        self.request_time.saturating_sub(self.attempt_time)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    requests: AtomicU64,
+    failed: AtomicU64,
+    by_kind: [AtomicU64; KINDS],
+    attempts: AtomicU64,
+    retries: AtomicU64,
+    request_nanos: AtomicU64,
+    attempt_nanos: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> ClientStats {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ClientStats {
+            requests: l(&self.requests),
+            failed: l(&self.failed),
+            rate_limited: l(&self.by_kind[ErrorKind::RateLimited as usize]),
+            circuit_open: l(&self.by_kind[ErrorKind::CircuitOpen as usize]),
+            retries_exhausted: l(&self.by_kind[ErrorKind::RetriesExhausted as usize]),
+            budget_exhausted: l(&self.by_kind[ErrorKind::BudgetExhausted as usize]),
+            timeouts: l(&self.by_kind[ErrorKind::Timeout as usize]),
+            transport: l(&self.by_kind[ErrorKind::Transport as usize]),
+            attempts: l(&self.attempts),
+            retries: l(&self.retries),
+            request_time: nanos_to_duration(l(&self.request_nanos)),
+            attempt_time: nanos_to_duration(l(&self.attempt_nanos)),
+        }
+    }
+}
+
+/// The transport with attempt counting.
+#[derive(Clone, Debug)]
+pub struct Counted<S> {
+    inner: S,
+    stats: Arc<Counters>,
+}
+
+#[derive(Debug, Clone)]
+struct Attempted(Arc<AtomicBool>);
+
+impl<S: Service<Request<B>>, B> Service<Request<B>> for Counted<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = CountedFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        self.stats.attempts.fetch_add(1, Ordering::Relaxed);
+        if let Some(Attempted(seen)) = req.extensions().get::<Attempted>()
+            && seen.swap(true, Ordering::Relaxed)
+        {
+            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+        }
+        CountedFuture {
+            inner: self.inner.call(req),
+            stats: self.stats.clone(),
+            started: Clock::system().now(),
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`Counted`].
+    #[derive(Debug)]
+    pub struct CountedFuture<F> {
+        #[pin]
+        inner: F,
+        stats: Arc<Counters>,
+        started: Nanos,
+    }
+}
+
+impl<F: Future> Future for CountedFuture<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let out = std::task::ready!(this.inner.poll(cx));
+        let spent = Clock::system().now().saturating_sub(*this.started);
+        this.stats.attempt_nanos.fetch_add(spent, Ordering::Relaxed);
+        Poll::Ready(out)
+    }
+}
