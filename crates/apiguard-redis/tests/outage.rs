@@ -13,8 +13,9 @@ const TIMEOUT: Duration = Duration::from_millis(50);
 const MARGIN: Duration = Duration::from_millis(400);
 
 async fn limiter(url: &str, policy: FailurePolicy) -> RedisLimiter {
-    RedisLimiter::builder(100, Duration::from_secs(1))
-        .burst(40)
+    // 40 per 10 s: a local share (of 4) refills one token a second, so
+    // scheduling delays barely move the local counts.
+    RedisLimiter::builder(40, Duration::from_secs(10))
         .timeout(TIMEOUT)
         .retry_redis_after(Duration::from_millis(50))
         .on_redis_failure(policy)
@@ -104,9 +105,9 @@ async fn local_bucket_enforces_this_instances_share_while_redis_is_down() {
             admitted += 1;
         }
     }
-    // 10 from the burst, plus what 25/s refills while the 30 decisions run
-    // (each of the first few may wait up to the timeout).
-    assert!((10..=14).contains(&admitted), "admitted {admitted}");
+    // 10 from the burst, plus the one a second the share refills while
+    // the 30 decisions run (a few of them wait up to the timeout).
+    assert!((10..=12).contains(&admitted), "admitted {admitted}");
 
     server.restart();
     let d = until_redis_answers(&l, "lb").await;

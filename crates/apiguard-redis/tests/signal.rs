@@ -11,7 +11,7 @@ use tokio::time::{Instant, sleep};
 const POLL: Duration = Duration::from_millis(50);
 const RECOVERY: Duration = Duration::from_millis(600);
 /// Scheduling slack on a busy 2-core CI machine.
-const MARGIN: Duration = Duration::from_millis(300);
+const MARGIN: Duration = Duration::from_millis(500);
 
 async fn signal(url: &str) -> SharedBreakerSignal {
     SharedBreakerSignal::builder()
