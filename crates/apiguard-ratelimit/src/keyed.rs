@@ -72,6 +72,11 @@ impl<K> Clone for KeyedLimiter<K> {
 }
 
 struct Inner<K> {
+    // DashMap over papaya and scc: measured on the target 2-core VM with a
+    // lookup + CAS per decision (ns per op per thread, 1k keys, 1/2/8 threads:
+    // dashmap 17.6/37.5/344, papaya 26.1/29.9/165, scc 23.8/42.6/193; 1M keys:
+    // dashmap 160/392/1432, papaya 251/274/4340, scc 207/452/3452). DashMap
+    // wins the uncontended case that dominates, and is what governor uses.
     map: DashMap<K, Slot>,
     rate: Rate,
     max_keys: usize,
