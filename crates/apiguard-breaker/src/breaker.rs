@@ -950,6 +950,7 @@ impl Inner {
             };
             let counts = window.record(encode(failed, slow), now);
             if (failed || slow)
+                && let Some(counts) = counts
                 && let Some(reason) = self.rate_trip(counts, failed, slow)
             {
                 self.trip(word, reason);

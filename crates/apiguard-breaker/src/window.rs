@@ -139,7 +139,7 @@ impl TimeWindow {
         now / self.width + 1
     }
 
-    pub(crate) fn record(&self, outcome: u8, now: u64) -> Counts {
+    pub(crate) fn record(&self, outcome: u8, now: u64) {
         let idx = self.interval(now);
         let stamp = idx & STAMP_MASK;
         let bucket = &self.buckets[(idx % self.buckets.len() as u64) as usize];
@@ -161,7 +161,6 @@ impl TimeWindow {
                 Err(seen) => cur = seen,
             }
         }
-        self.counts(now)
     }
 
     pub(crate) fn counts(&self, now: u64) -> Counts {
@@ -199,10 +198,15 @@ pub(crate) enum Window {
 }
 
 impl Window {
-    pub(crate) fn record(&self, outcome: u8, now: u64) -> Counts {
+    /// Records one call; returns the totals when they are free (a count
+    /// window) or when the call could raise a rate (a failed or slow one).
+    pub(crate) fn record(&self, outcome: u8, now: u64) -> Option<Counts> {
         match self {
-            Window::Count(w) => w.record(outcome),
-            Window::Time(w) => w.record(outcome, now),
+            Window::Count(w) => Some(w.record(outcome)),
+            Window::Time(w) => {
+                w.record(outcome, now);
+                (outcome & (FAILED | SLOW) != 0).then(|| w.counts(now))
+            }
         }
     }
 
@@ -310,7 +314,8 @@ mod tests {
             let mut model: Vec<(u64, bool)> = Vec::new();
             for (dt, failed) in steps {
                 now += dt;
-                let got = w.record(encode(failed, false), now);
+                w.record(encode(failed, false), now);
+                let got = w.counts(now);
                 model.push((now / 1_000, failed));
                 let live: Vec<_> = model.iter().filter(|c| now / 1_000 - c.0 < 10).collect();
                 proptest::prop_assert_eq!(got.calls, live.len() as u64);
