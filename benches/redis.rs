@@ -8,6 +8,9 @@
 //! - `redis_concurrent`: 32 decisions in flight on one multiplexed
 //!   connection (what many request tasks sharing a limiter do) — throughput.
 //!
+//! `apiguard_gcra_lease8` is the same limiter leasing 8 extra tokens per
+//! round trip (`RedisLimiterBuilder::lease`), for one hot key.
+//!
 //! The bench starts its own `redis-server` on a free loopback port and
 //! skips, with a message, when the binary is not on `PATH`.
 //!
@@ -36,7 +39,7 @@ static FALLBACKS: AtomicU64 = AtomicU64::new(0);
 
 async fn decide(l: &RedisLimiter) {
     let d = l.decide("k", 1, Duration::ZERO).await;
-    if d.decided_by != DecidedBy::Redis {
+    if !matches!(d.decided_by, DecidedBy::Redis | DecidedBy::Lease) {
         FALLBACKS.fetch_add(1, Ordering::Relaxed);
     }
     black_box(d);
@@ -137,6 +140,7 @@ async fn join_all<F: Future>(futs: impl IntoIterator<Item = F>) {
 struct Fixture {
     rt: Runtime,
     admit: RedisLimiter,
+    lease: RedisLimiter,
     refuse: RedisLimiter,
     con: ConnectionManager,
 }
@@ -146,7 +150,7 @@ fn fixture(url: &str) -> Fixture {
         .enable_all()
         .build()
         .unwrap();
-    let (admit, refuse, con) = rt.block_on(async {
+    let (admit, lease, refuse, con) = rt.block_on(async {
         let builder = |limit, window| {
             RedisLimiter::builder(limit, window)
                 // Long enough that no decision here falls to the policy.
@@ -155,6 +159,13 @@ fn fixture(url: &str) -> Fixture {
         };
         // Never runs out: every decision writes the key.
         let admit = builder(1_000_000_000, Duration::from_secs(1))
+            .connect(url)
+            .await
+            .unwrap();
+        // The same limit, leasing 8 tokens per round trip (for 50 ms).
+        let lease = builder(1_000_000_000, Duration::from_secs(1))
+            .prefix("lease:")
+            .lease(8, Duration::from_millis(50))
             .connect(url)
             .await
             .unwrap();
@@ -177,11 +188,12 @@ fn fixture(url: &str) -> Fixture {
         refuse.decide("k", 1, Duration::ZERO).await;
         let d = refuse.decide("k", 1, Duration::ZERO).await;
         assert!(!d.allowed && d.decided_by == DecidedBy::Redis);
-        (admit, refuse, con)
+        (admit, lease, refuse, con)
     });
     Fixture {
         rt,
         admit,
+        lease,
         refuse,
         con,
     }
@@ -196,6 +208,17 @@ fn sequential(c: &mut Criterion, f: &Fixture) {
                 let start = Instant::now();
                 for _ in 0..iters {
                     decide(&f.admit).await;
+                }
+                start.elapsed()
+            })
+        })
+    });
+    g.bench_function("apiguard_gcra_lease8", |b| {
+        b.iter_custom(|iters| {
+            f.rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    decide(&f.lease).await;
                 }
                 start.elapsed()
             })
@@ -246,6 +269,17 @@ fn concurrent(c: &mut Criterion, f: &Fixture) {
                 let start = Instant::now();
                 for _ in 0..iters {
                     join_all((0..IN_FLIGHT).map(|_| decide(&f.admit))).await;
+                }
+                start.elapsed()
+            })
+        })
+    });
+    g.bench_function("apiguard_gcra_lease8", |b| {
+        b.iter_custom(|iters| {
+            f.rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    join_all((0..IN_FLIGHT).map(|_| decide(&f.lease))).await;
                 }
                 start.elapsed()
             })

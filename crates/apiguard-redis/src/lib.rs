@@ -105,6 +105,7 @@
 pub mod error;
 pub mod future;
 mod key;
+mod lease;
 mod limiter;
 mod local;
 mod policy;

@@ -14,6 +14,7 @@ use redis::{Cmd, ErrorKind, RedisError, Script, ServerErrorKind};
 use crate::error::BuildError;
 use crate::future::{Call, DecisionFuture, ReserveFuture};
 use crate::key::RedisKey;
+use crate::lease::Leases;
 use crate::local::LocalBuckets;
 use crate::policy::FailurePolicy;
 use crate::script::{GCRA_LUA, Units};
@@ -59,6 +60,9 @@ pub enum DecidedBy {
     /// The limiter itself: the request costs more than the burst, so no
     /// bucket could ever admit it.
     OverBurst,
+    /// Tokens this instance leased from Redis earlier
+    /// ([`RedisLimiterBuilder::lease`]).
+    Lease,
 }
 
 /// One rate-limit decision, with everything the `RateLimit` fields need.
@@ -123,6 +127,7 @@ pub(crate) struct Inner {
     degraded: AtomicBool,
     warn: WarnGate,
     local: Option<LocalBuckets>,
+    leases: Option<Leases>,
 }
 
 impl fmt::Debug for RedisLimiter {
@@ -152,6 +157,7 @@ impl RedisLimiter {
             retry_redis_after: DEFAULT_RETRY_REDIS_AFTER,
             policy: FailurePolicy::default(),
             clock: Clock::system(),
+            lease: None,
         }
     }
 
@@ -174,6 +180,19 @@ impl RedisLimiter {
         redis_key.push_str(&inner.prefix);
         key.write_key(&mut redis_key);
 
+        if let Some(leases) = &inner.leases
+            && let Some((remaining, reset)) = leases.take(&redis_key, cost, inner.clock.now())
+        {
+            return DecisionFuture::ready(Decision {
+                allowed: true,
+                wait: Duration::ZERO,
+                remaining,
+                reset,
+                quota: inner.quota,
+                decided_by: DecidedBy::Lease,
+            });
+        }
+
         let skip_until = inner.skip_until.load(Ordering::Relaxed);
         if skip_until != 0 && inner.clock.now() < skip_until {
             return DecisionFuture::ready(inner.fallback(&redis_key, cost, max_wait));
@@ -189,8 +208,10 @@ impl RedisLimiter {
             .arg(u.l)
             .arg(u.tol)
             .arg(cost)
-            .arg(u.max_wait_us(max_wait));
-        let fallback_key = inner.local.as_ref().map(|_| redis_key);
+            .arg(u.max_wait_us(max_wait))
+            .arg(inner.leases.as_ref().map_or(0, Leases::size));
+        let keep_key = inner.local.is_some() || inner.leases.is_some();
+        let fallback_key = keep_key.then_some(redis_key);
         let call_inner = Arc::clone(inner);
         let call: Call = Box::pin(async move {
             let mut con = call_inner.con.clone();
@@ -241,8 +262,9 @@ impl<K: RedisKey + ?Sized> Limiter<K> for RedisLimiter {
     }
 }
 
-/// The reply of the script: allowed, remaining, wait (µs), reset (µs).
-pub(crate) type Reply = (i64, i64, i64, i64);
+/// The reply of the script: allowed, remaining, wait (µs), reset (µs),
+/// leased tokens.
+pub(crate) type Reply = (i64, i64, i64, i64, i64);
 
 impl Inner {
     fn over_burst(&self) -> Decision {
@@ -266,7 +288,7 @@ impl Inner {
         max_wait: Duration,
     ) -> Decision {
         match reply {
-            Ok((allowed, remaining, wait_us, reset_us)) => {
+            Ok((allowed, remaining, wait_us, reset_us, leased)) => {
                 if self.degraded.load(Ordering::Relaxed)
                     && self.degraded.swap(false, Ordering::AcqRel)
                 {
@@ -276,11 +298,18 @@ impl Inner {
                     }
                     tracing::info!(prefix = %self.prefix, "redis answers again; shared rate limit restored");
                 }
+                let remaining = u64::try_from(remaining).unwrap_or(0);
+                let reset = micros(reset_us);
+                if leased > 0
+                    && let (Some(leases), Some(key)) = (&self.leases, key)
+                {
+                    leases.add(key, leased as u64, remaining, reset, self.clock.now());
+                }
                 Decision {
                     allowed: allowed == 1,
                     wait: micros(wait_us),
-                    remaining: u64::try_from(remaining).unwrap_or(0),
-                    reset: micros(reset_us),
+                    remaining: remaining + u64::try_from(leased).unwrap_or(0),
+                    reset,
                     quota: self.quota,
                     decided_by: DecidedBy::Redis,
                 }
@@ -392,6 +421,7 @@ pub struct RedisLimiterBuilder {
     retry_redis_after: Duration,
     policy: FailurePolicy,
     clock: Clock,
+    lease: Option<(u32, Duration)>,
 }
 
 impl RedisLimiterBuilder {
@@ -431,6 +461,25 @@ impl RedisLimiterBuilder {
     /// time.
     pub fn retry_redis_after(mut self, after: Duration) -> Self {
         self.retry_redis_after = after;
+        self
+    }
+
+    /// Batching for hot keys: whenever a request's tokens are there now,
+    /// also take up to `tokens` more from Redis in the same round trip and
+    /// hand them out locally for up to `max_age`, so most decisions on a
+    /// busy key need no round trip at all. Off by default.
+    ///
+    /// # The cost
+    ///
+    /// A leased token is taken from the shared bucket when it is leased but
+    /// spent up to `max_age` later, so over any period the instances
+    /// together may admit up to `tokens × instances` more than the limit
+    /// allows (`capacity + rate × t`); tokens not spent within `max_age` are
+    /// lost, so the limit may also be under-used by as much. Keep `tokens`
+    /// small next to the burst, and `max_age` short. Leased tokens are
+    /// handed out even while Redis is away (they are real tokens).
+    pub fn lease(mut self, tokens: u32, max_age: Duration) -> Self {
+        self.lease = Some((tokens, max_age));
         self
     }
 
@@ -497,6 +546,10 @@ impl RedisLimiterBuilder {
                 degraded: AtomicBool::new(false),
                 warn: WarnGate::default(),
                 local,
+                leases: self
+                    .lease
+                    .filter(|(n, _)| *n > 0)
+                    .map(|(n, age)| Leases::new(n, duration_to_nanos(age))),
             }),
         })
     }
@@ -506,6 +559,20 @@ impl RedisLimiterBuilder {
         let units = Units::new(self.limit, self.window, burst)?;
         if self.timeout.is_zero() {
             return Err(InvalidConfig::new("timeout", "must be more than zero"));
+        }
+        if let Some((tokens, max_age)) = self.lease {
+            if u64::from(tokens) >= burst {
+                return Err(InvalidConfig::new(
+                    "lease",
+                    "must be smaller than the burst (one lease would take all of it)",
+                ));
+            }
+            if tokens > 0 && max_age.is_zero() {
+                return Err(InvalidConfig::new(
+                    "lease",
+                    "max_age must be more than zero",
+                ));
+            }
         }
         if let FailurePolicy::LocalBucket {
             expected_instances: 0,

@@ -26,18 +26,22 @@ use apiguard_core::InvalidConfig;
 
 /// The decision script. `KEYS[1]` is the bucket; `ARGV` is `w` (ticks per
 /// token), `l` (ticks per microsecond), `tol` (burst tolerance in ticks:
-/// capacity × `w`), `cost` (tokens) and `max_wait` (microseconds).
+/// capacity × `w`), `cost` (tokens), `max_wait` (microseconds) and `lease`
+/// (extra tokens to take, if they are there now, for the caller to hand out
+/// locally).
 ///
-/// Returns `{allowed, remaining, wait_us, reset_us}`: on admission `wait_us`
-/// is how long the caller must wait for its (reserved) tokens; on refusal it
-/// is how long until they would be there, and nothing was written. `reset_us`
-/// is the time until the bucket is full again.
+/// Returns `{allowed, remaining, wait_us, reset_us, leased}`: on admission
+/// `wait_us` is how long the caller must wait for its (reserved) tokens; on
+/// refusal it is how long until they would be there, and nothing was
+/// written. `reset_us` is the time until the bucket is full again; `leased`
+/// the extra tokens taken (only when `cost` was available now).
 pub(crate) const GCRA_LUA: &str = r#"
 local w = tonumber(ARGV[1])
 local l = tonumber(ARGV[2])
 local tol = tonumber(ARGV[3])
 local cost = tonumber(ARGV[4])
 local max_wait = tonumber(ARGV[5]) * l
+local lease = tonumber(ARGV[6]) or 0
 -- Before Redis 5 a script must opt in to effect replication to write after
 -- reading TIME; from Redis 7 on this is a no-op.
 if redis.replicate_commands ~= nil then redis.replicate_commands() end
@@ -67,9 +71,15 @@ if wait < 0 then wait = 0 end
 if wait > max_wait then
   local remaining = 0
   if tol > d then remaining = math.floor((tol - d) / w) end
-  return {0, remaining, math.ceil(wait / l), math.ceil(d / l)}
+  return {0, remaining, math.ceil(wait / l), math.ceil(d / l), 0}
 end
-if cost > 0 then
+local leased = 0
+if lease > 0 and wait == 0 then
+  leased = math.floor((tol - new_d) / w)
+  if leased > lease then leased = lease end
+  if leased > 0 then new_d = new_d + leased * w else leased = 0 end
+end
+if new_d > d then
   local us = math.floor(new_d / l)
   local fr = new_d - us * l
   if fr < 0 then us = us - 1; fr = fr + l end
@@ -81,7 +91,7 @@ if cost > 0 then
 end
 local remaining = 0
 if tol > new_d then remaining = math.floor((tol - new_d) / w) end
-return {1, remaining, math.ceil(wait / l), math.ceil(new_d / l)}
+return {1, remaining, math.ceil(wait / l), math.ceil(new_d / l), leased}
 "#;
 
 /// Every quantity the script multiplies stays below this (2^50), so sums of
