@@ -1,12 +1,18 @@
 //! Rate limits shared by many instances through Redis.
 //!
 //! ```no_run
+//! use std::convert::Infallible;
 //! use std::time::Duration;
-//! use apiguard_ratelimit::Limiter;
+//! use apiguard_core::RejectionResponseLayer;
+//! use apiguard_ratelimit::{KeyedRateLimitLayer, extract::HeaderKey};
 //! use apiguard_redis::{FailurePolicy, RedisLimiter};
+//! use http::{HeaderName, Request, Response};
+//! use tower::{ServiceBuilder, service_fn};
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! // 100 requests per second per user, shared by every instance.
+//! // 100 requests per second per API key, shared by every instance; if
+//! // Redis does not answer within 5 ms, each of the 4 instances enforces a
+//! // quarter of the limit on its own.
 //! let limiter = RedisLimiter::builder(100, Duration::from_secs(1))
 //!     .burst(20)
 //!     .prefix("myapp:rl:")
@@ -15,10 +21,16 @@
 //!     .connect("redis://127.0.0.1:6379/")
 //!     .await?;
 //!
-//! match limiter.reserve("user-42", 1, Duration::ZERO).await {
-//!     Ok(grant) => println!("admitted, {} left", grant.remaining),
-//!     Err(refused) => println!("refused, retry after {:?}", refused.retry_after()),
-//! }
+//! let svc = ServiceBuilder::new()
+//!     .layer(RejectionResponseLayer::new()) // 429 + Retry-After + RateLimit
+//!     .layer(KeyedRateLimitLayer::new(
+//!         limiter,
+//!         HeaderKey::new(HeaderName::from_static("x-api-key")),
+//!     ))
+//!     .service(service_fn(|_req: Request<String>| async {
+//!         Ok::<_, Infallible>(Response::new(String::from("hello")))
+//!     }));
+//! # let _ = svc;
 //! # Ok(())
 //! # }
 //! ```
@@ -51,6 +63,9 @@
 //!   (it would never fit), as the in-memory buckets do.
 //! - **The `RateLimit` fields.** A [`Decision`] carries remaining tokens,
 //!   the wait (`Retry-After`) and the reset.
+//! - **Leases for hot keys** (opt-in, [`RedisLimiterBuilder::lease`]): take
+//!   a few tokens more per round trip and hand them out locally, at a
+//!   documented cost in precision.
 //!
 //! # When Redis is slow or away
 //!

@@ -51,11 +51,14 @@ pub fn connection_manager_config() -> ConnectionManagerConfig {
 pub enum DecidedBy {
     /// The shared bucket in Redis.
     Redis,
-    /// [`FailurePolicy::FailOpen`]: Redis did not answer in time.
+    /// [`FailurePolicy::FailOpen`]: Redis did not answer in time, failed,
+    /// or is in the back-off after a failure.
     FailOpen,
-    /// [`FailurePolicy::FailClosed`]: Redis did not answer in time.
+    /// [`FailurePolicy::FailClosed`]: Redis did not answer in time, failed,
+    /// or is in the back-off after a failure.
     FailClosed,
-    /// [`FailurePolicy::LocalBucket`]: Redis did not answer in time.
+    /// [`FailurePolicy::LocalBucket`]: Redis did not answer in time, failed,
+    /// or is in the back-off after a failure.
     LocalBucket,
     /// The limiter itself: the request costs more than the burst, so no
     /// bucket could ever admit it.

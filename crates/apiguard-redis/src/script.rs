@@ -74,7 +74,7 @@ if wait > max_wait then
   return {0, remaining, math.ceil(wait / l), math.ceil(d / l), 0}
 end
 local leased = 0
-if lease > 0 and wait == 0 then
+if lease > 0 and cost > 0 and wait == 0 then
   leased = math.floor((tol - new_d) / w)
   if leased > lease then leased = lease end
   if leased > 0 then new_d = new_d + leased * w else leased = 0 end
