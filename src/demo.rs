@@ -168,15 +168,15 @@ pub async fn run(cfg: Config) -> Result<Report, Box<dyn std::error::Error + Send
         .rate_limit(cfg.rate.ceil() as u32, cfg.rate * 1.5)
         .retry_policy(
             RetryPolicy::builder()
-                .max_retries(6)
+                .max_retries(10)
                 .base_delay(Duration::from_millis(100))
                 .max_delay(Duration::from_secs(2))
-                .deadline(Duration::from_secs(8))
+                .deadline(Duration::from_secs(10))
                 .build()?,
         )
         .circuit_breaker(breaker)
         .attempt_timeout(Duration::from_secs(1))
-        .total_timeout(Duration::from_secs(8))
+        .total_timeout(Duration::from_secs(10))
         .build()?;
     let naive = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
     let naive_tally = Arc::new(Tally::default());
@@ -472,6 +472,9 @@ impl Report {
 
     /// Writes the timeline chart.
     pub fn plot(&self, path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
         let series = [
             RateSeries {
                 label: "naive loop".into(),

@@ -107,7 +107,7 @@ pub fn draw_timeline(
             [(0.0, limit_per_sec), (x_max, limit_per_sec)],
             BLACK.stroke_width(1),
         ))?
-        .label("upstream's limit")
+        .label("upstream's limit while it rate limits")
         .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK));
     let palette = [RED, BLUE, GREEN, MAGENTA];
     for (i, (s, points)) in series.iter().zip(&lines).enumerate() {
