@@ -6,6 +6,12 @@
 //! own rate limit, dropped connections, hanging forever, or a response that
 //! drips out slowly. It counts every request it sees and checksums every
 //! body it receives, so tests can prove what reached it.
+//!
+//! Three faults happen below HTTP, on the raw socket, for connections
+//! accepted while they are set: [`Behavior::AcceptClose`],
+//! [`Behavior::Reset`] and [`Behavior::CloseMidBody`]. A connection already
+//! kept alive when one of them is set is closed at its next request.
+//! [`Upstream::set_for`] makes any fault last a given number of requests.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -63,6 +69,24 @@ pub enum Behavior {
         /// Number of pieces.
         chunks: usize,
     },
+    /// Accepts the connection and closes it at once, reading nothing.
+    AcceptClose,
+    /// Reads the start of the request, then resets the connection (RST)
+    /// without answering.
+    Reset,
+    /// Reads the request head and half of its body (by `Content-Length`),
+    /// then closes the connection.
+    CloseMidBody,
+}
+
+impl Behavior {
+    /// Whether this fault is played on the raw socket, below HTTP.
+    fn is_raw(&self) -> bool {
+        matches!(
+            self,
+            Behavior::AcceptClose | Behavior::Reset | Behavior::CloseMidBody
+        )
+    }
 }
 
 /// What the upstream saw.
@@ -117,6 +141,8 @@ pub fn checksum(bytes: &[u8]) -> u64 {
 
 struct Shared {
     behavior: Mutex<Behavior>,
+    /// `(requests left, behaviour after)` set by [`Upstream::set_for`].
+    countdown: Mutex<Option<(u64, Behavior)>>,
     stats: Stats,
     started: Instant,
     window: Mutex<(u64, u32)>,
@@ -153,6 +179,7 @@ impl Upstream {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             behavior: Mutex::new(behavior),
+            countdown: Mutex::new(None),
             stats: Stats::default(),
             started: Instant::now(),
             window: Mutex::new((0, 0)),
@@ -165,6 +192,15 @@ impl Upstream {
                 };
                 let shared = accept_shared.clone();
                 tokio::spawn(async move {
+                    if shared.behavior.lock().unwrap().is_raw() {
+                        let behavior = shared.take();
+                        if behavior.is_raw() {
+                            shared.count_arrival();
+                            shared.stats.dropped.fetch_add(1, Ordering::SeqCst);
+                            raw_fault(stream, &behavior).await;
+                            return;
+                        }
+                    }
                     let svc = service_fn(move |req| handle(shared.clone(), req));
                     let _ = http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
@@ -181,7 +217,22 @@ impl Upstream {
 
     /// Changes what the upstream does from the next request on.
     pub fn set(&self, behavior: Behavior) {
+        *self.shared.countdown.lock().unwrap() = None;
         *self.shared.behavior.lock().unwrap() = behavior;
+    }
+
+    /// Behaves as `behavior` for the next `times` requests (or connections,
+    /// for the faults below HTTP), then as `then`.
+    pub fn set_for(&self, behavior: Behavior, times: u64, then: Behavior) {
+        let mut countdown = self.shared.countdown.lock().unwrap();
+        let mut current = self.shared.behavior.lock().unwrap();
+        if times == 0 {
+            *countdown = None;
+            *current = then;
+        } else {
+            *countdown = Some((times, then));
+            *current = behavior;
+        }
     }
 
     /// What it does now.
@@ -238,19 +289,83 @@ fn retry_after_value(wait: Duration, http_date: bool) -> String {
     }
 }
 
+impl Shared {
+    /// The behaviour for one request, counting down a [`Upstream::set_for`].
+    fn take(&self) -> Behavior {
+        let mut countdown = self.countdown.lock().unwrap();
+        let mut current = self.behavior.lock().unwrap();
+        let behavior = current.clone();
+        if let Some((left, then)) = countdown.as_mut() {
+            *left -= 1;
+            if *left == 0 {
+                *current = then.clone();
+                *countdown = None;
+            }
+        }
+        behavior
+    }
+
+    fn count_arrival(&self) {
+        self.stats.requests.fetch_add(1, Ordering::SeqCst);
+        self.stats
+            .arrivals
+            .lock()
+            .unwrap()
+            .push(self.started.elapsed());
+    }
+}
+
+/// Plays a fault below HTTP on a freshly accepted connection.
+async fn raw_fault(mut stream: tokio::net::TcpStream, behavior: &Behavior) {
+    use tokio::io::AsyncReadExt;
+    match behavior {
+        Behavior::Reset => {
+            // Closing a socket with unread bytes in its receive buffer makes
+            // the kernel answer with RST rather than FIN: read a little,
+            // let the rest of the request arrive, and drop it unread.
+            let mut start = [0u8; 8];
+            let _ = stream.read_exact(&mut start).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Behavior::CloseMidBody => {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 8192];
+            let head_end = loop {
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break i + 4;
+                }
+            };
+            let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            let mut read = buf.len() - head_end;
+            while read < length / 2 {
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => read += n,
+                }
+            }
+        }
+        _ => {}
+    }
+    drop(stream);
+}
+
 async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, std::io::Error> {
     let stats = &shared.stats;
-    stats.requests.fetch_add(1, Ordering::SeqCst);
-    stats
-        .arrivals
-        .lock()
-        .unwrap()
-        .push(shared.started.elapsed());
-    let behavior = shared.behavior.lock().unwrap().clone();
-    if behavior == Behavior::Drop {
+    shared.count_arrival();
+    let behavior = shared.take();
+    if behavior == Behavior::Drop || behavior.is_raw() {
         stats.dropped.fetch_add(1, Ordering::SeqCst);
         return Err(std::io::Error::other("dropped on purpose"));
     }
@@ -266,7 +381,11 @@ async fn handle(
         Err(e) => return Err(std::io::Error::other(e)),
     }
     let res = match behavior {
-        Behavior::Ok | Behavior::Drop => Response::new(full("ok")),
+        Behavior::Ok
+        | Behavior::Drop
+        | Behavior::AcceptClose
+        | Behavior::Reset
+        | Behavior::CloseMidBody => Response::new(full("ok")),
         Behavior::Slow(d) => {
             tokio::time::sleep(d).await;
             Response::new(full("ok"))
