@@ -100,6 +100,11 @@ impl GuardedClientBuilder {
     }
 
     /// Retries after the first attempt (default 3; 0 turns retry off).
+    ///
+    /// Retries back off exponentially from `base_delay` with jitter, honour
+    /// `Retry-After` and an open circuit's wait when it is at most 10 s (and
+    /// fits the total timeout), and are bounded by a retry budget (20% of
+    /// recent requests plus 10 a second).
     pub fn max_retries(mut self, n: u32) -> Self {
         self.max_retries = n;
         self
@@ -191,6 +196,9 @@ impl GuardedClientBuilder {
                     .max_retries(self.max_retries)
                     .base_delay(self.base_delay)
                     .deadline(self.total_timeout)
+                    // Wait out a server's or an open circuit's hint only
+                    // when it is short; a longer one comes back at once.
+                    .max_retry_after(Duration::from_secs(10).min(self.total_timeout))
                     .build()?,
             ),
         };
@@ -198,10 +206,13 @@ impl GuardedClientBuilder {
             stack = stack.retry(p);
         }
         let breaker = self.breaker.unwrap_or_else(|| {
-            CircuitBreakerBuilder::default()
+            let b = CircuitBreakerBuilder::default()
                 .failure_threshold(self.failure_threshold)
                 .recovery_timeout(self.recovery_timeout)
-                .success_threshold(self.success_threshold)
+                .success_threshold(self.success_threshold);
+            #[cfg(feature = "metrics")]
+            let b = b.on_transition(crate::metrics::record_transition);
+            b
         });
         stack = stack.circuit_breaker(breaker);
         if let Some((capacity, rate)) = self.limit {
@@ -372,11 +383,17 @@ impl GuardedClient {
         }
         // Lets the transport tell a request's first attempt from its retries
         // (the retry layer copies extensions into each attempt).
-        req.extensions_mut()
-            .insert(Attempted(Arc::new(AtomicBool::new(false))));
+        let attempted = Arc::new(AttemptState::default());
+        req.extensions_mut().insert(Attempted(attempted.clone()));
         let started = Clock::system().now();
         let result = self.service.clone().oneshot(req).await;
         let elapsed = Clock::system().now().saturating_sub(started);
+        #[cfg(feature = "metrics")]
+        {
+            crate::metrics::record_request(result.as_ref().err().map(|e| kind_of(&**e)), elapsed);
+            let on_network = attempted.nanos.load(Ordering::Relaxed);
+            crate::metrics::record_wait(elapsed.saturating_sub(on_network));
+        }
         let s = &self.stats;
         s.requests.fetch_add(1, Ordering::Relaxed);
         s.request_nanos.fetch_add(elapsed, Ordering::Relaxed);
@@ -485,7 +502,7 @@ impl ClientError {
     }
 }
 
-fn kind_of(e: &(dyn std::error::Error + 'static)) -> ErrorKind {
+pub(crate) fn kind_of(e: &(dyn std::error::Error + 'static)) -> ErrorKind {
     if e.is::<RateLimited>() {
         ErrorKind::RateLimited
     } else if e.is::<CircuitOpen>() {
@@ -598,8 +615,15 @@ pub struct Counted<S> {
     stats: Arc<Counters>,
 }
 
+/// Per-request bookkeeping the retry layer copies into every attempt.
 #[derive(Debug, Clone)]
-struct Attempted(Arc<AtomicBool>);
+struct Attempted(Arc<AttemptState>);
+
+#[derive(Debug, Default)]
+struct AttemptState {
+    seen: AtomicBool,
+    nanos: AtomicU64,
+}
 
 impl<S: Service<Request<B>>, B> Service<Request<B>> for Counted<S> {
     type Response = S::Response;
@@ -612,14 +636,20 @@ impl<S: Service<Request<B>>, B> Service<Request<B>> for Counted<S> {
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         self.stats.attempts.fetch_add(1, Ordering::Relaxed);
-        if let Some(Attempted(seen)) = req.extensions().get::<Attempted>()
-            && seen.swap(true, Ordering::Relaxed)
-        {
+        let retry = matches!(
+            req.extensions().get::<Attempted>(),
+            Some(Attempted(state)) if state.seen.swap(true, Ordering::Relaxed)
+        );
+        if retry {
             self.stats.retries.fetch_add(1, Ordering::Relaxed);
         }
+        #[cfg(feature = "metrics")]
+        crate::metrics::record_attempt(retry);
+        let request = req.extensions().get::<Attempted>().map(|a| a.0.clone());
         CountedFuture {
             inner: self.inner.call(req),
             stats: self.stats.clone(),
+            request,
             started: Clock::system().now(),
         }
     }
@@ -632,6 +662,7 @@ pin_project! {
         #[pin]
         inner: F,
         stats: Arc<Counters>,
+        request: Option<Arc<AttemptState>>,
         started: Nanos,
     }
 }
@@ -644,6 +675,9 @@ impl<F: Future> Future for CountedFuture<F> {
         let out = std::task::ready!(this.inner.poll(cx));
         let spent = Clock::system().now().saturating_sub(*this.started);
         this.stats.attempt_nanos.fetch_add(spent, Ordering::Relaxed);
+        if let Some(request) = this.request {
+            request.nanos.fetch_add(spent, Ordering::Relaxed);
+        }
         Poll::Ready(out)
     }
 }

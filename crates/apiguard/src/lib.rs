@@ -44,8 +44,13 @@
 //!
 //! # Observability
 //!
-//! Every decision emits a `tracing` event: targets `apiguard::ratelimit`,
-//! `apiguard::breaker` and `apiguard::retry`.
+//! Every decision emits a `tracing` event, under the target of the crate
+//! that made it: `apiguard::ratelimit` (waits and refusals, with the key
+//! and the wait), `apiguard::breaker` (refusals and every transition, with
+//! the breaker's name and the states) and `apiguard::retry` (each retry,
+//! with the attempt number, the reason and the wait). The `metrics` feature
+//! adds counters, histograms and a gauge through the `metrics` facade: see
+//! `metrics` (the module, behind the feature) for their names.
 
 #![warn(
     missing_docs,
@@ -57,6 +62,9 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod client;
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub mod metrics;
 pub mod server;
 pub mod stack;
 
