@@ -16,6 +16,8 @@ use crate::gcra::{self, Rate};
 use crate::limiter::{Grant, Limiter, Reservation};
 use crate::sync::{AtomicU64, Ordering};
 
+use std::sync::atomic::Ordering as StdOrdering;
+
 /// The default cap on tracked keys.
 pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
 
@@ -56,6 +58,10 @@ const SWEEP_SPACING_PER_ENTRY: Nanos = 1_000;
 /// memory nor evict the buckets of keys already tracked — their limits hold
 /// — and the flood itself is limited as if it came from one key.
 ///
+/// Keys given a quota of their own ([`set_quota`](Self::set_quota)) are
+/// held apart, one bucket each for as long as the override stands; they
+/// are neither swept nor counted in `len()`.
+///
 /// # Clone
 ///
 /// A clone is a handle to the same registry.
@@ -77,7 +83,8 @@ struct Inner<K> {
     // dashmap 17.6/37.5/344, papaya 26.1/29.9/165, scc 23.8/42.6/193; 1M keys:
     // dashmap 160/392/1432, papaya 251/274/4340, scc 207/452/3452). DashMap
     // wins the uncontended case that dominates, and is what governor uses.
-    map: DashMap<K, Slot>,
+    // A bucket of the default quota is its TAT alone: 8 bytes beside the key.
+    map: DashMap<K, AtomicU64>,
     rate: Rate,
     max_keys: usize,
     clock: Clock,
@@ -85,7 +92,7 @@ struct Inner<K> {
     /// `max_keys` before inserting, so the map never outgrows it.
     count: AtomicUsize,
     overflow: AtomicU64,
-    overrides: DashMap<K, Rate>,
+    overrides: DashMap<K, Override>,
     override_count: AtomicUsize,
     sweep_at_len: AtomicUsize,
     /// No bucket is full before this instant (a lower bound: lowered as
@@ -96,17 +103,10 @@ struct Inner<K> {
     sweeping: AtomicBool,
 }
 
-struct Slot {
+/// The bucket of a key with a quota of its own.
+struct Override {
     tat: AtomicU64,
-    /// A per-key quota; `None` is the registry's default.
-    rate: Option<Box<Rate>>,
-}
-
-impl Slot {
-    #[inline]
-    fn rate<'a>(&'a self, default: &'a Rate) -> &'a Rate {
-        self.rate.as_deref().unwrap_or(default)
-    }
+    rate: Rate,
 }
 
 impl<K> fmt::Debug for KeyedLimiter<K> {
@@ -119,8 +119,6 @@ impl<K> fmt::Debug for KeyedLimiter<K> {
             .finish()
     }
 }
-
-use std::sync::atomic::Ordering as StdOrdering;
 
 impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
     /// A registry whose buckets hold `capacity` tokens refilled at
@@ -166,9 +164,9 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
         Self::build(self.inner.rate, self.inner.max_keys, clock)
     }
 
-    /// Gives `key` its own quota instead of the default one; its current
-    /// bucket keeps the tokens it has spent. Overrides are kept until
-    /// [`remove_quota`](Self::remove_quota), apart from the `max_keys` cap.
+    /// Gives `key` its own quota instead of the default one. The tokens it
+    /// has spent stay spent (decisions racing with this call may be lost:
+    /// it is meant for configuration, not for every request).
     pub fn set_quota(
         &self,
         key: K,
@@ -176,19 +174,29 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
         refill_per_sec: f64,
     ) -> Result<(), InvalidConfig> {
         let rate = Rate::new(capacity, refill_per_sec)?;
-        if self.inner.overrides.insert(key.clone(), rate).is_none() {
-            self.inner.override_count.fetch_add(1, StdOrdering::Relaxed);
-        }
-        if let Some(mut slot) = self.inner.map.get_mut(&key) {
-            let old = *slot.rate(&self.inner.rate);
-            let full_time = old.full_time(slot.tat.load(Ordering::Relaxed));
-            slot.tat = AtomicU64::new(rate.units(full_time));
-            slot.rate = Some(Box::new(rate));
+        let inner = &*self.inner;
+        let full_time = if let Some((_, tat)) = inner.map.remove(&key) {
+            inner.count.fetch_sub(1, StdOrdering::Relaxed);
+            Some(inner.rate.full_time(tat.load(Ordering::Relaxed)))
+        } else {
+            inner
+                .overrides
+                .get(&key)
+                .map(|o| o.rate.full_time(o.tat.load(Ordering::Relaxed)))
+        };
+        // TAT 0 is a full bucket at any time.
+        let tat = full_time.map_or(0, |t| rate.units(t));
+        let bucket = Override {
+            tat: AtomicU64::new(tat),
+            rate,
+        };
+        if inner.overrides.insert(key, bucket).is_none() {
+            inner.override_count.fetch_add(1, StdOrdering::Relaxed);
         }
         Ok(())
     }
 
-    /// Returns `key` to the default quota (from its next fresh bucket on).
+    /// Returns `key` to the default quota, with a full bucket.
     pub fn remove_quota(&self, key: &K) {
         if self.inner.overrides.remove(key).is_some() {
             self.inner.override_count.fetch_sub(1, StdOrdering::Relaxed);
@@ -197,12 +205,18 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
 
     /// The quota `key` gets.
     pub fn quota_of(&self, key: &K) -> Quota {
-        if self.inner.override_count.load(StdOrdering::Relaxed) > 0
-            && let Some(rate) = self.inner.overrides.get(key)
-        {
-            return rate.quota();
+        match self.overridden(key) {
+            Some(o) => o.rate.quota(),
+            None => self.inner.rate.quota(),
         }
-        self.inner.rate.quota()
+    }
+
+    #[inline]
+    fn overridden(&self, key: &K) -> Option<dashmap::mapref::one::Ref<'_, K, Override>> {
+        if self.inner.override_count.load(StdOrdering::Relaxed) == 0 {
+            return None;
+        }
+        self.inner.overrides.get(key)
     }
 
     /// Takes `tokens` from `key`'s bucket if they are there now.
@@ -254,11 +268,15 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
     /// Gives back a reservation that will not be used, when no later one was
     /// made on the same bucket. Returns whether the tokens went back.
     pub fn cancel(&self, key: &K, reservation: &Reservation) -> bool {
+        let inner = &*self.inner;
         if reservation.is_shared() {
-            return gcra::cancel(&self.inner.overflow, &self.inner.rate, reservation);
+            return gcra::cancel(&inner.overflow, &inner.rate, reservation);
         }
-        match self.inner.map.get(key) {
-            Some(slot) => gcra::cancel(&slot.tat, slot.rate(&self.inner.rate), reservation),
+        if let Some(tat) = inner.map.get(key) {
+            return gcra::cancel(&tat, &inner.rate, reservation);
+        }
+        match self.overridden(key) {
+            Some(o) => gcra::cancel(&o.tat, &o.rate, reservation),
             None => false,
         }
     }
@@ -275,20 +293,22 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
     /// Tokens available to `key` now.
     pub fn available(&self, key: &K) -> f64 {
         let now = self.inner.clock.now();
-        match self.inner.map.get(key) {
-            Some(slot) => slot
-                .rate(&self.inner.rate)
-                .available(slot.tat.load(Ordering::Relaxed), now),
-            None => self.quota_of(key).limit as f64,
+        if let Some(tat) = self.inner.map.get(key) {
+            return self.inner.rate.available(tat.load(Ordering::Relaxed), now);
+        }
+        match self.overridden(key) {
+            Some(o) => o.rate.available(o.tat.load(Ordering::Relaxed), now),
+            None => f64::from(self.inner.rate.capacity()),
         }
     }
 
-    /// Keys tracked now (never more than `max_keys`).
+    /// Keys tracked now with the default quota (never more than
+    /// `max_keys`; keys with a quota of their own are held apart).
     pub fn len(&self) -> usize {
         self.inner.map.len()
     }
 
-    /// Whether no key is tracked.
+    /// Whether no key is tracked with the default quota.
     pub fn is_empty(&self) -> bool {
         self.inner.map.is_empty()
     }
@@ -301,19 +321,26 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
     /// Whether `key` has a bucket of its own now (a key whose bucket filled
     /// up may have been forgotten: that changes nothing for it).
     pub fn contains(&self, key: &K) -> bool {
-        self.inner.map.contains_key(key)
+        self.inner.map.contains_key(key) || self.overridden(key).is_some()
     }
 
-    /// Forgets `key`'s bucket: its next request finds a full one.
+    /// Forgets `key`'s spent tokens: its next request finds a full bucket.
+    /// Returns whether it had a bucket.
     pub fn remove(&self, key: &K) -> bool {
         let removed = self.inner.map.remove(key).is_some();
         if removed {
             self.inner.count.fetch_sub(1, StdOrdering::Relaxed);
         }
-        removed
+        match self.overridden(key) {
+            Some(o) => {
+                o.tat.store(0, Ordering::Relaxed);
+                true
+            }
+            None => removed,
+        }
     }
 
-    /// Forgets every bucket (quota overrides are kept).
+    /// Forgets every key's spent tokens (quota overrides stay).
     pub fn clear(&self) {
         let mut removed = 0;
         self.inner.map.retain(|_, _| {
@@ -321,6 +348,9 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
             false
         });
         self.inner.count.fetch_sub(removed, StdOrdering::Relaxed);
+        for o in self.inner.overrides.iter() {
+            o.tat.store(0, Ordering::Relaxed);
+        }
     }
 
     /// The default capacity of a bucket.
@@ -343,8 +373,8 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
         decide: impl Fn(&AtomicU64, &Rate) -> T,
     ) -> (T, bool) {
         let inner = &*self.inner;
-        if let Some(slot) = inner.map.get(key) {
-            return (decide(&slot.tat, slot.rate(&inner.rate)), false);
+        if let Some(tat) = inner.map.get(key) {
+            return (decide(&tat, &inner.rate), false);
         }
         self.with_new_bucket(key, now, decide)
     }
@@ -357,35 +387,27 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
         decide: impl Fn(&AtomicU64, &Rate) -> T,
     ) -> (T, bool) {
         let inner = &*self.inner;
+        if let Some(o) = self.overridden(key) {
+            return (decide(&o.tat, &o.rate), false);
+        }
         self.maybe_sweep(now);
         if inner.count.fetch_add(1, StdOrdering::Relaxed) >= inner.max_keys {
             inner.count.fetch_sub(1, StdOrdering::Relaxed);
             // Another thread may have created it meanwhile.
-            if let Some(slot) = inner.map.get(key) {
-                return (decide(&slot.tat, slot.rate(&inner.rate)), false);
+            if let Some(tat) = inner.map.get(key) {
+                return (decide(&tat, &inner.rate), false);
             }
             return (decide(&inner.overflow, &inner.rate), true);
         }
         match inner.map.entry(key.clone()) {
             Entry::Occupied(entry) => {
                 inner.count.fetch_sub(1, StdOrdering::Relaxed);
-                let slot = entry.get();
-                (decide(&slot.tat, slot.rate(&inner.rate)), false)
+                (decide(entry.get(), &inner.rate), false)
             }
             Entry::Vacant(entry) => {
-                let rate = if inner.override_count.load(StdOrdering::Relaxed) > 0 {
-                    inner.overrides.get(key).map(|r| Box::new(*r))
-                } else {
-                    None
-                };
-                let tat = rate.as_deref().unwrap_or(&inner.rate).full_at(now);
-                let slot = entry.insert(Slot {
-                    tat: AtomicU64::new(tat),
-                    rate,
-                });
-                let rate = slot.rate(&inner.rate);
-                let decision = decide(&slot.tat, rate);
-                let full = rate.full_time(slot.tat.load(Ordering::Relaxed));
+                let tat = entry.insert(AtomicU64::new(inner.rate.full_at(now)));
+                let decision = decide(&tat, &inner.rate);
+                let full = inner.rate.full_time(tat.load(Ordering::Relaxed));
                 inner.first_full.fetch_min(full, StdOrdering::Relaxed);
                 (decision, false)
             }
@@ -410,9 +432,9 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
         }
         let mut removed = 0;
         let mut earliest_full = Nanos::MAX;
-        inner.map.retain(|_, slot| {
-            let rate = slot.rate(&inner.rate);
-            let tat = slot.tat.load(Ordering::Relaxed);
+        let rate = &inner.rate;
+        inner.map.retain(|_, tat| {
+            let tat = tat.load(Ordering::Relaxed);
             if rate.is_full(tat, now) {
                 removed += 1;
                 false
@@ -524,6 +546,25 @@ mod tests {
         l.try_acquire(&1, 1).unwrap();
         assert!(l.try_acquire(&2, 1).is_err());
         assert!(l.is_empty());
+    }
+
+    #[test]
+    fn overridden_keys_are_held_apart_from_the_cap_and_the_sweeps() {
+        let (l, clock) = limiter(1, 1.0, 2);
+        l.set_quota(9, 3, 1.0).unwrap();
+        l.try_acquire(&1, 1).unwrap();
+        l.try_acquire(&2, 1).unwrap();
+        // The map is at its cap, yet 9 has its own bucket.
+        for _ in 0..3 {
+            l.try_acquire(&9, 1).unwrap();
+        }
+        assert!(l.try_acquire(&9, 1).is_err());
+        assert_eq!(l.len(), 2);
+        assert!(l.contains(&9));
+        clock.advance(Duration::from_secs(1));
+        l.try_acquire(&9, 1).unwrap();
+        l.remove_quota(&9);
+        assert_eq!(l.quota_of(&9).limit, 1);
     }
 
     #[test]
