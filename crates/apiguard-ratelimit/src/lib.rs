@@ -48,7 +48,8 @@
 //! service. A request that must wait has its tokens reserved on the bucket's
 //! timeline at once, so waiters go in the order they came and together never
 //! exceed the rate; its future sleeps, then drives the inner service's
-//! readiness and calls it. A refusal is a
+//! readiness and calls it (waits use tokio's timer, so a request that has
+//! to wait must be polled inside a tokio runtime). A refusal is a
 //! [`RateLimited`](error::RateLimited) in the `BoxError`, with the wait
 //! until the tokens would be there and the quota that refused.
 //!
