@@ -28,7 +28,38 @@ use tower_service::Service;
 
 use crate::stack::{Guard, GuardLayer, GuardLayerBuilder};
 
-type Transport = Counted<Client<HttpConnector, Full<Bytes>>>;
+#[cfg(not(feature = "https"))]
+type Connector = HttpConnector;
+#[cfg(feature = "https")]
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
+type Transport = Counted<Client<Connector, Full<Bytes>>>;
+
+/// Refuses, before anything is sent, a scheme this build cannot speak.
+fn check_scheme(uri: &Uri) -> Result<(), String> {
+    match uri.scheme_str() {
+        Some("http") | None => Ok(()),
+        Some("https") if cfg!(feature = "https") => Ok(()),
+        Some("https") => Err(format!(
+            "`{uri}` is HTTPS: enable apiguard's `https` feature"
+        )),
+        Some(other) => Err(format!("`{uri}`: unsupported scheme `{other}`")),
+    }
+}
+
+#[cfg(not(feature = "https"))]
+fn connector() -> Connector {
+    HttpConnector::new()
+}
+
+#[cfg(feature = "https")]
+fn connector() -> Connector {
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .build()
+}
 
 /// Builds a [`GuardedClient`]; see [`GuardedClient::builder`].
 #[derive(Debug, Clone)]
@@ -178,6 +209,9 @@ impl GuardedClientBuilder {
                         format!("`{url}` needs a scheme and a host"),
                     ));
                 }
+                if let Err(why) = check_scheme(&uri) {
+                    return Err(InvalidConfig::new("base_url", why));
+                }
                 Some(url.trim_end_matches('/').to_owned())
             }
             None => None,
@@ -221,7 +255,7 @@ impl GuardedClientBuilder {
         let layer = stack.build()?;
         let stats = Arc::new(Counters::default());
         let transport = Counted {
-            inner: Client::builder(TokioExecutor::new()).build_http(),
+            inner: Client::builder(TokioExecutor::new()).build(connector()),
             stats: stats.clone(),
         };
         Ok(GuardedClient {
@@ -357,9 +391,11 @@ impl GuardedClient {
             };
             &full
         };
-        target
+        let uri: Uri = target
             .parse()
-            .map_err(|_| ClientError::invalid(format!("`{target}` is not a valid URL")))
+            .map_err(|_| ClientError::invalid(format!("`{target}` is not a valid URL")))?;
+        check_scheme(&uri).map_err(ClientError::invalid)?;
+        Ok(uri)
     }
 
     /// Sends a request through the stack. A relative URI is joined to the
