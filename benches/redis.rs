@@ -8,6 +8,9 @@
 //! - `redis_concurrent`: 32 decisions in flight on one multiplexed
 //!   connection (what many request tasks sharing a limiter do) — throughput.
 //!
+//! - `redis_overhead`: what our decision adds around the round trip (the
+//!   boxed call and the armed timeout), without the network.
+//!
 //! `apiguard_gcra_lease8` is the same limiter leasing 8 extra tokens per
 //! round trip (`RedisLimiterBuilder::lease`), for one hot key.
 //!
@@ -311,6 +314,36 @@ fn concurrent(c: &mut Criterion, f: &Fixture) {
     g.finish();
 }
 
+/// What a decision adds around the round trip, without the network: the
+/// boxed call (the `redis` crate's futures borrow the connection, so the
+/// call must be boxed to be stored) and the armed timeout timer.
+fn overhead(c: &mut Criterion, f: &Fixture) {
+    let mut g = c.benchmark_group("redis_overhead");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("box_and_timeout_timer", |b| {
+        b.iter_custom(|iters| {
+            f.rt.block_on(async {
+                let start = Instant::now();
+                for i in 0..iters {
+                    let call: Pin<Box<dyn Future<Output = u64> + Send>> =
+                        Box::pin(async move { black_box(i) });
+                    let timer = tokio::time::sleep(Duration::from_millis(5));
+                    let mut timer = std::pin::pin!(timer);
+                    // Poll the timer once, as a decision does while waiting.
+                    std::future::poll_fn(|cx| {
+                        let _ = timer.as_mut().poll(cx);
+                        Poll::Ready(())
+                    })
+                    .await;
+                    black_box(call.await);
+                }
+                start.elapsed()
+            })
+        })
+    });
+    g.finish();
+}
+
 fn main() {
     let present = Command::new("redis-server")
         .arg("--version")
@@ -333,6 +366,7 @@ fn main() {
         .configure_from_args();
     sequential(&mut c, &f);
     concurrent(&mut c, &f);
+    overhead(&mut c, &f);
     c.final_summary();
     let fallbacks = FALLBACKS.load(Ordering::Relaxed);
     if fallbacks > 0 {
