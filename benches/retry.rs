@@ -13,7 +13,10 @@
 //! - `request_clone`: the copy kept for a retry — apiguard's
 //!   `clone_request` of a `Request<Full<Bytes>>` (1 KiB body, 4 headers)
 //!   against the same copy written by hand for tower's policy, plus
-//!   wrapping a body in a `ReplayBody` and copying it.
+//!   wrapping a body in a `ReplayBody` and copying it;
+//! - `budget`: one deposit (what every request pays) and one deposit plus
+//!   withdrawal (a retry), apiguard's `RetryBudget` against tower's
+//!   `TpsBudget`, same settings (10 s, 10/s, 20 %).
 //!
 //! Every future here is ready on its first poll; they are polled with a
 //! no-op waker inside a tokio runtime context.
@@ -244,5 +247,35 @@ fn request_clone(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, success_path, request_clone);
+fn budget(c: &mut Criterion) {
+    use tower::retry::budget::{Budget, TpsBudget};
+    let mut g = group(c, "budget");
+    let ours = apiguard_retry::RetryBudget::new(Duration::from_secs(10), 10, 0.2).unwrap();
+    let theirs = TpsBudget::new(Duration::from_secs(10), 10, 0.2);
+    g.bench_function("apiguard_deposit", |b| {
+        b.iter(|| black_box(&ours).deposit())
+    });
+    g.bench_function("tower_deposit", |b| b.iter(|| black_box(&theirs).deposit()));
+    // Five deposits buy one retry at 20 %: the steady state of a budget
+    // that is never spent.
+    g.bench_function("apiguard_deposit_withdraw", |b| {
+        b.iter(|| {
+            for _ in 0..5 {
+                ours.deposit();
+            }
+            black_box(ours.try_withdraw())
+        })
+    });
+    g.bench_function("tower_deposit_withdraw", |b| {
+        b.iter(|| {
+            for _ in 0..5 {
+                theirs.deposit();
+            }
+            black_box(theirs.withdraw())
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, success_path, request_clone, budget);
 criterion_main!(benches);
