@@ -1,0 +1,246 @@
+//! The composed stack on its success path: what a request that succeeds at
+//! once pays for passing `GuardLayer` (retry → per-host breaker → per-host
+//! rate limit), next to its parts alone, tower's own `RateLimit` + `Retry`,
+//! and tower-resilience's rate limiter + circuit breaker + retry stacked in
+//! the same order — all around the same no-op service.
+//!
+//! Groups, one question each:
+//! - `stack`: one call (`ready` + `call` + the response) from one task,
+//!   polled in place with a no-op waker. `bare` is the no-op service alone;
+//!   every contender builds its request inside the loop, so subtract `bare`
+//!   (or `bare_arc` for tower-resilience, whose request is an
+//!   `Arc<Request<_>>`) to get a layer's overhead.
+//!   `apiguard_{rate_limit,breaker,retry}` are the stack's parts one at a
+//!   time, built by `GuardLayer` itself (per-host, with the same wrappers),
+//!   so their overheads add up to what the stack should cost;
+//!   `plain_*` are the pattern crates' unkeyed layers.
+//! - `stack_tasks`: the same calls from 1, 2 and 8 tokio tasks on a
+//!   multi-threaded runtime with one worker per core, each task on its own
+//!   clone of the service (clones share one limiter, one breaker registry,
+//!   one budget). One iteration is one call per task; criterion's
+//!   throughput is calls per second for the whole runtime. On a machine
+//!   with `c` cores, per-core time is `time × min(tasks, c) / tasks`; equal
+//!   per-core times at 1 and 8 tasks mean no hidden lock.
+//!
+//! tower's `RateLimit` is not `Clone` and keeps its limit per instance, so
+//! it is not in `stack_tasks`.
+//!
+//! Run: `cargo bench -p apiguard-benches --bench stack`
+//! (`APIGUARD_FUTURE_SIZES=1` prints the response futures' sizes instead).
+
+mod support;
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
+use support::{Noop, NoopArc, one, request};
+use tower::{Layer, Service, ServiceExt};
+
+fn configure(g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>) {
+    g.measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(500))
+        .sample_size(30);
+}
+
+fn single_task(c: &mut Criterion) {
+    // tower's RateLimit and the timeouts hold tokio `Sleep`s.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let mut g = c.benchmark_group("stack");
+    configure(&mut g);
+    g.throughput(Throughput::Elements(1));
+
+    g.bench_function("bare", |b| {
+        let mut svc = Noop;
+        b.iter(|| one(&mut svc, request()))
+    });
+    g.bench_function("apiguard_stack", |b| {
+        let mut svc = support::guard().layer(Noop);
+        b.iter(|| one(&mut svc, request()))
+    });
+    g.bench_function("apiguard_stack_timeouts", |b| {
+        let mut svc = support::guard_with_timeouts().layer(Noop);
+        b.iter(|| one(&mut svc, request()))
+    });
+    g.bench_function("apiguard_rate_limit", |b| {
+        let mut svc = support::guard_rate_limit_only().layer(Noop);
+        b.iter(|| one(&mut svc, request()))
+    });
+    g.bench_function("apiguard_breaker", |b| {
+        let mut svc = support::guard_breaker_only().layer(Noop);
+        b.iter(|| one(&mut svc, request()))
+    });
+    g.bench_function("apiguard_retry", |b| {
+        let mut svc = support::guard_retry_only().layer(Noop);
+        b.iter(|| one(&mut svc, request()))
+    });
+    g.bench_function("plain_rate_limit", |b| {
+        let mut svc = support::plain_rate_limit().layer(Noop);
+        b.iter(|| one(&mut svc, request()))
+    });
+    g.bench_function("plain_breaker", |b| {
+        let mut svc = support::plain_breaker().layer(Noop);
+        b.iter(|| one(&mut svc, request()))
+    });
+    g.bench_function("plain_retry", |b| {
+        let mut svc = support::plain_retry().layer(Noop);
+        b.iter(|| one(&mut svc, request()))
+    });
+    g.bench_function("tower_stack", |b| {
+        let mut svc = support::tower_stack(Noop);
+        b.iter(|| one(&mut svc, request()))
+    });
+    g.bench_function("bare_arc", |b| {
+        let mut svc = NoopArc;
+        b.iter(|| one(&mut svc, Arc::new(request())))
+    });
+    g.bench_function("tower_resilience_stack", |b| {
+        let mut svc = support::tower_resilience_stack();
+        b.iter(|| one(&mut svc, Arc::new(request())))
+    });
+    g.finish();
+}
+
+/// Runs `tasks` tasks on `rt`, each making `iters` calls through its own
+/// clone of `svc`; returns the wall time until the last one is done.
+fn run_tasks<S, R>(
+    rt: &tokio::runtime::Runtime,
+    tasks: usize,
+    iters: u64,
+    svc: &S,
+    make: fn() -> R,
+) -> Duration
+where
+    S: Service<R> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: std::fmt::Debug,
+    S::Response: Send,
+    R: Send + 'static,
+{
+    rt.block_on(async {
+        let start = tokio::time::Instant::now();
+        let handles: Vec<_> = (0..tasks)
+            .map(|_| {
+                let mut svc = svc.clone();
+                tokio::spawn(async move {
+                    for _ in 0..iters {
+                        let ready = svc.ready().await.unwrap();
+                        black_box(ready.call(make()).await.unwrap());
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.await.unwrap();
+        }
+        start.elapsed()
+    })
+}
+
+fn bench_tasks<S, R>(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    rt: &tokio::runtime::Runtime,
+    name: &str,
+    tasks: usize,
+    svc: S,
+    make: fn() -> R,
+) where
+    S: Service<R> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: std::fmt::Debug,
+    S::Response: Send,
+    R: Send + 'static,
+{
+    g.bench_with_input(BenchmarkId::new(name, tasks), &tasks, |b, &t| {
+        b.iter_custom(|iters| run_tasks(rt, t, iters, &svc, make))
+    });
+}
+
+fn tasks(c: &mut Criterion) {
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let mut g = c.benchmark_group("stack_tasks");
+    configure(&mut g);
+    for t in [1usize, 2, 8] {
+        g.throughput(Throughput::Elements(t as u64));
+        bench_tasks(&mut g, &rt, "bare", t, Noop, request);
+        bench_tasks(
+            &mut g,
+            &rt,
+            "apiguard_stack",
+            t,
+            support::guard().layer(Noop),
+            request,
+        );
+        let rl = support::guard_rate_limit_only().layer(Noop);
+        bench_tasks(&mut g, &rt, "apiguard_rate_limit", t, rl, request);
+        let cb = support::guard_breaker_only().layer(Noop);
+        bench_tasks(&mut g, &rt, "apiguard_breaker", t, cb, request);
+        let tr = support::tower_resilience_stack();
+        bench_tasks(&mut g, &rt, "tower_resilience_stack", t, tr, || {
+            Arc::new(request())
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, single_task, tasks);
+
+/// With `APIGUARD_FUTURE_SIZES=1`: the size of each stack's response
+/// future, which every layer moves into its own future (a large one shows
+/// up as `memmove` in a profile).
+fn future_sizes() {
+    fn size<S: Service<support::Req>>(_: &S) -> usize {
+        std::mem::size_of::<S::Future>()
+    }
+    let rows = [
+        ("apiguard_stack", size(&support::guard().layer(Noop))),
+        (
+            "apiguard_stack_timeouts",
+            size(&support::guard_with_timeouts().layer(Noop)),
+        ),
+        (
+            "apiguard_rate_limit",
+            size(&support::guard_rate_limit_only().layer(Noop)),
+        ),
+        (
+            "apiguard_breaker",
+            size(&support::guard_breaker_only().layer(Noop)),
+        ),
+        (
+            "apiguard_retry",
+            size(&support::guard_retry_only().layer(Noop)),
+        ),
+        (
+            "plain_rate_limit",
+            size(&support::plain_rate_limit().layer(Noop)),
+        ),
+        ("plain_breaker", size(&support::plain_breaker().layer(Noop))),
+        ("plain_retry", size(&support::plain_retry().layer(Noop))),
+        ("request", std::mem::size_of::<support::Req>()),
+    ];
+    for (name, bytes) in rows {
+        println!("{name:<24} {bytes:>5} bytes");
+    }
+}
+
+fn main() {
+    if std::env::var_os("APIGUARD_FUTURE_SIZES").is_some() {
+        future_sizes();
+        return;
+    }
+    benches();
+    criterion::Criterion::default()
+        .configure_from_args()
+        .final_summary();
+}
