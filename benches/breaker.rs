@@ -22,7 +22,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use apiguard_breaker::{CircuitBreaker, CircuitBreakerLayer, SlidingWindow};
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use http::Response;
 use tower::{Layer, Service};
 
@@ -67,9 +67,10 @@ impl Service<()> for Noop {
 const OK: Noop = Noop { fail: false };
 const FAIL: Noop = Noop { fail: true };
 
-/// One call: `poll_ready`, `call`, and one poll of the future (every
-/// future here completes on its first poll; tower-resilience's mutex is
-/// uncontended in the single-thread groups and spun through otherwise).
+/// One call: `poll_ready`, `call`, and polls of the future until it is
+/// ready. Every future here completes on its first poll except
+/// tower-resilience's when another thread holds its mutex; then this thread
+/// yields, as a tokio worker would park, so the holder can run.
 #[inline]
 fn once<S: Service<()>>(svc: &mut S) -> bool {
     let mut cx = Context::from_waker(Waker::noop());
@@ -84,7 +85,7 @@ fn once<S: Service<()>>(svc: &mut S) -> bool {
         if let Poll::Ready(r) = fut.as_mut().poll(&mut cx) {
             return r.is_ok();
         }
-        std::hint::spin_loop();
+        std::thread::yield_now();
     }
 }
 
@@ -385,4 +386,148 @@ fn configure(g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallT
 }
 
 criterion_group!(benches, closed, open, threads);
-criterion_main!(benches);
+
+fn main() {
+    if std::env::var_os("BREAKER_RATIOS").is_some() {
+        ratios();
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
+
+// --- interleaved ratios ---------------------------------------------------
+//
+// On a shared, loaded machine, criterion's figures for two contenders
+// measured a minute apart can differ by 2x from load alone. With
+// `BREAKER_RATIOS=1` the bench instead times short batches of every
+// contender in turn, round after round, so that each round sees the same
+// load, and prints the median of each contender's per-round ratio to
+// apiguard's. Run:
+// `BREAKER_RATIOS=1 cargo bench -p apiguard-benches --bench breaker`.
+
+/// Times `batch` calls per thread on `threads` threads (each with its own
+/// clone of `svc`); returns nanoseconds per call per thread.
+fn timed<S>(svc: &S, threads: usize, batch: u64) -> f64
+where
+    S: Service<()> + Clone + Send,
+{
+    // Measuring wall time is what a bench is for; no decision reads this.
+    #[allow(clippy::disallowed_types)]
+    let run = |svc: &mut S| {
+        let start = std::time::Instant::now();
+        for _ in 0..batch {
+            std::hint::black_box(once(svc));
+        }
+        start.elapsed()
+    };
+    if threads == 1 {
+        let mut svc = svc.clone();
+        return run(&mut svc).as_nanos() as f64 / batch as f64;
+    }
+    let barrier = Barrier::new(threads);
+    let total: Duration = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                let mut svc = svc.clone();
+                let barrier = &barrier;
+                s.spawn(move || {
+                    barrier.wait();
+                    run(&mut svc)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .max()
+            .unwrap()
+    });
+    total.as_nanos() as f64 / batch as f64
+}
+
+type Contender = (&'static str, Box<dyn Fn(usize, u64) -> f64>);
+
+fn contender<S>(name: &'static str, svc: S) -> Contender
+where
+    S: Service<()> + Clone + Send + 'static,
+{
+    (
+        name,
+        Box::new(move |threads, batch| timed(&svc, threads, batch)),
+    )
+}
+
+fn report(title: &str, threads: usize, contenders: &[Contender]) {
+    const ROUNDS: usize = 60;
+    let batch = 20_000 / threads as u64;
+    let mut samples = vec![Vec::with_capacity(ROUNDS); contenders.len()];
+    for c in contenders {
+        c.1(threads, batch); // warm up
+    }
+    for round in 0..ROUNDS {
+        // Rotate the order so no contender always runs first.
+        for k in 0..contenders.len() {
+            let i = (k + round) % contenders.len();
+            samples[i].push(contenders[i].1(threads, batch));
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!("{title} ({threads} thread(s), median of {ROUNDS} interleaved rounds)");
+    for (i, c) in contenders.iter().enumerate() {
+        let ratios: Vec<f64> = (0..ROUNDS).map(|r| samples[i][r] / samples[0][r]).collect();
+        println!(
+            "  {:<32} {:>9.1} ns/call   {:>6.2}x apiguard",
+            c.0,
+            median(samples[i].clone()),
+            median(ratios)
+        );
+    }
+}
+
+fn ratios() {
+    let closed = || -> Vec<Contender> {
+        vec![
+            contender(
+                "apiguard consecutive",
+                CircuitBreakerLayer::new(ours_consecutive()).layer(OK),
+            ),
+            contender(
+                "apiguard count window",
+                CircuitBreakerLayer::new(ours_window()).layer(OK),
+            ),
+            contender("no breaker", OK),
+            contender("tower-resilience consecutive", tr_consecutive().layer(OK)),
+            contender("tower-resilience count window", tr_window().layer(OK)),
+            contender("failsafe consecutive", failsafe(OK)),
+            contender("recloser count window", recloser(OK)),
+        ]
+    };
+    report("closed", 1, &closed());
+    let mut ours = CircuitBreakerLayer::new(ours_consecutive()).layer(FAIL);
+    trip(&mut ours);
+    let mut tr = tr_consecutive().layer(FAIL);
+    trip(&mut tr);
+    let mut fs = failsafe(FAIL);
+    trip(&mut fs);
+    let mut rc = recloser(FAIL);
+    trip(&mut rc);
+    report(
+        "open (refusal)",
+        1,
+        &[
+            contender("apiguard", ours),
+            contender("tower-resilience", tr),
+            contender("failsafe", fs),
+            contender("recloser", rc),
+        ],
+    );
+    for threads in [2, 8] {
+        let mut c = closed();
+        c.retain(|c| c.0 != "no breaker");
+        report("closed, contended", threads, &c);
+    }
+}

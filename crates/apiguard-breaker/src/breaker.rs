@@ -623,17 +623,20 @@ impl fmt::Debug for Permit {
 
 impl Permit {
     /// The call succeeded.
+    #[inline]
     pub fn success(mut self) {
         self.finish(Outcome::Success);
     }
 
     /// The call failed.
+    #[inline]
     pub fn failure(mut self) {
         self.finish(Outcome::Failure);
     }
 
     /// The call ended with `outcome` ([`Outcome::Ignored`] counts as
     /// neither, like a dropped permit).
+    #[inline]
     pub fn record(mut self, outcome: Outcome) {
         self.finish(outcome);
     }
@@ -650,6 +653,7 @@ impl Permit {
         }
     }
 
+    #[inline]
     fn finish(&mut self, outcome: Outcome) {
         let kind = std::mem::replace(&mut self.kind, Kind::Done);
         let inner = &*self.breaker;
@@ -662,6 +666,7 @@ impl Permit {
 }
 
 impl Drop for Permit {
+    #[inline]
     fn drop(&mut self) {
         if !matches!(self.kind, Kind::Done) {
             self.finish(Outcome::Ignored);
@@ -915,7 +920,23 @@ impl Inner {
         }
     }
 
+    /// The common case inline — a success, no window: two loads — and the
+    /// rest out of line.
+    #[inline]
     fn record_closed(&self, word: u64, outcome: Outcome, started: Nanos) {
+        if outcome == Outcome::Success
+            && self.window.is_none()
+            && self.consecutive.load(Ordering::Relaxed) == 0
+        {
+            // Nothing to reset and nothing to count: whichever closed
+            // period this call belonged to, there is nothing to record.
+            return;
+        }
+        self.record_closed_slow(word, outcome, started);
+    }
+
+    #[inline(never)]
+    fn record_closed_slow(&self, word: u64, outcome: Outcome, started: Nanos) {
         if outcome == Outcome::Ignored {
             return;
         }

@@ -4,7 +4,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use apiguard_core::{BoxError, CircuitOpen, Classify};
+use std::time::Duration;
+
+use apiguard_core::{BoxError, CircuitOpen, Classify, Outcome};
 use pin_project_lite::pin_project;
 
 use crate::breaker::Permit;
@@ -68,14 +70,10 @@ where
             KindProj::Called { future } => {
                 let result = ready!(future.poll(cx));
                 if let Some(permit) = this.permit.take() {
-                    let hold = result.as_ref().ok().and_then(|r| this.hold.hold_for(r));
-                    match hold {
-                        Some(d) => {
-                            let breaker = permit.breaker();
-                            permit.record(this.classifier.classify(&result));
-                            breaker.hold_open_for(d);
-                        }
-                        None => permit.record(this.classifier.classify(&result)),
+                    let outcome = this.classifier.classify(&result);
+                    match result.as_ref().ok().and_then(|r| this.hold.hold_for(r)) {
+                        Some(d) => record_and_hold(permit, outcome, d),
+                        None => permit.record(outcome),
                     }
                 }
                 Poll::Ready(result.map_err(Into::into))
@@ -83,6 +81,15 @@ where
             KindProj::Refused { open } => Poll::Ready(Err(Box::new(*open))),
         }
     }
+}
+
+/// Records the outcome, then holds the breaker open as the server asked.
+#[cold]
+#[inline(never)]
+fn record_and_hold(permit: Permit, outcome: Outcome, d: Duration) {
+    let breaker = permit.breaker();
+    permit.record(outcome);
+    breaker.hold_open_for(d);
 }
 
 impl<F, C, H> std::fmt::Debug for ResponseFuture<F, C, H> {

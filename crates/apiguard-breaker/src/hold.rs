@@ -60,11 +60,20 @@ impl Default for RetryAfterHold {
 impl<B> HoldOpen<Response<B>> for RetryAfterHold {
     #[inline]
     fn hold_for(&self, response: &Response<B>) -> Option<Duration> {
-        // Look at the status first: only a 503 pays for reading the
-        // wall clock (needed for the HTTP-date form).
+        // Look at the status first: only a 503 pays for parsing the header
+        // and reading the wall clock (needed for the HTTP-date form), and
+        // that path stays out of line so the common one stays small.
         if response.status() != StatusCode::SERVICE_UNAVAILABLE {
             return None;
         }
+        self.parse(response)
+    }
+}
+
+impl RetryAfterHold {
+    #[cold]
+    #[inline(never)]
+    fn parse<B>(&self, response: &Response<B>) -> Option<Duration> {
         overload(response, SystemTime::now())
             .and_then(|o| o.retry_after)
             .filter(|d| !d.is_zero())
