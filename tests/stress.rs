@@ -208,3 +208,87 @@ async fn racing_failures_trip_the_breaker_exactly_once_and_probes_are_rationed()
     assert_eq!(breaker.state(), State::Closed);
     assert_eq!(opened.load(Ordering::SeqCst), 1);
 }
+
+fn rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// `keys` distinct keys, each asking once, while the clock moves from 0 to
+/// 2 s; 100 victims spent their 5 tokens at 0. Returns the RSS growth (kB).
+async fn flood(keys: u64, max_keys: usize) -> u64 {
+    const VICTIMS: u64 = 100;
+    let span = 2_000_000_000u64;
+    let clock = ManualClock::new();
+    let limiter = KeyedLimiter::<u64>::new(5, 1.0)
+        .unwrap()
+        .with_max_keys(max_keys)
+        .with_clock(clock.clock());
+    let victim = |v: u64| u64::MAX - v;
+    for v in 0..VICTIMS {
+        for _ in 0..5 {
+            limiter.try_acquire_at(&victim(v), 1, 0).unwrap();
+        }
+        assert!(limiter.try_acquire_at(&victim(v), 1, 0).is_err());
+    }
+    let rss_before = rss_kb();
+    let l = limiter.clone();
+    let peak = Arc::new(AtomicU64::new(0));
+    let p = peak.clone();
+    race(move |task| {
+        let mut i = task;
+        while i < keys {
+            // Flood keys spend one token and are full again a second later,
+            // so sweeps run during the flood and must spare the victims.
+            let _ = l.try_acquire_at(&i, 1, i * (span / keys));
+            if i % 1024 < TASKS {
+                p.fetch_max(l.len() as u64, Ordering::Relaxed);
+            }
+            i += TASKS;
+        }
+        0
+    })
+    .await;
+    let grown = rss_kb().saturating_sub(rss_before);
+    let peak = peak.load(Ordering::Relaxed);
+    assert!(peak <= max_keys as u64, "{peak} tracked at the peak");
+    assert!(
+        peak >= max_keys as u64 / 2,
+        "the flood did fill the map: {peak}"
+    );
+    assert!(limiter.len() <= max_keys, "{} tracked", limiter.len());
+    // Each victim kept its spent bucket: two seconds of refill is exactly
+    // two tokens (a reset bucket would give five).
+    for v in 0..VICTIMS {
+        for _ in 0..2 {
+            limiter
+                .try_acquire_at(&victim(v), 1, span)
+                .unwrap_or_else(|e| panic!("victim {v} lost its refill: {e}"));
+        }
+        assert!(
+            limiter.try_acquire_at(&victim(v), 1, span).is_err(),
+            "victim {v}'s limit was reset by the flood"
+        );
+    }
+    grown
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn a_key_flood_neither_outgrows_the_cap_nor_resets_tracked_keys() {
+    flood(300_000, 10_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+#[ignore = "long: 10M keys; cargo test --release --test stress -- --ignored --nocapture"]
+async fn a_ten_million_key_flood_stays_within_the_memory_bound() {
+    let grown = flood(10_000_000, 100_000).await;
+    println!("10M-key flood, max_keys 100000: RSS grew {grown} kB");
+    // 100,000 tracked keys are a few MB; 10M untracked would be hundreds.
+    assert!(grown < 64 * 1024, "RSS grew {grown} kB");
+}
