@@ -126,3 +126,50 @@ fn stale_probe_cannot_release_a_slot_of_a_later_period() {
         assert_eq!(b.stats().probes_in_flight, 0);
     });
 }
+
+#[test]
+fn three_racing_callers_share_two_probe_slots_and_one_transition() {
+    loom::model(|| {
+        let (b, transitions) = due_for_probing(2, 2);
+        let handles: Vec<_> = (0..3)
+            .map(|_| {
+                let b = b.clone();
+                thread::spawn(move || b.try_acquire().ok())
+            })
+            .collect();
+        let permits: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        assert_eq!(permits.iter().flatten().count(), 2);
+        assert_eq!(b.stats().probes_in_flight, 2);
+        assert_eq!(transitions.load(Ordering::SeqCst), 1);
+    });
+}
+
+#[test]
+fn racing_failures_in_the_closed_state_trip_it_exactly_once() {
+    loom::model(|| {
+        let transitions = Arc::new(AtomicUsize::new(0));
+        let t = transitions.clone();
+        let b = CircuitBreaker::builder()
+            .failure_threshold(2)
+            .recovery_timeout(Duration::from_secs(1))
+            .clock(ManualClock::new().clock())
+            .on_transition(move |tr| {
+                assert_eq!(tr.to, State::Open);
+                t.fetch_add(1, Ordering::SeqCst);
+            })
+            .build()
+            .unwrap();
+        // Three permits taken while closed, their failures racing: the
+        // second to land trips it, the third finds it open already.
+        let permits: Vec<_> = (0..3).map(|_| b.try_acquire().unwrap()).collect();
+        let handles: Vec<_> = permits
+            .into_iter()
+            .map(|p| thread::spawn(move || p.failure()))
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        assert_eq!(b.state(), State::Open);
+        assert_eq!(transitions.load(Ordering::SeqCst), 1);
+    });
+}

@@ -92,3 +92,30 @@ fn a_cancelled_reservation_comes_back_only_when_it_was_the_last() {
         assert!(b.try_acquire_at(1, full_again).is_ok());
     });
 }
+
+#[test]
+fn racing_costs_at_different_times_never_exceed_capacity_plus_refill() {
+    loom::model(|| {
+        // 2 tokens at once, 1 a second; by 1 s at most 3 can have gone.
+        let b = bucket(2);
+        let spawn = |asks: &'static [(u32, u64)]| {
+            let b = b.clone();
+            thread::spawn(move || {
+                asks.iter()
+                    .filter(|(n, at)| b.try_acquire_at(*n, *at).is_ok())
+                    .map(|(n, _)| u64::from(*n))
+                    .sum::<u64>()
+            })
+        };
+        let handles = [
+            spawn(&[(2, 0)]),
+            spawn(&[(1, SEC / 2), (1, SEC)]),
+            spawn(&[(1, SEC)]),
+        ];
+        let taken: u64 = handles.into_iter().map(|h| h.join().unwrap()).sum();
+        assert!((1..=3).contains(&taken), "{taken} tokens by 1 s");
+        // What is left at 1 s and what was taken never add up to more.
+        let left = b.available_at(SEC);
+        assert!(taken as f64 + left <= 3.0, "{taken} taken, {left} left");
+    });
+}
