@@ -75,7 +75,8 @@
 //! requests plus 10 per second), so a failing server sees about 1.2 times
 //! its normal load rather than `1 + max_retries` times. When the budget is
 //! spent the last response is returned, or [`BudgetExhausted`](error::BudgetExhausted)
-//! when there is none.
+//! when there is none. Waiting out an inner layer's refusal spends nothing:
+//! no request left, so there is no load to cap.
 //!
 //! # Bodies
 //!

@@ -376,6 +376,11 @@ impl RetryPolicy {
             }
         }
         let withdrawal = match &self.cfg.budget {
+            // The budget caps the extra load retries put on the other side.
+            // Waiting out an inner refusal (an open breaker, an empty
+            // bucket) sent nothing, and the next attempt passes the same
+            // guard again, so it spends nothing.
+            _ if refused => Withdrawal::none(),
             Some(budget) if budget.try_withdraw_at(now) => Withdrawal::taken(budget.clone()),
             Some(_) => {
                 tracing::debug!(attempts = self.retries + 1, reason = %signal, "retry budget exhausted");

@@ -414,6 +414,24 @@ async fn inner_rate_limit_refusal_is_waited_out() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn waiting_out_an_inner_refusal_spends_no_budget() {
+    // An empty budget: no floor, no ratio.
+    let budget = RetryBudget::new(Duration::from_secs(10), 0, 0.0).unwrap();
+    let p = policy().budget(budget.clone()).build().unwrap();
+    let inner = Scripted::new(|n| {
+        if n == 0 {
+            Err(Box::new(CircuitOpen::new(Some(Duration::from_secs(1)))))
+        } else {
+            status(200)
+        }
+    });
+    let res = send(p, &inner, get()).await.unwrap();
+    assert_eq!(res.status(), 200, "the refused call was retried anyway");
+    assert_eq!(inner.gaps(), [Duration::from_secs(1)]);
+    assert_eq!(budget.available(), 0.0);
+}
+
+#[tokio::test(start_paused = true)]
 async fn refusals_that_do_not_fit_are_returned_at_once_as_they_are() {
     let p = policy()
         .max_retry_after(Duration::from_secs(10))
