@@ -129,7 +129,11 @@ fn stale_probe_cannot_release_a_slot_of_a_later_period() {
 
 #[test]
 fn three_racing_callers_share_two_probe_slots_and_one_transition() {
-    loom::model(|| {
+    // Three threads explode the state space (over three minutes unbounded);
+    // two preemptions cover every race of interest here in seconds.
+    let mut model = loom::model::Builder::new();
+    model.preemption_bound = Some(2);
+    model.check(|| {
         let (b, transitions) = due_for_probing(2, 2);
         let handles: Vec<_> = (0..3)
             .map(|_| {
