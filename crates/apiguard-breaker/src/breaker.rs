@@ -646,6 +646,12 @@ impl Permit {
         matches!(self.kind, Kind::Probe(_))
     }
 
+    /// Records `outcome`; the permit is spent and its drop records nothing.
+    #[inline]
+    pub(crate) fn record_in_place(&mut self, outcome: Outcome) {
+        self.finish(outcome);
+    }
+
     /// The breaker this permit belongs to.
     pub(crate) fn breaker(&self) -> CircuitBreaker {
         CircuitBreaker {

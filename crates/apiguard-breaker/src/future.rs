@@ -69,11 +69,14 @@ where
         match this.kind.project() {
             KindProj::Called { future } => {
                 let result = ready!(future.poll(cx));
-                if let Some(permit) = this.permit.take() {
+                if let Some(permit) = this.permit.as_mut() {
+                    // Recorded in place: moving the permit out would copy
+                    // it through the stack on every call. Its handle on the
+                    // breaker is let go when the future is dropped.
                     let outcome = this.classifier.classify(&result);
                     match result.as_ref().ok().and_then(|r| this.hold.hold_for(r)) {
                         Some(d) => record_and_hold(permit, outcome, d),
-                        None => permit.record(outcome),
+                        None => permit.record_in_place(outcome),
                     }
                 }
                 Poll::Ready(result.map_err(Into::into))
@@ -86,10 +89,9 @@ where
 /// Records the outcome, then holds the breaker open as the server asked.
 #[cold]
 #[inline(never)]
-fn record_and_hold(permit: Permit, outcome: Outcome, d: Duration) {
-    let breaker = permit.breaker();
-    permit.record(outcome);
-    breaker.hold_open_for(d);
+fn record_and_hold(permit: &mut Permit, outcome: Outcome, d: Duration) {
+    permit.record_in_place(outcome);
+    permit.breaker().hold_open_for(d);
 }
 
 impl<F, C, H> std::fmt::Debug for ResponseFuture<F, C, H> {
