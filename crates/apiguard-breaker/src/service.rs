@@ -76,7 +76,14 @@ where
                 self.classifier.clone(),
                 self.hold.clone(),
             ),
-            Err(open) => ResponseFuture::refused(open, self.classifier.clone(), self.hold.clone()),
+            Err(open) => {
+                tracing::debug!(
+                    target: "apiguard::breaker",
+                    retry_after = ?open.retry_after(),
+                    "call refused: circuit open"
+                );
+                ResponseFuture::refused(open, self.classifier.clone(), self.hold.clone())
+            }
         }
     }
 }
@@ -160,7 +167,14 @@ where
                 self.classifier.clone(),
                 self.hold.clone(),
             ),
-            Err(open) => ResponseFuture::refused(open, self.classifier.clone(), self.hold.clone()),
+            Err(open) => {
+                tracing::debug!(
+                    target: "apiguard::breaker",
+                    retry_after = ?open.retry_after(),
+                    "call refused: circuit open"
+                );
+                ResponseFuture::refused(open, self.classifier.clone(), self.hold.clone())
+            }
         }
     }
 }

@@ -383,7 +383,7 @@ impl RetryPolicy {
             _ if refused => Withdrawal::none(),
             Some(budget) if budget.try_withdraw_at(now) => Withdrawal::taken(budget.clone()),
             Some(_) => {
-                tracing::debug!(attempts = self.retries + 1, reason = %signal, "retry budget exhausted");
+                tracing::debug!(target: "apiguard::retry", attempts = self.retries + 1, reason = %signal, "retry budget exhausted");
                 return Decision::Stop(Stop::Budget);
             }
             None => Withdrawal::none(),
@@ -393,6 +393,7 @@ impl RetryPolicy {
             self.prev_delay = wait;
         }
         tracing::debug!(
+            target: "apiguard::retry",
             attempt = self.retries + 1,
             reason = %signal,
             wait_ms = wait.as_millis() as u64,
@@ -581,7 +582,7 @@ where
                             *e = Box::new(RetriesExhausted::new(attempts, last));
                         }
                         Stop::Budget => {
-                            tracing::debug!(attempts, error = %e, "retry budget spent; last error dropped");
+                            tracing::debug!(target: "apiguard::retry", attempts, error = %e, "retry budget spent; last error dropped");
                             *e = Box::new(BudgetExhausted::new());
                         }
                     }
