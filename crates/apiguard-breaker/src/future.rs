@@ -46,6 +46,11 @@ impl<F, C, H> ResponseFuture<F, C, H> {
     }
 
     pub(crate) fn refused(open: CircuitOpen, classifier: C, hold: H) -> Self {
+        tracing::debug!(
+            target: "apiguard::breaker",
+            retry_after = ?open.retry_after(),
+            "call refused: circuit open"
+        );
         Self {
             kind: Kind::Refused { open },
             permit: None,

@@ -76,14 +76,7 @@ where
                 self.classifier.clone(),
                 self.hold.clone(),
             ),
-            Err(open) => {
-                tracing::debug!(
-                    target: "apiguard::breaker",
-                    retry_after = ?open.retry_after(),
-                    "call refused: circuit open"
-                );
-                ResponseFuture::refused(open, self.classifier.clone(), self.hold.clone())
-            }
+            Err(open) => ResponseFuture::refused(open, self.classifier.clone(), self.hold.clone()),
         }
     }
 }
@@ -167,14 +160,7 @@ where
                 self.classifier.clone(),
                 self.hold.clone(),
             ),
-            Err(open) => {
-                tracing::debug!(
-                    target: "apiguard::breaker",
-                    retry_after = ?open.retry_after(),
-                    "call refused: circuit open"
-                );
-                ResponseFuture::refused(open, self.classifier.clone(), self.hold.clone())
-            }
+            Err(open) => ResponseFuture::refused(open, self.classifier.clone(), self.hold.clone()),
         }
     }
 }
