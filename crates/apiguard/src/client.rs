@@ -61,6 +61,8 @@ fn connector() -> Connector {
         .build()
 }
 
+const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Builds a [`GuardedClient`]; see [`GuardedClient::builder`].
 #[derive(Debug, Clone)]
 pub struct GuardedClientBuilder {
@@ -75,7 +77,7 @@ pub struct GuardedClientBuilder {
     recovery_timeout: Duration,
     success_threshold: u32,
     breaker: Option<CircuitBreakerBuilder>,
-    attempt_timeout: Duration,
+    attempt_timeout: Option<Duration>,
     total_timeout: Duration,
     per_host: bool,
     max_hosts: usize,
@@ -95,7 +97,7 @@ impl Default for GuardedClientBuilder {
             recovery_timeout: Duration::from_secs(30),
             success_threshold: 1,
             breaker: None,
-            attempt_timeout: Duration::from_secs(10),
+            attempt_timeout: None,
             total_timeout: Duration::from_secs(60),
             per_host: true,
             max_hosts: 1024,
@@ -177,9 +179,11 @@ impl GuardedClientBuilder {
         self
     }
 
-    /// Bound on each attempt's network call (default 10 s).
+    /// Bound on each attempt's network call (default 10 s, or the total
+    /// timeout when that is shorter). Longer than the total timeout is
+    /// refused.
     pub fn attempt_timeout(mut self, d: Duration) -> Self {
-        self.attempt_timeout = d;
+        self.attempt_timeout = Some(d);
         self
     }
 
@@ -218,7 +222,10 @@ impl GuardedClientBuilder {
         };
         let mut stack: GuardLayerBuilder = GuardLayer::builder()
             .total_timeout(self.total_timeout)
-            .attempt_timeout(self.attempt_timeout)
+            .attempt_timeout(
+                self.attempt_timeout
+                    .unwrap_or(DEFAULT_ATTEMPT_TIMEOUT.min(self.total_timeout)),
+            )
             .per_host(self.per_host)
             .max_hosts(self.max_hosts)
             .max_wait(self.max_wait);
