@@ -216,6 +216,12 @@ impl Inner {
         let mut cur = slot.load(Ordering::Relaxed);
         loop {
             let (e, v) = unpack(cur);
+            if e != tag && e.wrapping_sub(tag) & EPOCH_MASK < EPOCH_MASK / 2 {
+                // The slot already holds a newer period: this reading is a
+                // whole window stale, its own period long expired. Dropping
+                // it is what expiry would have done.
+                return;
+            }
             let v = if e == tag {
                 v.saturating_add(delta).clamp(VALUE_MIN, VALUE_MAX)
             } else {
@@ -319,6 +325,18 @@ mod tests {
         }
         let granted = (0..100).filter(|_| b.try_withdraw_at(SEC)).count();
         assert_eq!(granted, 10);
+    }
+
+    #[test]
+    fn a_stale_reading_does_not_wipe_a_newer_period() {
+        let b = RetryBudget::new(Duration::from_secs(10), 0, 1.0).unwrap();
+        for _ in 0..5 {
+            b.deposit_at(20 * SEC + SEC / 2);
+        }
+        // A thread that read the clock a whole window ago lands on the same
+        // slot; its deposit belongs to an expired period.
+        b.deposit_at(10 * SEC + SEC / 2);
+        assert_eq!(b.available_at(20 * SEC + SEC / 2), 5.0);
     }
 
     #[test]

@@ -296,6 +296,10 @@ impl GuardedClientBuilder {
 /// ```
 ///
 /// Cloning is cheap; clones share the limits, breakers and retry budget.
+///
+/// The timeouts and retries cover each request up to its response head; the
+/// body then streams to the caller, who bounds the reading of it (a body that
+/// drips is handed over, not cut off).
 #[derive(Clone)]
 pub struct GuardedClient {
     base: Option<String>,
