@@ -15,7 +15,8 @@
 //!   case do not count in the next), then a flood of `n` more new keys:
 //!   ours is capped with `with_max_keys(n)` and stays at `n` keys, governor's
 //!   has no cap and grows (it offers `retain_recent`, which the user must
-//!   call).
+//!   call). Breakers get 200 new keys into their full registry, timed: at
+//!   the cap with no idle breaker, each new key sweeps the whole map.
 //!
 //! Breakers stop at 1 000 000 keys: each holds cache-padded atomics behind
 //! an `Arc` (see the bytes per key), so 10 000 000 would take gigabytes and
@@ -49,7 +50,12 @@ const SIZES: [(&str, u64); 4] = [
 ];
 const BREAKER_MAX: u64 = 1_000_000;
 /// New keys sent to a full breaker registry.
-const BREAKER_FLOOD: u64 = 2_000;
+const BREAKER_FLOOD: u64 = 200;
+/// Tokens each of our buckets gives at fill time: a bucket refills one a
+/// second, so it is not full again (and not reclaimed) for 11 days — filling
+/// 10M keys takes seconds, and a bucket spent by one token would be full,
+/// and swept, one second later.
+const FILL_COST: u32 = 1_000_000;
 
 fn max_size() -> u64 {
     std::env::var("APIGUARD_SCALE_MAX")
@@ -135,9 +141,10 @@ fn child(case: &str) {
         "apiguard_limiter" => {
             let l = ours(n as usize);
             for k in 0..n {
-                l.try_acquire(&k, 1).unwrap();
+                l.try_acquire(&k, FILL_COST).unwrap();
             }
             let filled = rss_bytes();
+            let tracked = l.len() as u64;
             let t = tokio::time::Instant::now();
             for k in n..2 * n {
                 let _ = l.try_acquire(&k, 1);
@@ -146,7 +153,7 @@ fn child(case: &str) {
             let flooded = rss_bytes();
             black_box(&l);
             (
-                (filled - before) as f64 / n as f64,
+                (filled - before) as f64 / tracked as f64,
                 l.len() as u64,
                 flooded.saturating_sub(filled),
                 spent.as_nanos() as f64 / n as f64,
@@ -308,8 +315,9 @@ fn decisions(c: &mut Criterion) {
         {
             let l = ours(2 * n as usize);
             for k in 0..n {
-                l.try_acquire(&k, 1).unwrap();
+                l.try_acquire(&k, FILL_COST).unwrap();
             }
+            assert_eq!(l.len() as u64, n, "buckets were reclaimed while filling");
             g.bench_function(BenchmarkId::new("apiguard_limiter", size), |b| {
                 let mut i = 0u64;
                 b.iter(|| {
@@ -334,8 +342,9 @@ fn decisions(c: &mut Criterion) {
         if n <= BREAKER_MAX {
             let b = breakers(2 * n as usize);
             let mut svc = breaker_service(b.clone());
+            // One failure each keeps them from being idle (and dropped).
             for k in 0..n {
-                support::one(&mut svc, k);
+                b.get(k).try_acquire().unwrap().failure();
             }
             assert_eq!(b.len() as u64, n);
             g.bench_function(BenchmarkId::new("apiguard_breakers", size), |bch| {

@@ -13,7 +13,9 @@
 //!   `apiguard_{rate_limit,breaker,retry}` are the stack's parts one at a
 //!   time, built by `GuardLayer` itself (per-host, with the same wrappers),
 //!   so their overheads add up to what the stack should cost;
-//!   `plain_*` are the pattern crates' unkeyed layers.
+//!   `plain_*` are the pattern crates' unkeyed layers, and
+//!   `apiguard_stack_global` is `GuardLayer` with `per_host(false)` (one
+//!   breaker and one bucket for all hosts, like tower-resilience's).
 //! - `stack_tasks`: the same calls from 1, 2 and 8 tokio tasks on a
 //!   multi-threaded runtime with one worker per core, each task on its own
 //!   clone of the service (clones share one limiter, one breaker registry,
@@ -61,6 +63,10 @@ fn single_task(c: &mut Criterion) {
     });
     g.bench_function("apiguard_stack", |b| {
         let mut svc = support::guard().layer(Noop);
+        b.iter(|| one(&mut svc, request()))
+    });
+    g.bench_function("apiguard_stack_global", |b| {
+        let mut svc = support::guard_global().layer(Noop);
         b.iter(|| one(&mut svc, request()))
     });
     g.bench_function("apiguard_stack_timeouts", |b| {

@@ -128,6 +128,18 @@ pub fn guard() -> GuardLayer {
         .unwrap()
 }
 
+/// The full stack with one breaker and one bucket for all hosts (no
+/// per-host keying), as tower-resilience's stack has.
+pub fn guard_global() -> GuardLayer {
+    GuardLayer::builder()
+        .retry(retry_policy())
+        .circuit_breaker(breaker())
+        .rate_limit(BURST, BURST as f64)
+        .per_host(false)
+        .build()
+        .unwrap()
+}
+
 /// The same with both timeouts on (what `GuardedClient` builds).
 pub fn guard_with_timeouts() -> GuardLayer {
     GuardLayer::builder()
