@@ -154,6 +154,10 @@ pub async fn run(cfg: Config) -> Result<Report, Box<dyn std::error::Error + Send
     let breaker = CircuitBreaker::builder()
         .failure_threshold(5)
         .recovery_timeout(Duration::from_millis(500))
+        // Each failed probe doubles the next wait, up to 2 s: fewer probes
+        // into an outage, fewer retries spent waiting on them.
+        .backoff_multiplier(2.0)
+        .max_recovery_timeout(Duration::from_secs(2))
         .success_threshold(2)
         .on_transition(move |t: &Transition| {
             hook_log
