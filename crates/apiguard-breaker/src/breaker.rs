@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use apiguard_core::clock::{duration_to_nanos, nanos_to_duration};
@@ -99,7 +99,7 @@ pub struct Stats {
     pub retry_after: Option<Duration>,
 }
 
-type Hook = Arc<dyn Fn(&Transition) + Send + Sync + 'static>;
+pub(crate) type Hook = Arc<dyn Fn(&Transition) + Send + Sync + 'static>;
 type JitterSource = Arc<dyn Fn() -> f64 + Send + Sync + 'static>;
 
 /// The shape of the sliding window behind the rate trips.
@@ -286,7 +286,9 @@ impl CircuitBreakerBuilder {
     }
 
     /// Called on every transition, on the thread that made it, after the
-    /// new state is in place. Keep it short: it runs inside a call.
+    /// new state is in place. Keep it short: it runs inside a call. A
+    /// breaker of a [`KeyedBreakers`](crate::KeyedBreakers) registry calls
+    /// the registry's key-aware hooks after this one.
     pub fn on_transition(mut self, f: impl Fn(&Transition) + Send + Sync + 'static) -> Self {
         self.on_transition = Some(Arc::new(f));
         self
@@ -332,6 +334,7 @@ impl CircuitBreakerBuilder {
                 trips: AtomicU32::new(0),
                 clock: self.clock.clone(),
                 on_transition: self.on_transition.clone(),
+                registry_hook: OnceLock::new(),
                 jitter_source: self.jitter_source.clone(),
                 name: self.name.clone(),
                 config,
@@ -544,6 +547,10 @@ struct Inner {
     trips: AtomicU32,
     clock: Clock,
     on_transition: Option<Hook>,
+    /// The key-aware hook of the [`KeyedBreakers`](crate::KeyedBreakers)
+    /// registry that holds this breaker, set at most once, after the
+    /// breaker is built (the registry may get its hook later).
+    registry_hook: OnceLock<Hook>,
     jitter_source: Option<JitterSource>,
     name: Option<Arc<str>>,
     config: Config,
@@ -808,6 +815,15 @@ impl CircuitBreaker {
         inner.clear_counts();
         inner.trips.store(0, Ordering::Release);
         inner.set_mode(CLOSED, Reason::Reset);
+    }
+
+    /// Gives this breaker its registry's hook, made by `make`, unless it
+    /// has one already.
+    pub(crate) fn attach_registry_hook(&self, make: impl FnOnce() -> Hook) {
+        let slot = &self.inner.registry_hook;
+        if slot.get().is_none() {
+            let _ = slot.set(make());
+        }
     }
 
     /// Whether this breaker holds nothing a fresh one would not: closed, no
@@ -1140,13 +1156,17 @@ impl Inner {
             ?reason,
             "circuit breaker transition"
         );
+        let t = Transition {
+            from,
+            to,
+            open_for,
+            reason,
+        };
         if let Some(hook) = &self.on_transition {
-            hook(&Transition {
-                from,
-                to,
-                open_for,
-                reason,
-            });
+            hook(&t);
+        }
+        if let Some(hook) = self.registry_hook.get() {
+            hook(&t);
         }
     }
 }

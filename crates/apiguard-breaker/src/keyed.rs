@@ -2,15 +2,15 @@
 
 use std::fmt;
 use std::hash::Hash;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
 use apiguard_core::InvalidConfig;
 use dashmap::DashMap;
 use http::Request;
 use http::uri::Authority;
 
-use crate::breaker::{CircuitBreaker, CircuitBreakerBuilder, State};
+use crate::breaker::{CircuitBreaker, CircuitBreakerBuilder, Hook, State, Transition};
 
 /// Picks the key a request's breaker is found under.
 ///
@@ -71,16 +71,31 @@ impl<B> KeyExtractor<Request<B>> for PathKey {
 /// reaches `max_keys`). At `max_keys` with nothing idle, a closed breaker is
 /// evicted, and an open one only if every breaker is open.
 ///
+/// Every breaker calls the template's
+/// [`on_transition`](CircuitBreakerBuilder::on_transition) hook, which does
+/// not know the key; [`on_transition`](Self::on_transition) adds a hook that
+/// does.
+///
 /// Cloning is cheap and clones share the registry.
 pub struct KeyedBreakers<K> {
     inner: Arc<Registry<K>>,
 }
+
+type KeyedHook<K> = Arc<dyn Fn(&K, &Transition) + Send + Sync + 'static>;
+type HookSlot<K> = Arc<RwLock<Option<KeyedHook<K>>>>;
+type Attach<K> = Box<dyn Fn(&K, &CircuitBreaker) + Send + Sync + 'static>;
 
 struct Registry<K> {
     map: DashMap<K, CircuitBreaker>,
     template: CircuitBreakerBuilder,
     max_keys: usize,
     inserts_since_sweep: AtomicUsize,
+    /// The key-aware hooks, composed into one.
+    hook: HookSlot<K>,
+    /// Set by the first `on_transition`: gives a breaker a hook that calls
+    /// `hook` with its key. Until then breakers get nothing, so a registry
+    /// without a hook does no work for it.
+    attach: OnceLock<Attach<K>>,
 }
 
 impl<K> Clone for KeyedBreakers<K> {
@@ -114,8 +129,51 @@ impl<K: Hash + Eq + Clone> KeyedBreakers<K> {
                 template,
                 max_keys,
                 inserts_since_sweep: AtomicUsize::new(0),
+                hook: Arc::new(RwLock::new(None)),
+                attach: OnceLock::new(),
             }),
         })
+    }
+
+    /// Adds a hook called with the key on every transition of every
+    /// breaker of the registry — those it holds now and those it makes
+    /// later — after the template's own hook, on the thread that made the
+    /// transition. Hooks added earlier still run, first.
+    ///
+    /// Clones share the registry, so the hook applies to all of them. Keep
+    /// it short and do not use this registry from it: it may run inside a
+    /// call, under a lock of the registry's map. The breaker of a key the
+    /// registry reclaims and makes again gets the hook again.
+    pub fn on_transition(self, f: impl Fn(&K, &Transition) + Send + Sync + 'static) -> Self
+    where
+        K: Send + Sync + 'static,
+    {
+        let reg = &*self.inner;
+        {
+            let mut slot = reg.hook.write().unwrap_or_else(PoisonError::into_inner);
+            let f: KeyedHook<K> = match slot.take() {
+                None => Arc::new(f),
+                Some(earlier) => Arc::new(move |k: &K, t: &Transition| {
+                    earlier(k, t);
+                    f(k, t);
+                }),
+            };
+            *slot = Some(f);
+        }
+        let slot = reg.hook.clone();
+        let _ = reg
+            .attach
+            .set(Box::new(move |key: &K, breaker: &CircuitBreaker| {
+                breaker.attach_registry_hook(|| keyed_hook(slot.clone(), key.clone()))
+            }));
+        // A breaker made from now on gets the hook in `with`; one made
+        // before is found here (the map's locks order the two).
+        if let Some(attach) = reg.attach.get() {
+            for e in reg.map.iter() {
+                attach(e.key(), e.value());
+            }
+        }
+        self
     }
 
     /// The breaker of `key`, created if need be.
@@ -162,6 +220,9 @@ impl<K: Hash + Eq + Clone> KeyedBreakers<K> {
             // The template was checked in `new`.
             reg.template.build().unwrap_or_else(|_| unreachable!())
         });
+        if let Some(attach) = reg.attach.get() {
+            attach(b.key(), b.value());
+        }
         f(&b.downgrade())
     }
 
@@ -189,4 +250,16 @@ impl<K: Hash + Eq + Clone> KeyedBreakers<K> {
             reg.map.remove(&k);
         }
     }
+}
+
+/// The breaker-level hook that passes `key` to the registry's hooks as they
+/// are at the time of the transition.
+fn keyed_hook<K: Send + Sync + 'static>(slot: HookSlot<K>, key: K) -> Hook {
+    Arc::new(move |t: &Transition| {
+        // Cloned out so that a hook adding a hook does not deadlock.
+        let hook = slot.read().unwrap_or_else(PoisonError::into_inner).clone();
+        if let Some(hook) = hook {
+            hook(&key, t);
+        }
+    })
 }

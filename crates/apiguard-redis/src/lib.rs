@@ -87,8 +87,12 @@
 //! share their trips: a bound breaker that opens publishes "open for `d`"
 //! as a key with that TTL, and the others, polling every 100 ms by default,
 //! hold their breaker for the same key open until then, without spending
-//! failures of their own. Redis can only add bounded holds, never stop a
-//! breaker from tripping or recovering by itself.
+//! failures of their own. [`SharedBreakerSignal::follow_keyed`] does the
+//! same for every breaker of a keyed (per-host) registry, finding the open
+//! keys in one sorted-set index with one `ZRANGEBYSCORE` per poll. Redis can
+//! only add bounded holds (at most the published open time, at most
+//! `max_hold`, 60 s by default), never stop a breaker from tripping or
+//! recovering by itself; while it is down, holds run out on their own.
 //!
 //! # Redis versions
 //!
@@ -137,6 +141,6 @@ pub use limiter::{
 pub use local::LOCAL_MAX_KEYS;
 pub use policy::FailurePolicy;
 pub use signal::{
-    DEFAULT_MAX_HOLD, DEFAULT_POLL_EVERY, DEFAULT_SIGNAL_PREFIX, SharedBreakerSignal,
-    SharedBreakerSignalBuilder,
+    DEFAULT_MAX_HOLD, DEFAULT_POLL_EVERY, DEFAULT_SIGNAL_PREFIX, SIGNAL_INDEX_SUFFIX,
+    SharedBreakerSignal, SharedBreakerSignalBuilder, SignalKey,
 };

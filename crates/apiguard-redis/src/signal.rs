@@ -2,12 +2,16 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::hash::Hash;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use apiguard_breaker::{CircuitBreaker, CircuitBreakerBuilder, Reason, State, Transition};
+use apiguard_breaker::{
+    CircuitBreaker, CircuitBreakerBuilder, KeyedBreakers, Reason, State, Transition,
+};
 use apiguard_core::{Clock, InvalidConfig};
+use http::uri::Authority;
 use redis::Script;
 use redis::aio::ConnectionManager;
 use tokio::sync::mpsc;
@@ -28,20 +32,112 @@ pub const DEFAULT_POLL_EVERY: Duration = Duration::from_millis(100);
 /// [`SharedBreakerSignalBuilder::max_hold`] says otherwise.
 pub const DEFAULT_MAX_HOLD: Duration = Duration::from_secs(60);
 
+/// The index of open keys is the Redis key `prefix` followed by this.
+pub const SIGNAL_INDEX_SUFFIX: &str = "~open";
+
 /// Publishing waits in a queue of this many signals; past it, signals are
 /// dropped (a breaker that trips that often is already being heard).
 const QUEUE: usize = 256;
 
-/// Sets the key's value to the publisher's id with a TTL of the open
-/// period, unless it is already held longer. Redis keeps the time (the TTL),
-/// so clocks of the instances never meet.
+/// Sets the key's value (`KEYS[1]`) to the publisher's id (`ARGV[1]`) with a
+/// TTL of the open period (`ARGV[2]`, ms), unless it is already held longer,
+/// and records "`ARGV[3]` open until" in the index (`KEYS[2]`), a sorted set
+/// scored in Redis' own milliseconds, unless it is already open longer
+/// there. Trims expired members and keeps the index no longer than its
+/// longest hold. Redis keeps the time (TTLs, `TIME`), so clocks of the
+/// instances never meet. Returns {the score this call set or 0, now}.
 const PUBLISH_LUA: &str = r#"
-local ttl = redis.call('PTTL', KEYS[1])
-if ttl < tonumber(ARGV[2]) then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local ms = tonumber(ARGV[2])
+if redis.call('PTTL', KEYS[1]) < ms then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ms)
 end
-return 1
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local open_until = now + ms
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local cur = redis.call('ZSCORE', KEYS[2], ARGV[3])
+local set = 0
+if not cur or tonumber(cur) < open_until then
+  redis.call('ZADD', KEYS[2], open_until, ARGV[3])
+  set = open_until
+end
+local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
+local keep = tonumber(last[2]) - now
+if redis.call('PTTL', KEYS[2]) < keep then
+  redis.call('PEXPIRE', KEYS[2], keep)
+end
+return {set, now}
 "#;
+
+/// A key of a [`KeyedBreakers`] registry that
+/// [`SharedBreakerSignal::follow_keyed`] can share: it has a text form, the
+/// signal's key in Redis, and can be read back from it.
+///
+/// Implemented for `String`, `Arc<str>`, `Box<str>`, HTTP authorities
+/// (`host[:port]`, written in lower case as they compare without regard to
+/// case) and `Option<Authority>`, the facade's per-host scope, where `None`
+/// (the breaker shared by every host, or by requests without one) is the
+/// empty text. Two keys that must not share a signal must write different
+/// text, and `from_signal_key` must invert `write_signal_key`.
+pub trait SignalKey: Sized {
+    /// Appends this key's text to `out`.
+    fn write_signal_key(&self, out: &mut String);
+    /// The key whose text is `text`; `None` for text that names no key
+    /// (such signals are ignored).
+    fn from_signal_key(text: &str) -> Option<Self>;
+}
+
+impl SignalKey for String {
+    fn write_signal_key(&self, out: &mut String) {
+        out.push_str(self);
+    }
+    fn from_signal_key(text: &str) -> Option<Self> {
+        Some(text.to_owned())
+    }
+}
+
+impl SignalKey for Arc<str> {
+    fn write_signal_key(&self, out: &mut String) {
+        out.push_str(self);
+    }
+    fn from_signal_key(text: &str) -> Option<Self> {
+        Some(Arc::from(text))
+    }
+}
+
+impl SignalKey for Box<str> {
+    fn write_signal_key(&self, out: &mut String) {
+        out.push_str(self);
+    }
+    fn from_signal_key(text: &str) -> Option<Self> {
+        Some(Box::from(text))
+    }
+}
+
+impl SignalKey for Authority {
+    fn write_signal_key(&self, out: &mut String) {
+        let start = out.len();
+        out.push_str(self.as_str());
+        out[start..].make_ascii_lowercase();
+    }
+    fn from_signal_key(text: &str) -> Option<Self> {
+        Authority::try_from(text).ok()
+    }
+}
+
+impl SignalKey for Option<Authority> {
+    fn write_signal_key(&self, out: &mut String) {
+        if let Some(a) = self {
+            a.write_signal_key(out);
+        }
+    }
+    fn from_signal_key(text: &str) -> Option<Self> {
+        if text.is_empty() {
+            return Some(None);
+        }
+        Authority::from_signal_key(text).map(Some)
+    }
+}
 
 /// Shares circuit breakers' open signal between instances through Redis.
 ///
@@ -86,21 +182,74 @@ return 1
 /// - **No echo.** A hold learned from Redis is not published again, and an
 ///   instance ignores its own signals, so holds never feed each other.
 ///
+/// # Keyed breakers
+///
+/// [`follow_keyed`](Self::follow_keyed) shares every breaker of a
+/// [`KeyedBreakers`] registry — the per-host breakers of a
+/// `KeyedCircuitBreakerLayer`, or of the facade's `GuardLayer` through its
+/// `breakers()` — without naming the keys in advance:
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use apiguard_breaker::{CircuitBreaker, HostKey, KeyedBreakers, KeyedCircuitBreakerLayer};
+/// use apiguard_redis::SharedBreakerSignal;
+/// use http::uri::Authority;
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let signal = SharedBreakerSignal::builder()
+///     .connect("redis://127.0.0.1:6379/")
+///     .await?;
+/// let per_host: KeyedBreakers<Option<Authority>> = KeyedBreakers::new(
+///     CircuitBreaker::builder().recovery_timeout(Duration::from_secs(10)),
+///     10_000,
+/// )?;
+/// // A host that trips here is refused by every instance within ~100 ms.
+/// signal.follow_keyed(&per_host);
+/// let layer = KeyedCircuitBreakerLayer::new(per_host, HostKey);
+/// # let _ = layer;
+/// # Ok(())
+/// # }
+/// ```
+///
+/// Besides the key, every publish records "`key` open until `t`" in one
+/// sorted set, the index (`prefix` + [`SIGNAL_INDEX_SUFFIX`]), scored in
+/// Redis' own milliseconds, in the same script. Each poll reads the members
+/// still open with one `ZRANGEBYSCORE` (and Redis `TIME`, in the same round
+/// trip), so it costs one round trip whatever the number of keys, and
+/// never scans Redis. A signal for a key the registry has no breaker for
+/// makes one, held open, so that key is refused too. The index stays small:
+/// each publish trims its expired members, and it expires with its longest
+/// hold. Keyed and bound breakers of the same key text share one signal.
+/// On Redis Cluster, the script's two keys need one slot: give the prefix a
+/// hash tag (`{apiguard:cb}:`).
+///
+/// # Delay and bounds
+///
+/// - An instance learns of another's trip within `poll_every` (default
+///   100 ms) plus one round trip, and the publishing side's queue (a few
+///   ms); the tests allow `poll_every` plus 500 ms.
+/// - A hold lasts at most what the tripping breaker published (its own open
+///   time) and at most [`max_hold`](SharedBreakerSignalBuilder::max_hold)
+///   (default 60 s), and each published signal is applied once.
+///
 /// # When Redis misbehaves
 ///
 /// Redis only ever *adds* holds, each bounded: by the key's TTL (Redis
-/// deletes it when the open period ends) and by
+/// deletes it when the open period ends) or its score in the index, and by
 /// [`max_hold`](SharedBreakerSignalBuilder::max_hold), and each signal is
 /// applied once. A partitioned or flapping Redis therefore cannot keep a
 /// breaker open beyond the signals other instances really published, and
 /// never stops a breaker from tripping,
 /// probing or closing on its own: publishing and polling failures are only
-/// logged (a `tracing` warning at most every ten seconds).
+/// logged (a `tracing` warning at most every ten seconds). While Redis is
+/// down no signal comes in or goes out; the holds already applied run out on
+/// their own, and sharing resumes once the connection manager reconnects
+/// (signals published meanwhile are lost, not replayed).
 ///
 /// # Clone
 ///
 /// Clones share the connection, the background tasks and the bound
-/// breakers. The tasks end when the last clone is dropped.
+/// breakers and registries. The tasks end when the last clone is dropped.
 #[derive(Clone)]
 pub struct SharedBreakerSignal {
     inner: Arc<SignalInner>,
@@ -115,6 +264,17 @@ struct SignalInner {
     max_hold: Duration,
     clock: Clock,
     bound: Mutex<HashMap<String, Bound>>,
+    /// The sorted set of open keys (`prefix` + [`SIGNAL_INDEX_SUFFIX`]).
+    index: String,
+    /// The registries of [`SharedBreakerSignal::follow_keyed`].
+    keyed: Mutex<Vec<Arc<dyn Follower>>>,
+    /// The index scores this instance set, by key, so it ignores its own.
+    published: Mutex<HashMap<String, Published>>,
+    /// The index scores already applied, by key, so each is applied once.
+    applied: Mutex<HashMap<String, i64>>,
+    /// Redis' time (ms) at the last look at the index: members scored
+    /// below it had expired then and are not read again.
+    index_seen: AtomicI64,
     /// Numbers this instance's signals, so each is applied once.
     seq: AtomicU64,
     tx: mpsc::Sender<(Arc<str>, Duration)>,
@@ -186,6 +346,44 @@ impl SharedBreakerSignal {
             .push(breaker);
     }
 
+    /// Shares the signals of every breaker of `breakers`, each under the
+    /// text of its key ([`SignalKey`]): a breaker of the registry that trips
+    /// publishes its key's signal, and another instance's signal for a key
+    /// holds the registry's breaker for that key open, making it if the
+    /// registry has none, so it refuses as well.
+    ///
+    /// Adds a key-aware hook to the registry
+    /// ([`KeyedBreakers::on_transition`]), which its clones share: the
+    /// breakers of a [`KeyedCircuitBreakerLayer`] or of the facade's
+    /// per-host stack are followed by passing its registry. Call it before
+    /// the registry serves calls, or trips made before are not published.
+    /// The registry stays followed as long as this signal lives.
+    ///
+    /// Keys that no instance has published cost nothing: each poll reads
+    /// only the keys open now, from the index, in one round trip, however
+    /// many keys the registries hold.
+    ///
+    /// [`KeyedCircuitBreakerLayer`]: apiguard_breaker::KeyedCircuitBreakerLayer
+    pub fn follow_keyed<K>(&self, breakers: &KeyedBreakers<K>)
+    where
+        K: SignalKey + Hash + Eq + Clone + Send + Sync + 'static,
+    {
+        let tx = self.inner.tx.clone();
+        let _ = breakers
+            .clone()
+            .on_transition(move |key: &K, t: &Transition| {
+                if t.to == State::Open
+                    && t.reason != Reason::HeldOpen
+                    && let Some(open_for) = t.open_for
+                {
+                    let mut text = String::new();
+                    key.write_signal_key(&mut text);
+                    let _ = tx.try_send((Arc::from(text), open_for));
+                }
+            });
+        lock(&self.inner.keyed).push(Arc::new(breakers.clone()));
+    }
+
     /// How long `key` stays open according to Redis (the remaining TTL of
     /// its signal), whoever published it; `None` when it is not open.
     pub async fn open_for(&self, key: &str) -> Result<Option<Duration>, redis::RedisError> {
@@ -220,18 +418,124 @@ struct Bound {
     applied: Option<String>,
 }
 
+/// What this instance published for one key.
+#[derive(Default)]
+struct Published {
+    /// Publishes under way: until they answer, a score in the index may be
+    /// this instance's own without it knowing yet.
+    pending: u32,
+    /// The index score the last one set.
+    score: Option<i64>,
+}
+
+/// A registry followed by key, with its key type erased.
+trait Follower: Send + Sync {
+    /// Holds the breaker of the key written `text` open for `d`.
+    fn hold(&self, text: &str, d: Duration);
+}
+
+impl<K> Follower for KeyedBreakers<K>
+where
+    K: SignalKey + Hash + Eq + Clone + Send + Sync + 'static,
+{
+    fn hold(&self, text: &str, d: Duration) {
+        if let Some(key) = K::from_signal_key(text) {
+            self.get(key).hold_open_for(d);
+        }
+    }
+}
+
 impl SignalInner {
     async fn publish(&self, key: &str, d: Duration) -> Result<(), redis::RedisError> {
         let ms = d.as_millis().clamp(1, i64::MAX as u128) as i64;
         let mut con = self.con.clone();
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let mut inv = self.script.key(format!("{}{key}", self.prefix));
-        inv.arg(format!("{}:{seq}", self.id)).arg(ms);
-        let call = inv.invoke_async::<i64>(&mut con);
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(r) => r.map(drop),
+        inv.key(&self.index)
+            .arg(format!("{}:{seq}", self.id))
+            .arg(ms)
+            .arg(key);
+        lock(&self.published)
+            .entry(key.to_owned())
+            .or_default()
+            .pending += 1;
+        let call = inv.invoke_async::<(i64, i64)>(&mut con);
+        let reply = match tokio::time::timeout(self.timeout, call).await {
+            Ok(r) => r,
             Err(_) => Err(timeout_error()),
+        };
+        let mut published = lock(&self.published);
+        if let Some(p) = published.get_mut(key) {
+            p.pending -= 1;
+            if let Ok((set, _)) = reply
+                && set > 0
+            {
+                p.score = Some(set);
+            }
         }
+        if let Ok((_, now)) = reply {
+            published.retain(|_, p| p.pending > 0 || p.score.is_some_and(|s| s > now));
+        }
+        reply.map(drop)
+    }
+
+    /// One look at the index for the registries of `follow_keyed`.
+    async fn poll_keyed(&self) -> Result<(), redis::RedisError> {
+        let followers: Vec<Arc<dyn Follower>> = lock(&self.keyed).clone();
+        if followers.is_empty() {
+            return Ok(());
+        }
+        // Members scored at or below Redis' time of the last look had
+        // expired by then: only the keys open now come back. (A Redis whose
+        // clock jumps back can only hide signals, never invent holds.)
+        let since = self.index_seen.load(Ordering::Relaxed);
+        let mut pipe = redis::pipe();
+        pipe.cmd("TIME")
+            .cmd("ZRANGEBYSCORE")
+            .arg(&self.index)
+            .arg(format!("({since}"))
+            .arg("+inf")
+            .arg("WITHSCORES");
+        let mut con = self.con.clone();
+        let ((secs, micros), open) = tokio::time::timeout(
+            self.timeout,
+            pipe.query_async::<((i64, i64), Vec<(String, f64)>)>(&mut con),
+        )
+        .await
+        .map_err(|_| timeout_error())??;
+        let now = secs * 1000 + micros / 1000;
+        self.index_seen.store(now, Ordering::Relaxed);
+
+        let mut holds = Vec::new();
+        {
+            let published = lock(&self.published);
+            let mut applied = lock(&self.applied);
+            applied.retain(|_, score| *score > now);
+            for (key, score) in open {
+                let score = score as i64;
+                if score <= now || applied.get(&key) == Some(&score) {
+                    continue;
+                }
+                if let Some(p) = published.get(&key)
+                    && (p.pending > 0 || p.score == Some(score))
+                {
+                    // Ours, or perhaps ours: a publish has not answered yet
+                    // (if it was not, the next look applies it).
+                    continue;
+                }
+                // Each score holds once, for at most `max_hold`.
+                let hold = Duration::from_millis((score - now) as u64).min(self.max_hold);
+                applied.insert(key.clone(), score);
+                holds.push((key, hold));
+            }
+        }
+        // Outside the locks: a hold makes a transition, which calls hooks.
+        for (key, hold) in &holds {
+            for f in &followers {
+                f.hold(key, *hold);
+            }
+        }
+        Ok(())
     }
 
     /// One look at Redis for every followed key.
@@ -334,7 +638,8 @@ impl SharedBreakerSignalBuilder {
     /// How often to look for other instances' signals (default
     /// [`DEFAULT_POLL_EVERY`]): the bound on how late an instance learns of
     /// a trip, plus one round trip. Each look is one pipelined round trip
-    /// for all bound keys.
+    /// for all bound keys, and one more for the index when registries are
+    /// followed ([`SharedBreakerSignal::follow_keyed`]).
     pub fn poll_every(mut self, every: Duration) -> Self {
         self.poll_every = every;
         self
@@ -376,12 +681,17 @@ impl SharedBreakerSignalBuilder {
         let inner = Arc::new(SignalInner {
             con,
             script: Script::new(PUBLISH_LUA),
+            index: format!("{}{SIGNAL_INDEX_SUFFIX}", self.prefix),
             prefix: self.prefix,
             id: instance_id(),
             timeout: self.timeout,
             max_hold: self.max_hold,
             clock: self.clock,
             bound: Mutex::new(HashMap::new()),
+            keyed: Mutex::new(Vec::new()),
+            published: Mutex::new(HashMap::new()),
+            applied: Mutex::new(HashMap::new()),
+            index_seen: AtomicI64::new(0),
             seq: AtomicU64::new(0),
             tx,
             warn: WarnGate::default(),
@@ -407,6 +717,9 @@ impl SharedBreakerSignalBuilder {
                 let Some(inner) = weak.upgrade() else { break };
                 if let Err(err) = inner.poll().await {
                     inner.warn("polling", &err);
+                }
+                if let Err(err) = inner.poll_keyed().await {
+                    inner.warn("polling the index", &err);
                 }
             }
         });
