@@ -7,6 +7,11 @@ use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
 use apiguard_core::InvalidConfig;
 use dashmap::DashMap;
+
+/// foldhash with a per-map random seed: keys (hosts, routes) may come from
+/// outside, so the seed keeps collisions unpredictable, and it hashes several
+/// times faster than std's SipHash.
+type Hasher = foldhash::fast::RandomState;
 use http::Request;
 use http::uri::Authority;
 
@@ -68,8 +73,9 @@ impl<B> KeyExtractor<Request<B>> for PathKey {
 /// has counted no failure, has no trip to back off from and is not in use is
 /// the same as a fresh one, so such breakers are dropped as the map is used
 /// (a sweep every time the map has grown by its own size, and whenever it
-/// reaches `max_keys`). At `max_keys` with nothing idle, a closed breaker is
-/// evicted, and an open one only if every breaker is open.
+/// reaches `max_keys`). At `max_keys` with nothing idle, closed breakers are
+/// evicted (a sixteenth of the map at once, so a flood of new keys costs
+/// O(1) each, amortised), and open ones only if every breaker is open.
 ///
 /// Every breaker calls the template's
 /// [`on_transition`](CircuitBreakerBuilder::on_transition) hook, which does
@@ -86,7 +92,7 @@ type HookSlot<K> = Arc<RwLock<Option<KeyedHook<K>>>>;
 type Attach<K> = Box<dyn Fn(&K, &CircuitBreaker) + Send + Sync + 'static>;
 
 struct Registry<K> {
-    map: DashMap<K, CircuitBreaker>,
+    map: DashMap<K, CircuitBreaker, Hasher>,
     template: CircuitBreakerBuilder,
     max_keys: usize,
     inserts_since_sweep: AtomicUsize,
@@ -125,7 +131,7 @@ impl<K: Hash + Eq + Clone> KeyedBreakers<K> {
         template.build()?;
         Ok(Self {
             inner: Arc::new(Registry {
-                map: DashMap::new(),
+                map: DashMap::with_hasher(Hasher::default()),
                 template,
                 max_keys,
                 inserts_since_sweep: AtomicUsize::new(0),
@@ -235,18 +241,31 @@ impl<K: Hash + Eq + Clone> KeyedBreakers<K> {
         }
         reg.inserts_since_sweep.store(0, Ordering::Relaxed);
         reg.map.retain(|_, b| !b.is_idle());
-        if reg.map.len() < reg.max_keys {
+        let len = reg.map.len();
+        if len < reg.max_keys {
             return;
         }
-        let victim = {
-            let closed = reg
+        // Still full: nothing was idle. Evict a batch (a sixteenth of the
+        // map) in this one pass, so the next new keys find room without
+        // another: a flood of new keys costs O(1) each, amortised, instead
+        // of a pass over the whole map each.
+        let batch = (len / 16).max(1);
+        let mut victims: Vec<K> = reg
+            .map
+            .iter()
+            .filter(|e| e.value().state() == State::Closed)
+            .take(batch)
+            .map(|e| e.key().clone())
+            .collect();
+        if victims.is_empty() {
+            victims = reg
                 .map
                 .iter()
-                .find(|e| e.value().state() == State::Closed)
-                .map(|e| e.key().clone());
-            closed.or_else(|| reg.map.iter().next().map(|e| e.key().clone()))
-        };
-        if let Some(k) = victim {
+                .take(batch)
+                .map(|e| e.key().clone())
+                .collect();
+        }
+        for k in victims {
             reg.map.remove(&k);
         }
     }

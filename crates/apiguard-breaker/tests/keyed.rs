@@ -1,4 +1,4 @@
-//! The registry's key-aware transition hook.
+//! The keyed registry: its key-aware transition hook, and eviction when full.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -104,4 +104,19 @@ fn a_reclaimed_and_remade_breaker_keeps_the_keyed_hook() {
         *seen.lock().unwrap(),
         [("3".to_owned(), State::Open, Reason::ConsecutiveFailures)]
     );
+}
+
+#[test]
+fn a_flood_into_a_full_registry_evicts_closed_breakers_and_keeps_open_ones() {
+    // Every breaker has counted a failure (none is idle), one is open.
+    let breakers = KeyedBreakers::new(CircuitBreaker::builder().failure_threshold(3), 64).unwrap();
+    for _ in 0..3 {
+        breakers.get(0u32).try_acquire().unwrap().failure();
+    }
+    assert_eq!(breakers.state(&0), State::Open);
+    for key in 1..20_000u32 {
+        breakers.get(key).try_acquire().unwrap().failure();
+        assert!(breakers.len() <= 64, "{} breakers held", breakers.len());
+    }
+    assert_eq!(breakers.state(&0), State::Open, "the open breaker survived the flood");
 }
