@@ -37,6 +37,7 @@ pin_project! {
 
 impl<F, C, H> ResponseFuture<F, C, H> {
     pub(crate) fn called(future: F, permit: Permit, classifier: C, hold: H) -> Self {
+        tracing::trace!(target: "apiguard::breaker", probe = permit.is_probe(), "call admitted");
         Self {
             kind: Kind::Called { future },
             permit: Some(permit),

@@ -192,6 +192,11 @@ where
         Some(Ok(reservation)) => {
             let wait = reservation.grant().wait;
             if wait.is_zero() {
+                tracing::trace!(
+                    target: "apiguard::ratelimit",
+                    remaining = reservation.grant().remaining,
+                    "admitted"
+                );
                 return ResponseFuture::called(inner.call(req));
             }
             tracing::trace!(target: "apiguard::ratelimit", ?wait, "waiting for tokens");

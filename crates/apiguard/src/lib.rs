@@ -45,11 +45,13 @@
 //! # Observability
 //!
 //! Every decision emits a `tracing` event, under the target of the crate
-//! that made it: `apiguard::ratelimit` (waits and refusals, with the key
-//! and the wait), `apiguard::breaker` (refusals and every transition, with
-//! the breaker's name and the states) and `apiguard::retry` (each retry,
-//! with the attempt number, the reason and the wait). The `metrics` feature
-//! adds counters, histograms and a gauge through the `metrics` facade: see
+//! that made it: `apiguard::ratelimit` (admitted at `TRACE` with the tokens
+//! left, waiting at `TRACE` with the wait, refused at `DEBUG` with the
+//! wait), `apiguard::breaker` (admitted at `TRACE`, refused at `DEBUG` with
+//! the wait, every transition at `INFO` with the breaker's name, the states
+//! and the reason) and `apiguard::retry` (each retry at `DEBUG` with the
+//! attempt number, the reason and the wait). The `metrics` feature adds
+//! counters, histograms and a gauge through the `metrics` facade: see
 //! `metrics` (the module, behind the feature) for their names.
 
 #![warn(
