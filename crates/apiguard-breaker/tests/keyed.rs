@@ -118,5 +118,9 @@ fn a_flood_into_a_full_registry_evicts_closed_breakers_and_keeps_open_ones() {
         breakers.get(key).try_acquire().unwrap().failure();
         assert!(breakers.len() <= 64, "{} breakers held", breakers.len());
     }
-    assert_eq!(breakers.state(&0), State::Open, "the open breaker survived the flood");
+    assert_eq!(
+        breakers.state(&0),
+        State::Open,
+        "the open breaker survived the flood"
+    );
 }
