@@ -25,11 +25,10 @@
 //!
 //! Run: `cargo bench -p apiguard-benches --bench retry`.
 
-use std::future::{Future, Ready, ready};
+use std::future::{Ready, ready};
 use std::hint::black_box;
-use std::pin::pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use apiguard_core::BoxError;
@@ -39,50 +38,11 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use http::{Request, Response};
 use http_body_util::Full;
 use tower::retry::Policy;
-use tower::retry::backoff::{Backoff, ExponentialBackoff, ExponentialBackoffMaker, MakeBackoff};
-use tower::util::rng::HasherRng;
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, Service};
 
-type Req = Request<Full<Bytes>>;
-type Res = Response<()>;
+mod support;
 
-/// The inner service: answers 200 at once.
-#[derive(Clone, Copy, Debug)]
-struct Noop;
-
-impl Service<Req> for Noop {
-    type Response = Res;
-    type Error = BoxError;
-    type Future = Ready<Result<Res, BoxError>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Req) -> Self::Future {
-        black_box(&req);
-        ready(Ok(Response::new(())))
-    }
-}
-
-/// The same, for tower-resilience's `Clone` request.
-#[derive(Clone, Copy, Debug)]
-struct NoopArc;
-
-impl Service<Arc<Req>> for NoopArc {
-    type Response = Res;
-    type Error = BoxError;
-    type Future = Ready<Result<Res, BoxError>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Arc<Req>) -> Self::Future {
-        black_box(&req);
-        ready(Ok(Response::new(())))
-    }
-}
+use support::{Noop, NoopArc, Req, Res, TowerPolicy, copy_request, one};
 
 /// A request whose `Clone` copies it the way a retry must (headers, URI,
 /// body), for a like-for-like run of tower-resilience.
@@ -113,84 +73,8 @@ impl Service<DeepReq> for NoopDeep {
     }
 }
 
-/// The smallest useful tower policy: retry 5xx and errors up to three
-/// times, waiting by tower's `ExponentialBackoff`.
-#[derive(Clone, Debug)]
-struct TowerPolicy {
-    backoff: ExponentialBackoff,
-    remaining: u32,
-}
-
-impl TowerPolicy {
-    fn new() -> Self {
-        let backoff = ExponentialBackoffMaker::new(
-            Duration::from_millis(100),
-            Duration::from_secs(10),
-            1.0,
-            HasherRng::default(),
-        )
-        .unwrap()
-        .make_backoff();
-        Self {
-            backoff,
-            remaining: 3,
-        }
-    }
-}
-
-impl Policy<Req, Res, BoxError> for TowerPolicy {
-    type Future = tokio::time::Sleep;
-
-    fn retry(&mut self, _: &mut Req, result: &mut Result<Res, BoxError>) -> Option<Self::Future> {
-        let failed = match result {
-            Ok(res) => res.status().is_server_error(),
-            Err(_) => true,
-        };
-        if failed && self.remaining > 0 {
-            self.remaining -= 1;
-            Some(self.backoff.next_backoff())
-        } else {
-            None
-        }
-    }
-
-    fn clone_request(&mut self, req: &Req) -> Option<Req> {
-        Some(copy_request(req))
-    }
-}
-
-fn copy_request(req: &Req) -> Req {
-    let mut out = Request::new(req.body().clone());
-    *out.method_mut() = req.method().clone();
-    *out.uri_mut() = req.uri().clone();
-    *out.version_mut() = req.version();
-    *out.headers_mut() = req.headers().clone();
-    *out.extensions_mut() = req.extensions().clone();
-    out
-}
-
-/// Polls a future that is ready (or becomes ready) without a real waker.
-fn now<F: Future>(f: F) -> F::Output {
-    let mut f = pin!(f);
-    let mut cx = Context::from_waker(Waker::noop());
-    loop {
-        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
-            return v;
-        }
-    }
-}
-
 fn small_request() -> Req {
     Request::get("/").body(Full::new(Bytes::new())).unwrap()
-}
-
-fn one_request<S, R>(svc: &mut S, req: R)
-where
-    S: Service<R, Response = Res, Error = BoxError>,
-{
-    let ready = now(svc.ready()).unwrap();
-    let res = now(ready.call(req)).unwrap();
-    black_box(res);
 }
 
 fn group<'a>(
@@ -217,7 +101,7 @@ fn success_path(c: &mut Criterion) {
         let mut svc = Noop;
         b.iter_batched(
             small_request,
-            |req| one_request(&mut svc, req),
+            |req| one(&mut svc, req),
             BatchSize::SmallInput,
         );
     });
@@ -225,7 +109,7 @@ fn success_path(c: &mut Criterion) {
         let mut svc = RetryLayer::new(RetryPolicy::builder().build().unwrap()).layer(Noop);
         b.iter_batched(
             small_request,
-            |req| one_request(&mut svc, req),
+            |req| one(&mut svc, req),
             BatchSize::SmallInput,
         );
     });
@@ -234,7 +118,7 @@ fn success_path(c: &mut Criterion) {
         let mut svc = RetryLayer::new(policy).layer(Noop);
         b.iter_batched(
             small_request,
-            |req| one_request(&mut svc, req),
+            |req| one(&mut svc, req),
             BatchSize::SmallInput,
         );
     });
@@ -242,7 +126,7 @@ fn success_path(c: &mut Criterion) {
         let mut svc = tower::retry::RetryLayer::new(TowerPolicy::new()).layer(Noop);
         b.iter_batched(
             small_request,
-            |req| one_request(&mut svc, req),
+            |req| one(&mut svc, req),
             BatchSize::SmallInput,
         );
     });
@@ -254,7 +138,7 @@ fn success_path(c: &mut Criterion) {
         let mut svc = layer.layer(NoopArc);
         b.iter_batched(
             || Arc::new(small_request()),
-            |req| one_request(&mut svc, req),
+            |req| one(&mut svc, req),
             BatchSize::SmallInput,
         );
     });
@@ -266,7 +150,7 @@ fn success_path(c: &mut Criterion) {
         let mut svc = layer.layer(NoopDeep);
         b.iter_batched(
             || DeepReq(small_request()),
-            |req| one_request(&mut svc, req),
+            |req| one(&mut svc, req),
             BatchSize::SmallInput,
         );
     });

@@ -229,14 +229,20 @@ impl Policy<Req, Res, BoxError> for TowerPolicy {
     }
 
     fn clone_request(&mut self, req: &Req) -> Option<Req> {
-        let mut out = Request::new(req.body().clone());
-        *out.method_mut() = req.method().clone();
-        *out.uri_mut() = req.uri().clone();
-        *out.version_mut() = req.version();
-        *out.headers_mut() = req.headers().clone();
-        *out.extensions_mut() = req.extensions().clone();
-        Some(out)
+        Some(copy_request(req))
     }
+}
+
+/// The copy of a request a retry must make, written out by hand as a tower
+/// policy's `clone_request` would.
+pub fn copy_request(req: &Req) -> Req {
+    let mut out = Request::new(req.body().clone());
+    *out.method_mut() = req.method().clone();
+    *out.uri_mut() = req.uri().clone();
+    *out.version_mut() = req.version();
+    *out.headers_mut() = req.headers().clone();
+    *out.extensions_mut() = req.extensions().clone();
+    out
 }
 
 /// tower's `RateLimit` around tower's `Retry`. tower's `RateLimit` is not
