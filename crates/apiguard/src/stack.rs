@@ -65,11 +65,7 @@ impl Scope {
         if !self.per_host {
             return None;
         }
-        if let Some(a) = req.uri().authority() {
-            return Some(a.clone());
-        }
-        let host = req.headers().get(http::header::HOST)?;
-        Authority::try_from(host.as_bytes()).ok()
+        apiguard_breaker::KeyExtractor::extract(&apiguard_breaker::HostKey, req)
     }
 }
 
