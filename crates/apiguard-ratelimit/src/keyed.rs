@@ -310,12 +310,16 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
     /// Keys tracked now with the default quota (never more than
     /// `max_keys`; keys with a quota of their own are held apart).
     pub fn len(&self) -> usize {
-        self.inner.map.len()
+        // The slot count, not `DashMap::len`: that one adds up its shards one
+        // after the other, so while a sweep frees slots and new keys take them
+        // it can read more than the map ever held at once. The count bounds
+        // the map at every instant (a slot is taken before its insert).
+        self.inner.count.load(StdOrdering::Relaxed)
     }
 
     /// Whether no key is tracked with the default quota.
     pub fn is_empty(&self) -> bool {
-        self.inner.map.is_empty()
+        self.len() == 0
     }
 
     /// The cap on tracked keys.
@@ -396,8 +400,15 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
             return (decide(&o.tat, &o.rate), false);
         }
         self.maybe_sweep(now);
-        if inner.count.fetch_add(1, StdOrdering::Relaxed) >= inner.max_keys {
-            inner.count.fetch_sub(1, StdOrdering::Relaxed);
+        // Reserve a slot without ever counting past `max_keys`, so the count
+        // is a true bound on the map even mid-insert (and `len()` with it).
+        let reserved = inner
+            .count
+            .fetch_update(StdOrdering::Relaxed, StdOrdering::Relaxed, |n| {
+                (n < inner.max_keys).then_some(n + 1)
+            })
+            .is_ok();
+        if !reserved {
             // Another thread may have created it meanwhile.
             if let Some(tat) = inner.map.get(key) {
                 return (decide(&tat, &inner.rate), false);
