@@ -76,6 +76,10 @@ impl<B> KeyExtractor<Request<B>> for PathKey {
 /// reaches `max_keys`). At `max_keys` with nothing idle, closed breakers are
 /// evicted (a sixteenth of the map at once, so a flood of new keys costs
 /// O(1) each, amortised), and open ones only if every breaker is open.
+/// Room is made before a new key is inserted, not reserved, so threads
+/// inserting new keys at the same instant can each pass the check: the map
+/// may exceed `max_keys` by at most the number of such threads, until the
+/// next new key evicts again.
 ///
 /// Every breaker calls the template's
 /// [`on_transition`](CircuitBreakerBuilder::on_transition) hook, which does
