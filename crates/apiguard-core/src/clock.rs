@@ -128,8 +128,24 @@ impl ManualClock {
 #[inline]
 fn system_now() -> Nanos {
     static ORIGIN: OnceLock<tokio::time::Instant> = OnceLock::new();
-    let origin = *ORIGIN.get_or_init(tokio::time::Instant::now);
+    let origin = *ORIGIN.get_or_init(test_origin);
     duration_to_nanos(tokio::time::Instant::now().saturating_duration_since(origin))
+}
+
+/// An origin earlier than any instant a test runtime will read. Taking the
+/// first reading instead is wrong: each paused runtime starts from the real
+/// time it was built at and may have been advanced far ahead, so a reading
+/// from one test can lie in another's future — whose clock then sits at the
+/// origin, saturated, and loses the first stretch of every `advance`.
+#[cfg(any(test, feature = "test-util"))]
+#[allow(clippy::disallowed_types)]
+fn test_origin() -> tokio::time::Instant {
+    let now = std::time::Instant::now();
+    let early = [3_600, 60, 1]
+        .into_iter()
+        .find_map(|secs| now.checked_sub(Duration::from_secs(secs)))
+        .unwrap_or(now);
+    tokio::time::Instant::from_std(early)
 }
 
 #[cfg(not(any(test, feature = "test-util")))]
