@@ -660,7 +660,7 @@ impl Permit {
     }
 
     /// The breaker this permit belongs to.
-    pub(crate) fn breaker(&self) -> CircuitBreaker {
+    pub fn breaker(&self) -> CircuitBreaker {
         CircuitBreaker {
             inner: self.breaker.clone(),
         }

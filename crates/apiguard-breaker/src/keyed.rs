@@ -5,7 +5,7 @@ use std::hash::Hash;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
-use apiguard_core::InvalidConfig;
+use apiguard_core::{CircuitOpen, InvalidConfig};
 use dashmap::DashMap;
 
 /// foldhash with a per-map random seed: keys (hosts, routes) may come from
@@ -15,7 +15,7 @@ type Hasher = foldhash::fast::RandomState;
 use http::Request;
 use http::uri::Authority;
 
-use crate::breaker::{CircuitBreaker, CircuitBreakerBuilder, Hook, State, Transition};
+use crate::breaker::{CircuitBreaker, CircuitBreakerBuilder, Hook, Permit, State, Transition};
 
 /// Picks the key a request's breaker is found under.
 ///
@@ -188,7 +188,15 @@ impl<K: Hash + Eq + Clone> KeyedBreakers<K> {
 
     /// The breaker of `key`, created if need be.
     pub fn get(&self, key: K) -> CircuitBreaker {
-        self.with(key, CircuitBreaker::clone)
+        self.with(&key, CircuitBreaker::clone)
+    }
+
+    /// Asks `key`'s breaker (created if need be) to make a call; see
+    /// [`CircuitBreaker::try_acquire`]. Cheaper than `get` then
+    /// `try_acquire`: the key is copied only when its breaker is new.
+    #[inline]
+    pub fn try_acquire(&self, key: &K) -> Result<Permit, CircuitOpen> {
+        self.with(key, CircuitBreaker::try_acquire)
     }
 
     /// The breaker of `key`, if it has one.
@@ -220,13 +228,13 @@ impl<K: Hash + Eq + Clone> KeyedBreakers<K> {
     ///
     /// `f` runs under a read lock of the map's shard: a transition hook that
     /// writes to this registry could deadlock.
-    pub(crate) fn with<R>(&self, key: K, f: impl FnOnce(&CircuitBreaker) -> R) -> R {
+    pub(crate) fn with<R>(&self, key: &K, f: impl FnOnce(&CircuitBreaker) -> R) -> R {
         let reg = &*self.inner;
-        if let Some(b) = reg.map.get(&key) {
+        if let Some(b) = reg.map.get(key) {
             return f(&b);
         }
         self.make_room();
-        let b = reg.map.entry(key).or_insert_with(|| {
+        let b = reg.map.entry(key.clone()).or_insert_with(|| {
             // The template was checked in `new`.
             reg.template.build().unwrap_or_else(|_| unreachable!())
         });

@@ -152,7 +152,7 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         let key = self.extractor.extract(&req);
-        let acquired = self.breakers.with(key, CircuitBreaker::try_acquire);
+        let acquired = self.breakers.with(&key, CircuitBreaker::try_acquire);
         match acquired {
             Ok(permit) => ResponseFuture::called(
                 self.inner.call(req),

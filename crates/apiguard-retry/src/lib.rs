@@ -128,5 +128,5 @@ pub use body::{ReplayBody, TryCloneBody};
 pub use budget::RetryBudget;
 pub use classify::IDEMPOTENCY_KEY;
 pub use layer::RetryLayer;
-pub use policy::{DEFAULT_RETRYABLE_STATUS_CODES, RetryPolicy, RetryPolicyBuilder};
+pub use policy::{DEFAULT_RETRYABLE_STATUS_CODES, RetryPolicy, RetryPolicyBuilder, RetryState};
 pub use service::Retry;

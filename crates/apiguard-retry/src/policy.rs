@@ -43,12 +43,36 @@ use crate::future::Wait;
 #[derive(Clone)]
 pub struct RetryPolicy {
     cfg: Arc<Config>,
-    /// Retries made so far for the request this clone serves.
+    /// The request this clone serves (tower's `Retry` keeps one clone per
+    /// request).
+    state: RetryState,
+}
+
+/// Where one request stands under a [`RetryPolicy`]: for a service that
+/// drives the policy itself instead of through tower's `Retry` (apiguard's
+/// composed stack does, to keep one future per request).
+///
+/// Made by [`RetryPolicy::start`], advanced by [`RetryPolicy::on_result`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RetryState {
+    /// Retries made so far.
     retries: u32,
-    /// When that request's first attempt started.
+    /// When the first attempt started.
     start: Nanos,
     /// The previous delay, for decorrelated jitter.
     prev_delay: Duration,
+}
+
+impl RetryState {
+    /// Retries made so far (0 during the first attempt).
+    pub fn retries(&self) -> u32 {
+        self.retries
+    }
+
+    /// Attempts made so far, the one in flight included.
+    pub fn attempts(&self) -> u32 {
+        self.retries + 1
+    }
 }
 
 struct Config {
@@ -229,9 +253,7 @@ impl RetryPolicyBuilder {
                 clock: self.clock,
                 random: self.random,
             }),
-            retries: 0,
-            start: 0,
-            prev_delay: Duration::ZERO,
+            state: RetryState::default(),
         })
     }
 }
@@ -324,18 +346,95 @@ impl RetryPolicy {
         self.cfg.statuses.contains(status)
     }
 
-    /// Starts the state of one request (its first attempt).
-    fn begin(&mut self, now: Nanos) {
-        self.retries = 0;
-        self.start = now;
-        self.prev_delay = Duration::ZERO;
+    /// Starts the state of one request (its first attempt) at `now`.
+    fn begin(&self, now: Nanos) -> RetryState {
         if let Some(budget) = &self.cfg.budget {
             budget.deposit_at(now);
+        }
+        RetryState {
+            retries: 0,
+            start: now,
+            prev_delay: Duration::ZERO,
+        }
+    }
+
+    /// Starts one request: its deposit in the budget, and its clock for the
+    /// deadline. Reads the clock only when a deadline or a budget needs it.
+    #[inline]
+    pub fn start(&self) -> RetryState {
+        // Time is only needed for a deadline or a budget; skipping the read
+        // keeps the success path cheap without them.
+        let now = if self.cfg.deadline.is_some() || self.cfg.budget.is_some() {
+            self.cfg.clock.now()
+        } else {
+            0
+        };
+        self.begin(now)
+    }
+
+    /// A copy of `req` for a later attempt: `None` when the policy makes no
+    /// retries, or when the body cannot be copied.
+    #[inline]
+    pub fn copy_request<B: TryCloneBody>(&self, req: &Request<B>) -> Option<Request<B>> {
+        if self.cfg.max_retries == 0 {
+            return None;
+        }
+        clone_request(req)
+    }
+
+    /// Decides what follows an attempt of `req` (the copy kept for the next
+    /// attempt) that ended in `result`: `Some(wait)` to retry once `wait`
+    /// completes, `None` to return `result` — whose error may have been
+    /// replaced, as [`Retry`](crate::Retry) documents (`RetriesExhausted`,
+    /// `BudgetExhausted`).
+    pub fn on_result<B: TryCloneBody, R>(
+        &self,
+        state: &mut RetryState,
+        req: &Request<B>,
+        result: &mut Result<Response<R>, BoxError>,
+    ) -> Option<Wait> {
+        let signal = match result {
+            Ok(res) if !self.cfg.statuses.contains(res.status()) => return None,
+            Ok(res) => Signal::Status(res.status(), response_hint(res.headers())),
+            Err(e) => Signal::Error(classify_error(&**e)),
+        };
+        let repeatable =
+            self.cfg.retry_non_idempotent || is_repeatable(req.method(), req.headers());
+        let decision = if req.body().can_replay() {
+            self.decide(state, signal, repeatable, self.cfg.clock.now())
+        } else {
+            Decision::Stop(Stop::AsIs)
+        };
+        match decision {
+            Decision::Retry(wait, withdrawal) => Some(Wait::new(wait, withdrawal)),
+            Decision::Stop(stop) => {
+                if let Err(e) = result {
+                    let attempts = state.retries + 1;
+                    match stop {
+                        Stop::AsIs => {}
+                        Stop::Exhausted => {
+                            let last = std::mem::replace(e, Box::new(BudgetExhausted::new()));
+                            *e = Box::new(RetriesExhausted::new(attempts, last));
+                        }
+                        Stop::Budget => {
+                            tracing::debug!(target: "apiguard::retry", attempts, error = %e, "retry budget spent; last error dropped");
+                            *e = Box::new(BudgetExhausted::new());
+                        }
+                    }
+                }
+                None
+            }
         }
     }
 
     /// The one decision, for both the layer and `run`.
-    fn decide(&mut self, signal: Signal, repeatable: bool, now: Nanos) -> Decision {
+    fn decide(
+        &self,
+        st: &mut RetryState,
+        signal: Signal,
+        repeatable: bool,
+        now: Nanos,
+    ) -> Decision {
         let (hint, needs_repeatable) = match signal {
             Signal::Status(_, hint) => (hint, true),
             Signal::Error(ErrorClass::Refused(None)) | Signal::Error(ErrorClass::Other) => {
@@ -350,7 +449,7 @@ impl RetryPolicy {
             return Decision::Stop(Stop::AsIs);
         }
         let refused = matches!(signal, Signal::Error(ErrorClass::Refused(_)));
-        if self.retries >= self.cfg.max_retries {
+        if st.retries >= self.cfg.max_retries {
             return Decision::Stop(Stop::Exhausted);
         }
         let wait = match hint {
@@ -361,11 +460,11 @@ impl RetryPolicy {
                     Jitter::None => 0.0,
                     _ => self.cfg.random.unit(),
                 };
-                self.cfg.backoff.delay(self.retries + 1, self.prev_delay, u)
+                self.cfg.backoff.delay(st.retries + 1, st.prev_delay, u)
             }
         };
         if let Some(deadline) = self.cfg.deadline {
-            let end = self.start.saturating_add(duration_to_nanos(deadline));
+            let end = st.start.saturating_add(duration_to_nanos(deadline));
             if now.saturating_add(duration_to_nanos(wait)) > end {
                 // A server's wait that does not fit is returned as it came.
                 return Decision::Stop(if hint.is_some() || refused {
@@ -383,18 +482,18 @@ impl RetryPolicy {
             _ if refused => Withdrawal::none(),
             Some(budget) if budget.try_withdraw_at(now) => Withdrawal::taken(budget.clone()),
             Some(_) => {
-                tracing::debug!(target: "apiguard::retry", attempts = self.retries + 1, reason = %signal, "retry budget exhausted");
+                tracing::debug!(target: "apiguard::retry", attempts = st.retries + 1, reason = %signal, "retry budget exhausted");
                 return Decision::Stop(Stop::Budget);
             }
             None => Withdrawal::none(),
         };
-        self.retries += 1;
+        st.retries += 1;
         if hint.is_none() {
-            self.prev_delay = wait;
+            st.prev_delay = wait;
         }
         tracing::debug!(
             target: "apiguard::retry",
-            attempt = self.retries + 1,
+            attempt = st.retries + 1,
             reason = %signal,
             wait_ms = wait.as_millis() as u64,
             "retrying"
@@ -455,8 +554,7 @@ impl RetryPolicy {
         Fut: Future<Output = Result<T, E>>,
         E: 'static,
     {
-        let mut session = self.clone();
-        session.begin(self.cfg.clock.now());
+        let mut state = self.begin(self.cfg.clock.now());
         let mut attempt = 1;
         loop {
             let result = f(attempt).await;
@@ -466,7 +564,7 @@ impl RetryPolicy {
                 None if classify.classify(&result) == Outcome::Failure => Signal::Failed,
                 None => Signal::Error(ErrorClass::Other),
             };
-            match session.decide(signal, true, self.cfg.clock.now()) {
+            match self.decide(&mut state, signal, true, self.cfg.clock.now()) {
                 Decision::Retry(wait, mut withdrawal) => {
                     if !wait.is_zero() {
                         tokio::time::sleep(wait).await;
@@ -515,7 +613,7 @@ impl fmt::Debug for RetryPolicy {
             .field("budget", &c.budget)
             .field("retry_non_idempotent", &c.retry_non_idempotent)
             .field("max_replay_bytes", &c.max_replay_bytes)
-            .field("retries", &self.retries)
+            .field("retries", &self.state.retries)
             .finish_non_exhaustive()
     }
 }
@@ -558,58 +656,20 @@ where
         req: &mut Request<B>,
         result: &mut Result<Response<R>, BoxError>,
     ) -> Option<Wait> {
-        let signal = match result {
-            Ok(res) if !self.cfg.statuses.contains(res.status()) => return None,
-            Ok(res) => Signal::Status(res.status(), response_hint(res.headers())),
-            Err(e) => Signal::Error(classify_error(&**e)),
-        };
-        let repeatable =
-            self.cfg.retry_non_idempotent || is_repeatable(req.method(), req.headers());
-        let decision = if req.body().can_replay() {
-            self.decide(signal, repeatable, self.cfg.clock.now())
-        } else {
-            Decision::Stop(Stop::AsIs)
-        };
-        match decision {
-            Decision::Retry(wait, withdrawal) => Some(Wait::new(wait, withdrawal)),
-            Decision::Stop(stop) => {
-                if let Err(e) = result {
-                    let attempts = self.retries + 1;
-                    match stop {
-                        Stop::AsIs => {}
-                        Stop::Exhausted => {
-                            let last = std::mem::replace(e, Box::new(BudgetExhausted::new()));
-                            *e = Box::new(RetriesExhausted::new(attempts, last));
-                        }
-                        Stop::Budget => {
-                            tracing::debug!(target: "apiguard::retry", attempts, error = %e, "retry budget spent; last error dropped");
-                            *e = Box::new(BudgetExhausted::new());
-                        }
-                    }
-                }
-                None
-            }
-        }
+        let mut state = self.state;
+        let wait = self.on_result(&mut state, req, result);
+        self.state = state;
+        wait
     }
 
     fn clone_request(&mut self, req: &Request<B>) -> Option<Request<B>> {
         // tower calls this on the service's policy for each new request
         // (where no retry has happened yet) and on the request's own clone
         // before each retry.
-        if self.retries == 0 {
-            // Time is only needed for a deadline or a budget; skipping the
-            // read keeps the success path cheap without them.
-            let now = if self.cfg.deadline.is_some() || self.cfg.budget.is_some() {
-                self.cfg.clock.now()
-            } else {
-                0
-            };
-            self.begin(now);
+        if self.state.retries == 0 {
+            self.state = self.start();
         }
-        if self.cfg.max_retries == 0 {
-            return None;
-        }
-        clone_request(req)
+        self.copy_request(req)
     }
 }
 

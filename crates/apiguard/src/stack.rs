@@ -28,17 +28,21 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use std::sync::Arc;
+use std::task::ready;
+
 use apiguard_breaker::{
-    CircuitBreakerBuilder, KeyedBreakers, KeyedCircuitBreakerLayer, KeyedCircuitBreakerService,
-    SlidingWindow,
+    CircuitBreakerBuilder, HoldOpen, KeyedBreakers, Permit, RetryAfterHold, SlidingWindow,
 };
-use apiguard_core::{BoxError, InvalidConfig};
-use apiguard_ratelimit::{KeyedLimiter, KeyedRateLimit, KeyedRateLimitLayer};
-use apiguard_retry::{Retry, RetryLayer, RetryPolicy};
+use apiguard_core::{BoxError, Classify, HttpClassifier, InvalidConfig, Outcome};
+use apiguard_ratelimit::{KeyedLimiter, Reservation};
+use apiguard_retry::future::Wait;
+use apiguard_retry::{RetryPolicy, RetryState, TryCloneBody};
 use http::Request;
 use http::uri::Authority;
 use pin_project_lite::pin_project;
-use tower::timeout::{Timeout, TimeoutLayer};
+use tokio::time::Sleep;
+use tower::timeout::Timeout;
 use tower::util::Either;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -215,31 +219,63 @@ impl GuardLayerBuilder {
             }
             None => None,
         };
+        let needs_key = per_host_needs_key(self.per_host, &breakers, &limiter);
         Ok(GuardLayer {
             total_timeout: self.total_timeout,
-            retry: self.retry,
-            breakers,
-            limiter,
-            max_wait: self.max_wait,
             attempt_timeout: self.attempt_timeout,
-            scope: Scope::new(self.per_host),
+            shared: Arc::new(Shared {
+                retry: self.retry,
+                breakers,
+                limiter,
+                max_wait: self.max_wait,
+                scope: Scope::new(needs_key),
+            }),
         })
     }
+}
+
+/// Keys are only worth extracting when something is kept per host.
+fn per_host_needs_key(
+    per_host: bool,
+    breakers: &Option<KeyedBreakers<HostScope>>,
+    limiter: &Option<KeyedLimiter<HostScope>>,
+) -> bool {
+    per_host && (breakers.is_some() || limiter.is_some())
+}
+
+/// What the layer, its services and their futures share.
+struct Shared {
+    retry: Option<RetryPolicy>,
+    breakers: Option<KeyedBreakers<HostScope>>,
+    limiter: Option<KeyedLimiter<HostScope>>,
+    max_wait: Duration,
+    scope: Scope,
 }
 
 /// The composed client stack (see the [module docs](self)).
 ///
 /// Cloning the layer, and every service it makes, shares the breakers, the
 /// buckets and the retry budget.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct GuardLayer {
     total_timeout: Option<Duration>,
-    retry: Option<RetryPolicy>,
-    breakers: Option<KeyedBreakers<HostScope>>,
-    limiter: Option<KeyedLimiter<HostScope>>,
-    max_wait: Duration,
     attempt_timeout: Option<Duration>,
-    scope: Scope,
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for GuardLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &*self.shared;
+        f.debug_struct("GuardLayer")
+            .field("total_timeout", &self.total_timeout)
+            .field("retry", &s.retry)
+            .field("breakers", &s.breakers)
+            .field("limiter", &s.limiter)
+            .field("max_wait", &s.max_wait)
+            .field("attempt_timeout", &self.attempt_timeout)
+            .field("scope", &s.scope)
+            .finish()
+    }
 }
 
 impl GuardLayer {
@@ -250,57 +286,41 @@ impl GuardLayer {
 
     /// The per-host breakers, for inspection.
     pub fn breakers(&self) -> Option<&KeyedBreakers<HostScope>> {
-        self.breakers.as_ref()
+        self.shared.breakers.as_ref()
     }
 
     /// The per-host buckets, for inspection.
     pub fn limiter(&self) -> Option<&KeyedLimiter<HostScope>> {
-        self.limiter.as_ref()
+        self.shared.limiter.as_ref()
     }
 
     /// The retry policy.
     pub fn retry_policy(&self) -> Option<&RetryPolicy> {
-        self.retry.as_ref()
+        self.shared.retry.as_ref()
     }
 }
 
 type Attempt<S> = Either<Timeout<BoxErr<S>>, BoxErr<S>>;
-type Limited<S> = Either<KeyedRateLimit<Attempt<S>, KeyedLimiter<HostScope>, Scope>, Attempt<S>>;
-type Broken<S> = Either<KeyedCircuitBreakerService<Limited<S>, HostScope, Scope>, Limited<S>>;
-type Retried<S> = Either<Retry<Broken<S>>, Broken<S>>;
-type Total<S> = Either<Timeout<Retried<S>>, Retried<S>>;
-
-fn either<L, S>(layer: Option<L>, inner: S) -> Either<L::Service, S>
-where
-    L: Layer<S>,
-{
-    match layer {
-        Some(l) => Either::Left(l.layer(inner)),
-        None => Either::Right(inner),
-    }
-}
+type Total<S> = Either<Timeout<Core<S>>, Core<S>>;
 
 impl<S> Layer<S> for GuardLayer {
     type Service = Guard<S>;
 
     fn layer(&self, inner: S) -> Guard<S> {
         let svc = BoxErr { inner };
-        let svc = either(self.attempt_timeout.map(TimeoutLayer::new), svc);
-        let svc = either(
-            self.limiter
-                .clone()
-                .map(|l| KeyedRateLimitLayer::new(l, self.scope).max_wait(self.max_wait)),
-            svc,
-        );
-        let svc = either(
-            self.breakers
-                .clone()
-                .map(|b| KeyedCircuitBreakerLayer::new(b, self.scope)),
-            svc,
-        );
-        let svc = either(self.retry.clone().map(RetryLayer::new), svc);
-        let svc = either(self.total_timeout.map(TimeoutLayer::new), svc);
-        Guard { inner: svc }
+        let attempt = match self.attempt_timeout {
+            Some(d) => Either::Left(Timeout::new(svc, d)),
+            None => Either::Right(svc),
+        };
+        let core = Core {
+            shared: self.shared.clone(),
+            attempt,
+        };
+        let inner = match self.total_timeout {
+            Some(d) => Either::Left(Timeout::new(core, d)),
+            None => Either::Right(core),
+        };
+        Guard { inner }
     }
 }
 
@@ -332,6 +352,428 @@ where
     #[inline]
     fn call(&mut self, req: Request<B>) -> Self::Future {
         self.inner.call(req)
+    }
+}
+
+/// Retry, breaker and rate limit in one service and one future.
+///
+/// Stacked as separate tower layers, each part would wrap the next one's
+/// future in its own and clone the service below it into every request
+/// (tower's `Retry` does): a kilobyte-sized future moved up through each
+/// layer, and a dozen reference counts written per call. Here each request
+/// carries one future whose waits live on the heap only when it waits.
+#[derive(Clone)]
+pub struct Core<S> {
+    shared: Arc<Shared>,
+    attempt: Attempt<S>,
+}
+
+impl<S> fmt::Debug for Core<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Core").finish_non_exhaustive()
+    }
+}
+
+/// What the breaker and the bucket say to an attempt.
+enum Admission {
+    Go,
+    Wait(Duration, Reservation),
+    Refused(BoxError),
+}
+
+impl Shared {
+    /// Asks the host's breaker, then its bucket (a call the breaker refuses
+    /// spends no token). The permit of an admitted call is left in `permit`.
+    #[inline]
+    fn admit(&self, key: &HostScope, permit: &mut Option<Permit>) -> Admission {
+        if let Some(breakers) = &self.breakers {
+            match breakers.try_acquire(key) {
+                Ok(p) => *permit = Some(p),
+                Err(open) => {
+                    tracing::debug!(target: "apiguard::breaker", retry_after = ?open.retry_after(), "call refused: circuit open");
+                    return Admission::Refused(Box::new(open));
+                }
+            }
+        }
+        if let Some(limiter) = &self.limiter {
+            match limiter.reserve(key, 1, self.max_wait) {
+                Ok(r) => {
+                    let wait = r.grant().wait;
+                    if !wait.is_zero() {
+                        return Admission::Wait(wait, r);
+                    }
+                }
+                Err(limited) => {
+                    // Released unrecorded: the call was never made.
+                    *permit = None;
+                    return Admission::Refused(Box::new(limited));
+                }
+            }
+        }
+        Admission::Go
+    }
+}
+
+/// Tells the breaker how an attempt ended; a `503` with `Retry-After`
+/// holds it open as asked.
+#[inline]
+fn record<R>(permit: Option<Permit>, result: &Result<http::Response<R>, BoxError>) {
+    let Some(permit) = permit else { return };
+    let outcome = HttpClassifier::new().classify(result);
+    match result
+        .as_ref()
+        .ok()
+        .and_then(|r| RetryAfterHold::default().hold_for(r))
+    {
+        None => permit.record(outcome),
+        Some(d) => record_and_hold(permit, outcome, d),
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn record_and_hold(permit: Permit, outcome: Outcome, d: Duration) {
+    let breaker = permit.breaker();
+    permit.record(outcome);
+    breaker.hold_open_for(d);
+}
+
+impl<S, B, R> Service<Request<B>> for Core<S>
+where
+    S: Service<Request<B>, Response = http::Response<R>> + Clone,
+    S::Error: Into<BoxError>,
+    B: TryCloneBody,
+{
+    type Response = http::Response<R>;
+    type Error = BoxError;
+    type Future = GuardFuture<Attempt<S>, B>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.attempt.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let shared = &*self.shared;
+        let (retry, stored) = match &shared.retry {
+            Some(policy) => (policy.start(), policy.copy_request(&req)),
+            None => (RetryState::default(), None),
+        };
+        let key = shared.scope.of(&req);
+        let mut permit = None;
+        let admission = shared.admit(&key, &mut permit);
+        let mut fut = GuardFuture {
+            step: Step::Done,
+            shared: self.shared.clone(),
+            svc: None,
+            retry,
+            stored,
+            key,
+            permit,
+            slow: None,
+        };
+        match admission {
+            Admission::Go => {
+                if fut.stored.is_some() {
+                    // Later attempts go through a clone, made ready then.
+                    fut.svc = Some(self.attempt.clone());
+                }
+                fut.step = Step::Called {
+                    fut: self.attempt.call(req),
+                };
+            }
+            Admission::Wait(wait, reservation) => {
+                // This service was made ready for this call: the request
+                // takes it along, and leaves a clone.
+                let clone = self.attempt.clone();
+                fut.svc = Some(std::mem::replace(&mut self.attempt, clone));
+                let hold = Hold::new(&fut.shared, &fut.key, reservation);
+                let slow = fut.slow_mut();
+                slow.next = Some(req);
+                slow.hold = Some(hold);
+                slow.token = Some(Box::pin(tokio::time::sleep(wait)));
+                fut.step = Step::Token;
+            }
+            Admission::Refused(err) => {
+                if fut.stored.is_some() {
+                    fut.svc = Some(self.attempt.clone());
+                }
+                if let Some(Err(err)) = fut.after_attempt::<R>(Err(err)) {
+                    fut.step = Step::Failed { err: Some(err) };
+                }
+            }
+        }
+        fut
+    }
+}
+
+/// A token reserved for an attempt that waits for it: given back if the
+/// request is dropped before the wait ends.
+struct Hold {
+    limiter: KeyedLimiter<HostScope>,
+    key: HostScope,
+    reservation: Reservation,
+    spent: bool,
+}
+
+impl Hold {
+    fn new(shared: &Shared, key: &HostScope, reservation: Reservation) -> Self {
+        Self {
+            limiter: shared
+                .limiter
+                .clone()
+                .unwrap_or_else(|| unreachable!("a reservation comes from the limiter")),
+            key: key.clone(),
+            reservation,
+            spent: false,
+        }
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if !self.spent {
+            self.limiter.cancel(&self.key, &self.reservation);
+        }
+    }
+}
+
+/// The parts of a request's state that only a wait or a retry needs; kept on
+/// the heap so the success path moves a small future.
+struct Slow<B> {
+    /// The request of the attempt being admitted or waited for.
+    next: Option<Request<B>>,
+    hold: Option<Hold>,
+    token: Option<Pin<Box<Sleep>>>,
+    backoff: Option<Pin<Box<Wait>>>,
+}
+
+pin_project! {
+    #[project = StepProj]
+    enum Step<F> {
+        // An attempt is in flight.
+        Called { #[pin] fut: F },
+        // Waiting for the token of the attempt in `slow.next`.
+        Token,
+        // Waiting out the backoff before the next attempt.
+        Backoff,
+        // Admitting `slow.next` (after a backoff).
+        Admit,
+        // Waiting for the service to be ready for `slow.next`.
+        Calling,
+        // Refused before any attempt, for good.
+        Failed { err: Option<BoxError> },
+        Done,
+    }
+}
+
+pin_project! {
+    /// Response future of [`Guard`]: one request through retry, breaker and
+    /// rate limit.
+    ///
+    /// Dropping it gives back a token it was waiting for, releases its
+    /// breaker permit unrecorded, and refunds a retry it had drawn from the
+    /// budget but not yet made.
+    pub struct GuardFuture<S, B>
+    where
+        S: Service<Request<B>>,
+    {
+        #[pin]
+        step: Step<S::Future>,
+        shared: Arc<Shared>,
+        // The service for attempts after the first.
+        svc: Option<S>,
+        retry: RetryState,
+        // The copy kept for retries.
+        stored: Option<Request<B>>,
+        key: HostScope,
+        permit: Option<Permit>,
+        slow: Option<Box<Slow<B>>>,
+    }
+}
+
+impl<S, B> fmt::Debug for GuardFuture<S, B>
+where
+    S: Service<Request<B>>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GuardFuture")
+            .field("key", &self.key)
+            .field("attempts", &self.retry.attempts())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, B> GuardFuture<S, B>
+where
+    S: Service<Request<B>>,
+    B: TryCloneBody,
+{
+    fn slow_mut(&mut self) -> &mut Slow<B> {
+        slow_of(&mut self.slow)
+    }
+
+    /// An attempt ended in `result` (refused before it was made, or
+    /// answered): `Some(result)` to return it, `None` when a retry is
+    /// scheduled (the step is then `Backoff`).
+    fn after_attempt<R>(
+        &mut self,
+        result: Result<http::Response<R>, BoxError>,
+    ) -> Option<Result<http::Response<R>, BoxError>> {
+        let mut result = result;
+        let scheduled = schedule(
+            &self.shared,
+            &mut self.retry,
+            self.stored.as_ref(),
+            &mut self.slow,
+            &mut result,
+        );
+        if scheduled {
+            self.step = Step::Backoff;
+            None
+        } else {
+            Some(result)
+        }
+    }
+}
+
+fn slow_of<B>(slow: &mut Option<Box<Slow<B>>>) -> &mut Slow<B> {
+    slow.get_or_insert_with(|| {
+        Box::new(Slow {
+            next: None,
+            hold: None,
+            token: None,
+            backoff: None,
+        })
+    })
+}
+
+/// Asks the retry policy about `result`; on a retry, puts the backoff and a
+/// fresh copy of the request in `slow` and says `true`.
+fn schedule<B: TryCloneBody, R>(
+    shared: &Shared,
+    state: &mut RetryState,
+    stored: Option<&Request<B>>,
+    slow: &mut Option<Box<Slow<B>>>,
+    result: &mut Result<http::Response<R>, BoxError>,
+) -> bool {
+    let (Some(policy), Some(stored)) = (&shared.retry, stored) else {
+        return false;
+    };
+    let Some(wait) = policy.on_result(state, stored, result) else {
+        return false;
+    };
+    // A copy made before has been copied again, so this one works too.
+    let Some(next) = policy.copy_request(stored) else {
+        return false;
+    };
+    let slow = slow_of(slow);
+    slow.next = Some(next);
+    slow.backoff = Some(Box::pin(wait));
+    true
+}
+
+const POLLED_AFTER_DONE: &str = "GuardFuture polled after it completed";
+
+impl<S, B, R> Future for GuardFuture<S, B>
+where
+    S: Service<Request<B>, Response = http::Response<R>>,
+    S::Error: Into<BoxError>,
+    B: TryCloneBody,
+{
+    type Output = Result<http::Response<R>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            let result = match this.step.as_mut().project() {
+                StepProj::Called { fut } => {
+                    let result = ready!(fut.poll(cx)).map_err(Into::into);
+                    record(this.permit.take(), &result);
+                    result
+                }
+                StepProj::Token => {
+                    let slow = slow_of(this.slow);
+                    if let Some(sleep) = slow.token.as_mut() {
+                        ready!(sleep.as_mut().poll(cx));
+                    }
+                    slow.token = None;
+                    if let Some(mut hold) = slow.hold.take() {
+                        hold.spent = true;
+                    }
+                    this.step.set(Step::Calling);
+                    continue;
+                }
+                StepProj::Backoff => {
+                    let slow = slow_of(this.slow);
+                    if let Some(wait) = slow.backoff.as_mut() {
+                        ready!(wait.as_mut().poll(cx));
+                    }
+                    slow.backoff = None;
+                    this.step.set(Step::Admit);
+                    continue;
+                }
+                StepProj::Admit => match this.shared.admit(this.key, this.permit) {
+                    Admission::Go => {
+                        this.step.set(Step::Calling);
+                        continue;
+                    }
+                    Admission::Wait(wait, reservation) => {
+                        let hold = Hold::new(this.shared, this.key, reservation);
+                        let slow = slow_of(this.slow);
+                        slow.hold = Some(hold);
+                        slow.token = Some(Box::pin(tokio::time::sleep(wait)));
+                        this.step.set(Step::Token);
+                        continue;
+                    }
+                    Admission::Refused(err) => {
+                        slow_of(this.slow).next = None;
+                        Err(err)
+                    }
+                },
+                StepProj::Calling => {
+                    let svc = this
+                        .svc
+                        .as_mut()
+                        .unwrap_or_else(|| unreachable!("a later attempt has its service"));
+                    match ready!(svc.poll_ready(cx)) {
+                        Ok(()) => {
+                            let req = slow_of(this.slow)
+                                .next
+                                .take()
+                                .unwrap_or_else(|| unreachable!("an admitted attempt has its request"));
+                            let fut = svc.call(req);
+                            this.step.set(Step::Called { fut });
+                            continue;
+                        }
+                        Err(e) => {
+                            this.permit.take();
+                            slow_of(this.slow).next = None;
+                            Err(e.into())
+                        }
+                    }
+                }
+                StepProj::Failed { err } => {
+                    let err = err.take().expect(POLLED_AFTER_DONE);
+                    this.step.set(Step::Done);
+                    return Poll::Ready(Err(err));
+                }
+                StepProj::Done => panic!("{POLLED_AFTER_DONE}"),
+            };
+            let mut result = result;
+            if schedule(
+                this.shared,
+                this.retry,
+                this.stored.as_ref(),
+                this.slow,
+                &mut result,
+            ) {
+                this.step.set(Step::Backoff);
+                continue;
+            }
+            this.step.set(Step::Done);
+            return Poll::Ready(result);
+        }
     }
 }
 
