@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -335,6 +336,7 @@ impl CircuitBreakerBuilder {
                 clock: self.clock.clone(),
                 on_transition: self.on_transition.clone(),
                 registry_hook: OnceLock::new(),
+                evicted: AtomicBool::new(false),
                 jitter_source: self.jitter_source.clone(),
                 name: self.name.clone(),
                 config,
@@ -551,6 +553,9 @@ struct Inner {
     /// registry that holds this breaker, set at most once, after the
     /// breaker is built (the registry may get its hook later).
     registry_hook: OnceLock<Hook>,
+    /// Set when a [`KeyedBreakers`](crate::KeyedBreakers) registry lets go
+    /// of this breaker: its key gets a new one on its next call.
+    evicted: AtomicBool,
     jitter_source: Option<JitterSource>,
     name: Option<Arc<str>>,
     config: Config,
@@ -829,6 +834,19 @@ impl CircuitBreaker {
     /// Whether this breaker holds nothing a fresh one would not: closed, no
     /// failure counted, no trip to back off from, and no handle or permit
     /// other than this one. The keyed registry reclaims such breakers.
+    /// Whether the [`KeyedBreakers`](crate::KeyedBreakers) registry that
+    /// made this breaker has let go of it (to make room for other keys).
+    /// A handle kept past that no longer sees its key's calls: ask the
+    /// registry again.
+    #[inline]
+    pub fn is_evicted(&self) -> bool {
+        self.inner.evicted.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn mark_evicted(&self) {
+        self.inner.evicted.store(true, Ordering::Relaxed);
+    }
+
     pub(crate) fn is_idle(&self) -> bool {
         let inner = &*self.inner;
         if Arc::strong_count(&self.inner) > 1

@@ -252,7 +252,13 @@ impl<K: Hash + Eq + Clone> KeyedBreakers<K> {
             return;
         }
         reg.inserts_since_sweep.store(0, Ordering::Relaxed);
-        reg.map.retain(|_, b| !b.is_idle());
+        reg.map.retain(|_, b| {
+            let keep = !b.is_idle();
+            if !keep {
+                b.mark_evicted();
+            }
+            keep
+        });
         let len = reg.map.len();
         if len < reg.max_keys {
             return;
@@ -278,7 +284,9 @@ impl<K: Hash + Eq + Clone> KeyedBreakers<K> {
                 .collect();
         }
         for k in victims {
-            reg.map.remove(&k);
+            if let Some((_, b)) = reg.map.remove(&k) {
+                b.mark_evicted();
+            }
         }
     }
 }

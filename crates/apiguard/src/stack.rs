@@ -32,7 +32,8 @@ use std::sync::Arc;
 use std::task::ready;
 
 use apiguard_breaker::{
-    CircuitBreakerBuilder, HoldOpen, KeyedBreakers, Permit, RetryAfterHold, SlidingWindow,
+    CircuitBreaker, CircuitBreakerBuilder, HoldOpen, KeyedBreakers, Permit, RetryAfterHold,
+    SlidingWindow,
 };
 use apiguard_core::{BoxError, Classify, HttpClassifier, InvalidConfig, Outcome};
 use apiguard_ratelimit::{KeyedLimiter, Reservation};
@@ -315,6 +316,7 @@ impl<S> Layer<S> for GuardLayer {
         let core = Core {
             shared: self.shared.clone(),
             attempt,
+            last_host: None,
         };
         let inner = match self.total_timeout {
             Some(d) => Either::Left(Timeout::new(core, d)),
@@ -366,6 +368,38 @@ where
 pub struct Core<S> {
     shared: Arc<Shared>,
     attempt: Attempt<S>,
+    /// The breaker of the host this service called last: most clients call
+    /// one host again and again, and this spares them a registry lookup.
+    last_host: Option<(HostScope, CircuitBreaker)>,
+}
+
+/// The breaker of `key`: the one in `last` if it is that host's and still
+/// in the registry, else the registry's (which then goes in `last`).
+#[inline]
+fn breaker_of<'a>(
+    breakers: &KeyedBreakers<HostScope>,
+    last: &'a mut Option<(HostScope, CircuitBreaker)>,
+    key: &HostScope,
+) -> &'a CircuitBreaker {
+    let hit = matches!(last, Some((k, b)) if same_host(k, key) && !b.is_evicted());
+    if !hit {
+        *last = Some((key.clone(), breakers.get(key.clone())));
+    }
+    match last {
+        Some((_, b)) => b,
+        None => unreachable!("just filled"),
+    }
+}
+
+/// Byte-equal hosts (a host that differs only in case misses the cache and
+/// is found in the registry, whose keys ignore case).
+#[inline]
+fn same_host(a: &HostScope, b: &HostScope) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => a.as_str() == b.as_str(),
+        _ => false,
+    }
 }
 
 impl<S> fmt::Debug for Core<S> {
@@ -385,9 +419,19 @@ impl Shared {
     /// Asks the host's breaker, then its bucket (a call the breaker refuses
     /// spends no token). The permit of an admitted call is left in `permit`.
     #[inline]
-    fn admit(&self, key: &HostScope, permit: &mut Option<Permit>) -> Admission {
-        if let Some(breakers) = &self.breakers {
-            match breakers.try_acquire(key) {
+    fn admit(
+        &self,
+        key: &HostScope,
+        breaker: Option<&CircuitBreaker>,
+        permit: &mut Option<Permit>,
+    ) -> Admission {
+        let acquired = match (breaker, &self.breakers) {
+            (Some(b), _) => Some(b.try_acquire()),
+            (None, Some(breakers)) => Some(breakers.try_acquire(key)),
+            (None, None) => None,
+        };
+        if let Some(acquired) = acquired {
+            match acquired {
                 Ok(p) => *permit = Some(p),
                 Err(open) => {
                     tracing::debug!(target: "apiguard::breaker", retry_after = ?open.retry_after(), "call refused: circuit open");
@@ -455,55 +499,76 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let shared = &*self.shared;
-        let (retry, stored) = match &shared.retry {
-            Some(policy) => (policy.start(), policy.copy_request(&req)),
-            None => (RetryState::default(), None),
+        let retry = match &shared.retry {
+            Some(policy) => policy.start(),
+            None => RetryState::default(),
         };
         let key = shared.scope.of(&req);
+        let breaker = shared
+            .breakers
+            .as_ref()
+            .map(|b| breaker_of(b, &mut self.last_host, &key));
         let mut permit = None;
-        let admission = shared.admit(&key, &mut permit);
-        let mut fut = GuardFuture {
-            step: Step::Done,
-            shared: self.shared.clone(),
-            svc: None,
-            retry,
-            stored,
-            key,
-            permit,
-            slow: None,
-        };
-        match admission {
+        match shared.admit(&key, breaker, &mut permit) {
+            // The success path, built in place: the copy is taken before
+            // the request goes (fields are evaluated in the order written).
             Admission::Go => {
-                if fut.stored.is_some() {
+                let stored = copy_for_retry(shared, &req);
+                GuardFuture {
                     // Later attempts go through a clone, made ready then.
-                    fut.svc = Some(self.attempt.clone());
+                    svc: stored.as_ref().map(|_| self.attempt.clone()),
+                    stored,
+                    step: Step::Called {
+                        fut: self.attempt.call(req),
+                    },
+                    shared: self.shared.clone(),
+                    retry,
+                    key,
+                    permit,
+                    slow: None,
                 }
-                fut.step = Step::Called {
-                    fut: self.attempt.call(req),
-                };
             }
             Admission::Wait(wait, reservation) => {
+                let stored = copy_for_retry(shared, &req);
+                let hold = Hold::new(shared, &key, reservation);
                 // This service was made ready for this call: the request
                 // takes it along, and leaves a clone.
                 let clone = self.attempt.clone();
-                fut.svc = Some(std::mem::replace(&mut self.attempt, clone));
-                let hold = Hold::new(&fut.shared, &fut.key, reservation);
-                let slow = fut.slow_mut();
-                slow.next = Some(req);
-                slow.hold = Some(hold);
-                slow.token = Some(Box::pin(tokio::time::sleep(wait)));
-                fut.step = Step::Token;
+                let svc = std::mem::replace(&mut self.attempt, clone);
+                GuardFuture {
+                    step: Step::Token,
+                    shared: self.shared.clone(),
+                    svc: Some(svc),
+                    retry,
+                    stored,
+                    key,
+                    permit,
+                    slow: Some(Box::new(Slow {
+                        next: Some(req),
+                        hold: Some(hold),
+                        token: Some(Box::pin(tokio::time::sleep(wait))),
+                        backoff: None,
+                    })),
+                }
             }
             Admission::Refused(err) => {
-                if fut.stored.is_some() {
-                    fut.svc = Some(self.attempt.clone());
-                }
+                let stored = copy_for_retry(shared, &req);
+                let mut fut = GuardFuture {
+                    step: Step::Done,
+                    shared: self.shared.clone(),
+                    svc: stored.as_ref().map(|_| self.attempt.clone()),
+                    retry,
+                    stored,
+                    key,
+                    permit,
+                    slow: None,
+                };
                 if let Some(Err(err)) = fut.after_attempt::<R>(Err(err)) {
                     fut.step = Step::Failed { err: Some(err) };
                 }
+                fut
             }
         }
-        fut
     }
 }
 
@@ -609,10 +674,6 @@ where
     S: Service<Request<B>>,
     B: TryCloneBody,
 {
-    fn slow_mut(&mut self) -> &mut Slow<B> {
-        slow_of(&mut self.slow)
-    }
-
     /// An attempt ended in `result` (refused before it was made, or
     /// answered): `Some(result)` to return it, `None` when a retry is
     /// scheduled (the step is then `Backoff`).
@@ -635,6 +696,12 @@ where
             Some(result)
         }
     }
+}
+
+/// The copy of `req` kept for retries, if the policy may retry it.
+#[inline]
+fn copy_for_retry<B: TryCloneBody>(shared: &Shared, req: &Request<B>) -> Option<Request<B>> {
+    shared.retry.as_ref().and_then(|p| p.copy_request(req))
 }
 
 fn slow_of<B>(slow: &mut Option<Box<Slow<B>>>) -> &mut Slow<B> {
@@ -713,7 +780,7 @@ where
                     this.step.set(Step::Admit);
                     continue;
                 }
-                StepProj::Admit => match this.shared.admit(this.key, this.permit) {
+                StepProj::Admit => match this.shared.admit(this.key, None, this.permit) {
                     Admission::Go => {
                         this.step.set(Step::Calling);
                         continue;
