@@ -29,7 +29,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use std::sync::Arc;
-use std::task::ready;
 
 use apiguard_breaker::{
     CircuitBreaker, CircuitBreakerBuilder, HoldOpen, KeyedBreakers, Permit, RetryAfterHold,
@@ -42,9 +41,7 @@ use apiguard_retry::{RetryPolicy, RetryState, TryCloneBody};
 use http::Request;
 use http::uri::Authority;
 use pin_project_lite::pin_project;
-use tokio::time::Sleep;
-use tower::timeout::Timeout;
-use tower::util::Either;
+use tokio::time::{Instant, Sleep};
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -225,6 +222,8 @@ impl GuardLayerBuilder {
             total_timeout: self.total_timeout,
             attempt_timeout: self.attempt_timeout,
             shared: Arc::new(Shared {
+                total_timeout: self.total_timeout,
+                attempt_timeout: self.attempt_timeout,
                 retry: self.retry,
                 breakers,
                 limiter,
@@ -246,6 +245,8 @@ fn per_host_needs_key(
 
 /// What the layer, its services and their futures share.
 struct Shared {
+    total_timeout: Option<Duration>,
+    attempt_timeout: Option<Duration>,
     retry: Option<RetryPolicy>,
     breakers: Option<KeyedBreakers<HostScope>>,
     limiter: Option<KeyedLimiter<HostScope>>,
@@ -301,35 +302,26 @@ impl GuardLayer {
     }
 }
 
-type Attempt<S> = Either<Timeout<BoxErr<S>>, BoxErr<S>>;
-type Total<S> = Either<Timeout<Core<S>>, Core<S>>;
+type Attempt<S> = BoxErr<S>;
 
 impl<S> Layer<S> for GuardLayer {
     type Service = Guard<S>;
 
     fn layer(&self, inner: S) -> Guard<S> {
-        let svc = BoxErr { inner };
-        let attempt = match self.attempt_timeout {
-            Some(d) => Either::Left(Timeout::new(svc, d)),
-            None => Either::Right(svc),
-        };
-        let core = Core {
-            shared: self.shared.clone(),
-            attempt,
-            last_host: None,
-        };
-        let inner = match self.total_timeout {
-            Some(d) => Either::Left(Timeout::new(core, d)),
-            None => Either::Right(core),
-        };
-        Guard { inner }
+        Guard {
+            core: Core {
+                shared: self.shared.clone(),
+                attempt: BoxErr { inner },
+                last_host: None,
+            },
+        }
     }
 }
 
 /// The service [`GuardLayer`] makes.
 #[derive(Clone)]
 pub struct Guard<S> {
-    inner: Total<S>,
+    core: Core<S>,
 }
 
 impl<S> fmt::Debug for Guard<S> {
@@ -340,32 +332,35 @@ impl<S> fmt::Debug for Guard<S> {
 
 impl<S, B, R> Service<Request<B>> for Guard<S>
 where
-    Total<S>: Service<Request<B>, Response = http::Response<R>, Error = BoxError>,
+    S: Service<Request<B>, Response = http::Response<R>> + Clone,
+    S::Error: Into<BoxError>,
+    B: TryCloneBody,
 {
     type Response = http::Response<R>;
     type Error = BoxError;
-    type Future = <Total<S> as Service<Request<B>>>::Future;
+    type Future = GuardFuture<Attempt<S>, B>;
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx)
+        self.core.poll_ready(cx)
     }
 
     #[inline]
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        self.inner.call(req)
+        self.core.call(req)
     }
 }
 
-/// Retry, breaker and rate limit in one service and one future.
+/// Timeouts, retry, breaker and rate limit in one service and one future.
 ///
 /// Stacked as separate tower layers, each part would wrap the next one's
 /// future in its own and clone the service below it into every request
 /// (tower's `Retry` does): a kilobyte-sized future moved up through each
 /// layer, and a dozen reference counts written per call. Here each request
-/// carries one future whose waits live on the heap only when it waits.
+/// carries one future whose waits live on the heap only when it waits, and
+/// one timer serves both timeouts.
 #[derive(Clone)]
-pub struct Core<S> {
+struct Core<S> {
     shared: Arc<Shared>,
     attempt: Attempt<S>,
     /// The breaker of the host this service called last: most clients call
@@ -514,7 +509,10 @@ where
             // the request goes (fields are evaluated in the order written).
             Admission::Go => {
                 let stored = copy_for_retry(shared, &req);
+                let (timer, total_end) = Timer::start(shared, true);
                 GuardFuture {
+                    timer,
+                    total_end,
                     // Later attempts go through a clone, made ready then.
                     svc: stored.as_ref().map(|_| self.attempt.clone()),
                     stored,
@@ -535,7 +533,10 @@ where
                 // takes it along, and leaves a clone.
                 let clone = self.attempt.clone();
                 let svc = std::mem::replace(&mut self.attempt, clone);
+                let (timer, total_end) = Timer::start(shared, false);
                 GuardFuture {
+                    timer,
+                    total_end,
                     step: Step::Token,
                     shared: self.shared.clone(),
                     svc: Some(svc),
@@ -553,7 +554,10 @@ where
             }
             Admission::Refused(err) => {
                 let stored = copy_for_retry(shared, &req);
+                let (timer, total_end) = Timer::start(shared, false);
                 let mut fut = GuardFuture {
+                    timer,
+                    total_end,
                     step: Step::Done,
                     shared: self.shared.clone(),
                     svc: stored.as_ref().map(|_| self.attempt.clone()),
@@ -570,6 +574,89 @@ where
             }
         }
     }
+}
+
+/// Which deadline the timer is armed for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Armed {
+    Off,
+    Attempt,
+    Total,
+}
+
+/// The timer of a request's two timeouts: on the heap, made only when a
+/// timeout is set.
+struct Timer {
+    sleep: Option<Pin<Box<Sleep>>>,
+    armed: Armed,
+}
+
+impl Timer {
+    /// The timer of a new request, armed for its first attempt if that
+    /// starts now (`attempting`), and the request's total deadline.
+    #[inline]
+    fn start(shared: &Shared, attempting: bool) -> (Self, Option<Instant>) {
+        let mut timer = Timer {
+            sleep: None,
+            armed: Armed::Off,
+        };
+        if shared.total_timeout.is_none() && shared.attempt_timeout.is_none() {
+            return (timer, None);
+        }
+        let now = Instant::now();
+        let total_end = shared.total_timeout.map(|d| now + d);
+        if attempting {
+            timer.attempt_started(shared, now, total_end);
+        } else {
+            timer.between_attempts(total_end);
+        }
+        (timer, total_end)
+    }
+
+    fn arm(&mut self, deadline: Instant, armed: Armed) {
+        match &mut self.sleep {
+            Some(sleep) => sleep.as_mut().reset(deadline),
+            None => self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
+        }
+        self.armed = armed;
+    }
+
+    /// An attempt starts at `now`: the earlier of its deadline and the
+    /// total one.
+    fn attempt_started(&mut self, shared: &Shared, now: Instant, total_end: Option<Instant>) {
+        match (shared.attempt_timeout.map(|d| now + d), total_end) {
+            (Some(a), Some(t)) if a < t => self.arm(a, Armed::Attempt),
+            (Some(a), None) => self.arm(a, Armed::Attempt),
+            (_, Some(t)) => self.arm(t, Armed::Total),
+            (None, None) => self.armed = Armed::Off,
+        }
+    }
+
+    /// Between attempts only the total deadline runs.
+    fn between_attempts(&mut self, total_end: Option<Instant>) {
+        match total_end {
+            Some(t) if self.armed != Armed::Total => self.arm(t, Armed::Total),
+            Some(_) => {}
+            None => self.armed = Armed::Off,
+        }
+    }
+
+    /// Which deadline passed, if one did.
+    #[inline]
+    fn poll_elapsed(&mut self, cx: &mut Context<'_>) -> Option<Armed> {
+        if self.armed == Armed::Off {
+            return None;
+        }
+        let sleep = self.sleep.as_mut()?;
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Some(std::mem::replace(&mut self.armed, Armed::Off)),
+            Poll::Pending => None,
+        }
+    }
+}
+
+fn elapsed() -> BoxError {
+    Box::new(tower::timeout::error::Elapsed::new())
 }
 
 /// A token reserved for an attempt that waits for it: given back if the
@@ -654,6 +741,9 @@ pin_project! {
         key: HostScope,
         permit: Option<Permit>,
         slow: Option<Box<Slow<B>>>,
+        // The one timer of both timeouts, armed for the earlier deadline.
+        timer: Timer,
+        total_end: Option<Instant>,
     }
 }
 
@@ -752,18 +842,55 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        // While waiting (for a token, a backoff, a ready service), only the
+        // total deadline can pass: it ends the request.
+        macro_rules! wait {
+            ($poll:expr) => {
+                match $poll {
+                    Poll::Ready(v) => v,
+                    Poll::Pending => {
+                        if this.timer.poll_elapsed(cx).is_some() {
+                            this.step.set(Step::Done);
+                            *this.permit = None;
+                            *this.slow = None;
+                            return Poll::Ready(Err(elapsed()));
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            };
+        }
         loop {
             let result = match this.step.as_mut().project() {
-                StepProj::Called { fut } => {
-                    let result = ready!(fut.poll(cx)).map_err(Into::into);
-                    record(this.permit.take(), &result);
-                    result
-                }
+                StepProj::Called { fut } => match fut.poll(cx) {
+                    Poll::Ready(result) => {
+                        let result = result.map_err(Into::into);
+                        record(this.permit.take(), &result);
+                        result
+                    }
+                    Poll::Pending => match this.timer.poll_elapsed(cx) {
+                        None => return Poll::Pending,
+                        Some(Armed::Attempt) => {
+                            // This attempt timed out; the request goes on.
+                            this.step.set(Step::Done);
+                            let result = Err(elapsed());
+                            record(this.permit.take(), &result);
+                            result
+                        }
+                        Some(_) => {
+                            this.step.set(Step::Done);
+                            *this.permit = None;
+                            *this.slow = None;
+                            return Poll::Ready(Err(elapsed()));
+                        }
+                    },
+                },
                 StepProj::Token => {
                     let slow = slow_of(this.slow);
                     if let Some(sleep) = slow.token.as_mut() {
-                        ready!(sleep.as_mut().poll(cx));
+                        wait!(sleep.as_mut().poll(cx));
                     }
+                    let slow = slow_of(this.slow);
                     slow.token = None;
                     if let Some(mut hold) = slow.hold.take() {
                         hold.spent = true;
@@ -774,9 +901,9 @@ where
                 StepProj::Backoff => {
                     let slow = slow_of(this.slow);
                     if let Some(wait) = slow.backoff.as_mut() {
-                        ready!(wait.as_mut().poll(cx));
+                        wait!(wait.as_mut().poll(cx));
                     }
-                    slow.backoff = None;
+                    slow_of(this.slow).backoff = None;
                     this.step.set(Step::Admit);
                     continue;
                 }
@@ -803,7 +930,7 @@ where
                         .svc
                         .as_mut()
                         .unwrap_or_else(|| unreachable!("a later attempt has its service"));
-                    match ready!(svc.poll_ready(cx)) {
+                    match wait!(svc.poll_ready(cx)) {
                         Ok(()) => {
                             let req = slow_of(this.slow)
                                 .next
@@ -811,6 +938,13 @@ where
                                 .unwrap_or_else(|| unreachable!("an admitted attempt has its request"));
                             let fut = svc.call(req);
                             this.step.set(Step::Called { fut });
+                            if this.shared.attempt_timeout.is_some() {
+                                this.timer.attempt_started(
+                                    this.shared,
+                                    Instant::now(),
+                                    *this.total_end,
+                                );
+                            }
                             continue;
                         }
                         Err(e) => {
@@ -835,6 +969,7 @@ where
                 this.slow,
                 &mut result,
             ) {
+                this.timer.between_attempts(*this.total_end);
                 this.step.set(Step::Backoff);
                 continue;
             }
