@@ -932,10 +932,9 @@ where
                         .unwrap_or_else(|| unreachable!("a later attempt has its service"));
                     match wait!(svc.poll_ready(cx)) {
                         Ok(()) => {
-                            let req = slow_of(this.slow)
-                                .next
-                                .take()
-                                .unwrap_or_else(|| unreachable!("an admitted attempt has its request"));
+                            let req = slow_of(this.slow).next.take().unwrap_or_else(|| {
+                                unreachable!("an admitted attempt has its request")
+                            });
                             let fut = svc.call(req);
                             this.step.set(Step::Called { fut });
                             if this.shared.attempt_timeout.is_some() {
@@ -1027,5 +1026,182 @@ where
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         self.project().inner.poll(cx).map_err(Into::into)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::Duration;
+
+    use apiguard_breaker::{CircuitBreaker, State};
+    use bytes::Bytes;
+    use http::{Request, Response, StatusCode};
+    use http_body_util::Full;
+    use tower::{ServiceExt, service_fn};
+    use tower_layer::Layer;
+
+    use super::*;
+
+    fn get(host: &str) -> Request<Full<Bytes>> {
+        Request::get(format!("http://{host}/"))
+            .body(Full::default())
+            .unwrap()
+    }
+
+    fn key(host: &str) -> HostScope {
+        Some(host.parse().unwrap())
+    }
+
+    fn no_delay() -> RetryPolicy {
+        RetryPolicy::builder()
+            .base_delay(Duration::from_millis(1))
+            .max_delay(Duration::from_millis(1))
+            .no_budget()
+            .build()
+            .unwrap()
+    }
+
+    /// An upstream whose first `hangs` calls never answer; later ones
+    /// answer 200. Counts the calls.
+    #[allow(clippy::type_complexity)]
+    fn hanging_then_ok(
+        hangs: u32,
+    ) -> (
+        impl Service<
+            Request<Full<Bytes>>,
+            Response = Response<Full<Bytes>>,
+            Error = Infallible,
+            Future = impl Send,
+        > + Clone,
+        Arc<AtomicU32>,
+    ) {
+        let calls = Arc::new(AtomicU32::new(0));
+        let seen = calls.clone();
+        let svc = service_fn(move |_req: Request<Full<Bytes>>| {
+            let n = seen.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n < hangs {
+                    std::future::pending::<()>().await;
+                }
+                Ok::<_, Infallible>(Response::new(Full::default()))
+            }
+        });
+        (svc, calls)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_attempt_times_out_and_the_retry_answers() {
+        let (up, calls) = hanging_then_ok(1);
+        let svc = GuardLayer::builder()
+            .retry(no_delay())
+            .attempt_timeout(Duration::from_millis(100))
+            .total_timeout(Duration::from_secs(1))
+            .build()
+            .unwrap()
+            .layer(up);
+        let started = Instant::now();
+        let res = svc.oneshot(get("a.example")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(100), "{took:?}");
+        assert!(took < Duration::from_millis(200), "{took:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_total_timeout_ends_a_request_whose_attempts_all_hang() {
+        let (up, calls) = hanging_then_ok(u32::MAX);
+        let svc = GuardLayer::builder()
+            .retry(no_delay())
+            .attempt_timeout(Duration::from_millis(300))
+            .total_timeout(Duration::from_millis(500))
+            .build()
+            .unwrap()
+            .layer(up);
+        let started = Instant::now();
+        let err = svc.oneshot(get("a.example")).await.unwrap_err();
+        assert!(err.is::<tower::timeout::error::Elapsed>(), "{err}");
+        // One attempt timed out at 300 ms, the second was cut at 500 ms.
+        assert_eq!(started.elapsed(), Duration::from_millis(500));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_dropped_while_it_waits_for_a_token_gives_it_back() {
+        let layer = GuardLayer::builder()
+            .rate_limit(1, 1.0)
+            .max_wait(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        let (up, calls) = hanging_then_ok(0);
+        let mut svc = layer.layer(up);
+        svc.ready()
+            .await
+            .unwrap()
+            .call(get("a.example"))
+            .await
+            .unwrap();
+        // The bucket is empty: the next request reserves the token due in a
+        // second, and is dropped while it waits.
+        let waiting = svc.ready().await.unwrap().call(get("a.example"));
+        drop(waiting);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // A second later that token is there at once; had the dropped
+        // request kept it, this one would wait another second (the paused
+        // clock would jump ahead).
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let before = Instant::now();
+        svc.ready()
+            .await
+            .unwrap()
+            .call(get("a.example"))
+            .await
+            .unwrap();
+        assert_eq!(before.elapsed(), Duration::ZERO);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_service_follows_the_registry_when_its_hosts_breaker_is_evicted() {
+        let layer = GuardLayer::builder()
+            .circuit_breaker(CircuitBreaker::builder().failure_threshold(1))
+            .max_hosts(1)
+            .build()
+            .unwrap();
+        let failing = service_fn(|_req: Request<Full<Bytes>>| async {
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .status(StatusCode::INTERNAL_SERVER_ERROR)
+                    .body(Full::<Bytes>::default())
+                    .unwrap(),
+            )
+        });
+        let mut svc = layer.layer(failing);
+        let breakers = layer.breakers().unwrap();
+        // `svc` keeps a.example's breaker; b.example takes its place in the
+        // one-host registry.
+        svc.ready()
+            .await
+            .unwrap()
+            .call(get("a.example"))
+            .await
+            .unwrap();
+        let a = breakers.peek(&key("a.example")).unwrap();
+        breakers.get(key("b.example"));
+        breakers.get(key("c.example"));
+        assert!(a.is_evicted());
+        assert!(breakers.peek(&key("a.example")).is_none());
+        // The next call to a.example lands on the registry's new breaker,
+        // which its failure opens.
+        svc.ready()
+            .await
+            .unwrap()
+            .call(get("a.example"))
+            .await
+            .unwrap();
+        assert_eq!(breakers.state(&key("a.example")), State::Open);
     }
 }
