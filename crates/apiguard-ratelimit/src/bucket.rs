@@ -134,6 +134,12 @@ impl TokenBucket {
         }
     }
 
+    /// How many handles (clones) of this bucket exist, this one included:
+    /// a registry holding the only one may let the bucket go.
+    pub fn handles(&self) -> usize {
+        Arc::strong_count(&self.inner)
+    }
+
     /// Tokens available now, with the fraction of the next one.
     pub fn available(&self) -> f64 {
         self.available_at(self.inner.clock.now())

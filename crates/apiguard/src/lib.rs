@@ -64,6 +64,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod client;
+pub mod hosts;
 #[cfg(feature = "metrics")]
 #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
 pub mod metrics;
@@ -83,4 +84,5 @@ pub use apiguard_core::{
 pub use apiguard_ratelimit::{KeyedLimiter, KeyedRateLimitLayer, RateLimitLayer, TokenBucket};
 pub use apiguard_retry::{Jitter, RetryBudget, RetryLayer, RetryPolicy};
 pub use client::{ClientError, ClientStats, ErrorKind, GuardedClient};
+pub use hosts::HostLimits;
 pub use stack::{GuardLayer, GuardLayerBuilder};

@@ -35,7 +35,9 @@ use apiguard_breaker::{
     SlidingWindow,
 };
 use apiguard_core::{BoxError, Classify, HttpClassifier, InvalidConfig, Outcome};
-use apiguard_ratelimit::{KeyedLimiter, Reservation};
+use apiguard_ratelimit::{Reservation, TokenBucket};
+
+use crate::hosts::HostLimits;
 use apiguard_retry::future::Wait;
 use apiguard_retry::{RetryPolicy, RetryState, TryCloneBody};
 use http::Request;
@@ -212,9 +214,7 @@ impl GuardLayerBuilder {
             None => None,
         };
         let limiter = match self.limit {
-            Some((capacity, rate)) => {
-                Some(KeyedLimiter::new(capacity, rate)?.with_max_keys(self.max_hosts))
-            }
+            Some((capacity, rate)) => Some(HostLimits::new(capacity, rate, self.max_hosts)?),
             None => None,
         };
         let needs_key = per_host_needs_key(self.per_host, &breakers, &limiter);
@@ -238,7 +238,7 @@ impl GuardLayerBuilder {
 fn per_host_needs_key(
     per_host: bool,
     breakers: &Option<KeyedBreakers<HostScope>>,
-    limiter: &Option<KeyedLimiter<HostScope>>,
+    limiter: &Option<HostLimits>,
 ) -> bool {
     per_host && (breakers.is_some() || limiter.is_some())
 }
@@ -249,7 +249,7 @@ struct Shared {
     attempt_timeout: Option<Duration>,
     retry: Option<RetryPolicy>,
     breakers: Option<KeyedBreakers<HostScope>>,
-    limiter: Option<KeyedLimiter<HostScope>>,
+    limiter: Option<HostLimits>,
     max_wait: Duration,
     scope: Scope,
 }
@@ -292,7 +292,7 @@ impl GuardLayer {
     }
 
     /// The per-host buckets, for inspection.
-    pub fn limiter(&self) -> Option<&KeyedLimiter<HostScope>> {
+    pub fn limiter(&self) -> Option<&HostLimits> {
         self.shared.limiter.as_ref()
     }
 
@@ -363,37 +363,60 @@ where
 struct Core<S> {
     shared: Arc<Shared>,
     attempt: Attempt<S>,
-    /// The breaker of the host this service called last: most clients call
-    /// one host again and again, and this spares them a registry lookup.
-    last_host: Option<(HostScope, CircuitBreaker)>,
+    /// The breaker and bucket of the host this service called last: most
+    /// clients call one host again and again, and this spares them the
+    /// registry lookups.
+    last_host: Option<HostCache>,
 }
 
-/// The breaker of `key`: the one in `last` if it is that host's and still
-/// in the registry, else the registry's (which then goes in `last`).
+/// A host's breaker and bucket, held by a service between calls.
+#[derive(Clone)]
+struct HostCache {
+    key: HostScope,
+    breaker: Option<CircuitBreaker>,
+    bucket: Option<TokenBucket>,
+}
+
+/// The host part of `req`, as [`HostKey`](apiguard_breaker::HostKey) finds
+/// it, unparsed.
 #[inline]
-fn breaker_of<'a>(
-    breakers: &KeyedBreakers<HostScope>,
-    last: &'a mut Option<(HostScope, CircuitBreaker)>,
-    key: &HostScope,
-) -> &'a CircuitBreaker {
-    let hit = matches!(last, Some((k, b)) if same_host(k, key) && !b.is_evicted());
-    if !hit {
-        *last = Some((key.clone(), breakers.get(key.clone())));
-    }
-    match last {
-        Some((_, b)) => b,
-        None => unreachable!("just filled"),
+fn host_str<B>(req: &Request<B>) -> Option<&str> {
+    match req.uri().authority() {
+        Some(a) => Some(a.as_str()),
+        None => req
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|v| v.to_str().ok()),
     }
 }
 
-/// Byte-equal hosts (a host that differs only in case misses the cache and
-/// is found in the registry, whose keys ignore case).
-#[inline]
-fn same_host(a: &HostScope, b: &HostScope) -> bool {
-    match (a, b) {
-        (None, None) => true,
-        (Some(a), Some(b)) => a.as_str() == b.as_str(),
-        _ => false,
+impl Shared {
+    /// The breaker and bucket of `req`'s host: those in `last` if they are
+    /// that host's (and the breaker is still the registry's), else the
+    /// registries' (which then go in `last`). A host that differs only in
+    /// case misses here and is found in the registries, whose keys ignore
+    /// case.
+    #[inline]
+    fn host_of<'a, B>(&self, last: &'a mut Option<HostCache>, req: &Request<B>) -> &'a HostCache {
+        let hit = match last {
+            Some(c) => {
+                (!self.scope.per_host || c.key.as_ref().map(Authority::as_str) == host_str(req))
+                    && !c.breaker.as_ref().is_some_and(CircuitBreaker::is_evicted)
+            }
+            None => false,
+        };
+        if !hit {
+            let key = self.scope.of(req);
+            *last = Some(HostCache {
+                breaker: self.breakers.as_ref().map(|b| b.get(key.clone())),
+                bucket: self.limiter.as_ref().map(|l| l.bucket(&key)),
+                key,
+            });
+        }
+        match last {
+            Some(c) => c,
+            None => unreachable!("just filled"),
+        }
     }
 }
 
@@ -406,7 +429,7 @@ impl<S> fmt::Debug for Core<S> {
 /// What the breaker and the bucket say to an attempt.
 enum Admission {
     Go,
-    Wait(Duration, Reservation),
+    Wait(Duration, Hold),
     Refused(BoxError),
 }
 
@@ -416,17 +439,12 @@ impl Shared {
     #[inline]
     fn admit(
         &self,
-        key: &HostScope,
         breaker: Option<&CircuitBreaker>,
+        bucket: Option<&TokenBucket>,
         permit: &mut Option<Permit>,
     ) -> Admission {
-        let acquired = match (breaker, &self.breakers) {
-            (Some(b), _) => Some(b.try_acquire()),
-            (None, Some(breakers)) => Some(breakers.try_acquire(key)),
-            (None, None) => None,
-        };
-        if let Some(acquired) = acquired {
-            match acquired {
+        if let Some(breaker) = breaker {
+            match breaker.try_acquire() {
                 Ok(p) => *permit = Some(p),
                 Err(open) => {
                     tracing::debug!(target: "apiguard::breaker", retry_after = ?open.retry_after(), "call refused: circuit open");
@@ -434,12 +452,12 @@ impl Shared {
                 }
             }
         }
-        if let Some(limiter) = &self.limiter {
-            match limiter.reserve(key, 1, self.max_wait) {
+        if let Some(bucket) = bucket {
+            match bucket.reserve(1, self.max_wait) {
                 Ok(r) => {
                     let wait = r.grant().wait;
                     if !wait.is_zero() {
-                        return Admission::Wait(wait, r);
+                        return Admission::Wait(wait, Hold::new(bucket, r));
                     }
                 }
                 Err(limited) => {
@@ -450,6 +468,14 @@ impl Shared {
             }
         }
         Admission::Go
+    }
+
+    /// The same for a later attempt of `req`, from the registries.
+    fn admit_again<B>(&self, req: &Request<B>, permit: &mut Option<Permit>) -> Admission {
+        let key = self.scope.of(req);
+        let breaker = self.breakers.as_ref().map(|b| b.get(key.clone()));
+        let bucket = self.limiter.as_ref().map(|l| l.bucket(&key));
+        self.admit(breaker.as_ref(), bucket.as_ref(), permit)
     }
 }
 
@@ -498,17 +524,19 @@ where
             Some(policy) => policy.start(),
             None => RetryState::default(),
         };
-        let key = shared.scope.of(&req);
-        let breaker = shared
-            .breakers
-            .as_ref()
-            .map(|b| breaker_of(b, &mut self.last_host, &key));
         let mut permit = None;
-        match shared.admit(&key, breaker, &mut permit) {
-            // The success path, built in place: the copy is taken before
-            // the request goes (fields are evaluated in the order written).
+        let admission = if shared.breakers.is_none() && shared.limiter.is_none() {
+            Admission::Go
+        } else {
+            let host = shared.host_of(&mut self.last_host, &req);
+            shared.admit(host.breaker.as_ref(), host.bucket.as_ref(), &mut permit)
+        };
+        // Only a request that may be retried needs the shared state later.
+        let stored = copy_for_retry(shared, &req);
+        let later = stored.as_ref().map(|_| self.shared.clone());
+        match admission {
+            // The success path, built in place.
             Admission::Go => {
-                let stored = copy_for_retry(shared, &req);
                 let (timer, total_end) = Timer::start(shared, true);
                 GuardFuture {
                     timer,
@@ -519,16 +547,13 @@ where
                     step: Step::Called {
                         fut: self.attempt.call(req),
                     },
-                    shared: self.shared.clone(),
+                    shared: later,
                     retry,
-                    key,
                     permit,
                     slow: None,
                 }
             }
-            Admission::Wait(wait, reservation) => {
-                let stored = copy_for_retry(shared, &req);
-                let hold = Hold::new(shared, &key, reservation);
+            Admission::Wait(wait, hold) => {
                 // This service was made ready for this call: the request
                 // takes it along, and leaves a clone.
                 let clone = self.attempt.clone();
@@ -538,11 +563,10 @@ where
                     timer,
                     total_end,
                     step: Step::Token,
-                    shared: self.shared.clone(),
+                    shared: Some(self.shared.clone()),
                     svc: Some(svc),
                     retry,
                     stored,
-                    key,
                     permit,
                     slow: Some(Box::new(Slow {
                         next: Some(req),
@@ -553,17 +577,15 @@ where
                 }
             }
             Admission::Refused(err) => {
-                let stored = copy_for_retry(shared, &req);
                 let (timer, total_end) = Timer::start(shared, false);
                 let mut fut = GuardFuture {
                     timer,
                     total_end,
                     step: Step::Done,
-                    shared: self.shared.clone(),
+                    shared: later,
                     svc: stored.as_ref().map(|_| self.attempt.clone()),
                     retry,
                     stored,
-                    key,
                     permit,
                     slow: None,
                 };
@@ -606,7 +628,7 @@ impl Timer {
         let now = Instant::now();
         let total_end = shared.total_timeout.map(|d| now + d);
         if attempting {
-            timer.attempt_started(shared, now, total_end);
+            timer.attempt_started(shared.attempt_timeout, now, total_end);
         } else {
             timer.between_attempts(total_end);
         }
@@ -623,8 +645,13 @@ impl Timer {
 
     /// An attempt starts at `now`: the earlier of its deadline and the
     /// total one.
-    fn attempt_started(&mut self, shared: &Shared, now: Instant, total_end: Option<Instant>) {
-        match (shared.attempt_timeout.map(|d| now + d), total_end) {
+    fn attempt_started(
+        &mut self,
+        attempt_timeout: Option<Duration>,
+        now: Instant,
+        total_end: Option<Instant>,
+    ) {
+        match (attempt_timeout.map(|d| now + d), total_end) {
             (Some(a), Some(t)) if a < t => self.arm(a, Armed::Attempt),
             (Some(a), None) => self.arm(a, Armed::Attempt),
             (_, Some(t)) => self.arm(t, Armed::Total),
@@ -662,20 +689,15 @@ fn elapsed() -> BoxError {
 /// A token reserved for an attempt that waits for it: given back if the
 /// request is dropped before the wait ends.
 struct Hold {
-    limiter: KeyedLimiter<HostScope>,
-    key: HostScope,
+    bucket: TokenBucket,
     reservation: Reservation,
     spent: bool,
 }
 
 impl Hold {
-    fn new(shared: &Shared, key: &HostScope, reservation: Reservation) -> Self {
+    fn new(bucket: &TokenBucket, reservation: Reservation) -> Self {
         Self {
-            limiter: shared
-                .limiter
-                .clone()
-                .unwrap_or_else(|| unreachable!("a reservation comes from the limiter")),
-            key: key.clone(),
+            bucket: bucket.clone(),
             reservation,
             spent: false,
         }
@@ -685,7 +707,7 @@ impl Hold {
 impl Drop for Hold {
     fn drop(&mut self) {
         if !self.spent {
-            self.limiter.cancel(&self.key, &self.reservation);
+            self.bucket.cancel(&self.reservation);
         }
     }
 }
@@ -732,13 +754,13 @@ pin_project! {
     {
         #[pin]
         step: Step<S::Future>,
-        shared: Arc<Shared>,
+        // Kept only by a request that may be retried.
+        shared: Option<Arc<Shared>>,
         // The service for attempts after the first.
         svc: Option<S>,
         retry: RetryState,
         // The copy kept for retries.
         stored: Option<Request<B>>,
-        key: HostScope,
         permit: Option<Permit>,
         slow: Option<Box<Slow<B>>>,
         // The one timer of both timeouts, armed for the earlier deadline.
@@ -753,7 +775,6 @@ where
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GuardFuture")
-            .field("key", &self.key)
             .field("attempts", &self.retry.attempts())
             .finish_non_exhaustive()
     }
@@ -773,7 +794,7 @@ where
     ) -> Option<Result<http::Response<R>, BoxError>> {
         let mut result = result;
         let scheduled = schedule(
-            &self.shared,
+            self.shared.as_deref(),
             &mut self.retry,
             self.stored.as_ref(),
             &mut self.slow,
@@ -794,6 +815,21 @@ fn copy_for_retry<B: TryCloneBody>(shared: &Shared, req: &Request<B>) -> Option<
     shared.retry.as_ref().and_then(|p| p.copy_request(req))
 }
 
+/// The shared state of a request past its first attempt (which only a
+/// request that may be retried, or one that waited, reaches).
+fn later(shared: &Option<Arc<Shared>>) -> &Shared {
+    shared
+        .as_deref()
+        .unwrap_or_else(|| unreachable!("a later attempt keeps the shared state"))
+}
+
+/// The request of the attempt being admitted.
+fn next_of<B>(slow: &Option<Box<Slow<B>>>) -> &Request<B> {
+    slow.as_ref()
+        .and_then(|s| s.next.as_ref())
+        .unwrap_or_else(|| unreachable!("an attempt being admitted has its request"))
+}
+
 fn slow_of<B>(slow: &mut Option<Box<Slow<B>>>) -> &mut Slow<B> {
     slow.get_or_insert_with(|| {
         Box::new(Slow {
@@ -808,13 +844,13 @@ fn slow_of<B>(slow: &mut Option<Box<Slow<B>>>) -> &mut Slow<B> {
 /// Asks the retry policy about `result`; on a retry, puts the backoff and a
 /// fresh copy of the request in `slow` and says `true`.
 fn schedule<B: TryCloneBody, R>(
-    shared: &Shared,
+    shared: Option<&Shared>,
     state: &mut RetryState,
     stored: Option<&Request<B>>,
     slow: &mut Option<Box<Slow<B>>>,
     result: &mut Result<http::Response<R>, BoxError>,
 ) -> bool {
-    let (Some(policy), Some(stored)) = (&shared.retry, stored) else {
+    let (Some(policy), Some(stored)) = (shared.and_then(|s| s.retry.as_ref()), stored) else {
         return false;
     };
     let Some(wait) = policy.on_result(state, stored, result) else {
@@ -907,24 +943,25 @@ where
                     this.step.set(Step::Admit);
                     continue;
                 }
-                StepProj::Admit => match this.shared.admit(this.key, None, this.permit) {
-                    Admission::Go => {
-                        this.step.set(Step::Calling);
-                        continue;
+                StepProj::Admit => {
+                    match later(this.shared).admit_again(next_of(this.slow), this.permit) {
+                        Admission::Go => {
+                            this.step.set(Step::Calling);
+                            continue;
+                        }
+                        Admission::Wait(wait, hold) => {
+                            let slow = slow_of(this.slow);
+                            slow.hold = Some(hold);
+                            slow.token = Some(Box::pin(tokio::time::sleep(wait)));
+                            this.step.set(Step::Token);
+                            continue;
+                        }
+                        Admission::Refused(err) => {
+                            slow_of(this.slow).next = None;
+                            Err(err)
+                        }
                     }
-                    Admission::Wait(wait, reservation) => {
-                        let hold = Hold::new(this.shared, this.key, reservation);
-                        let slow = slow_of(this.slow);
-                        slow.hold = Some(hold);
-                        slow.token = Some(Box::pin(tokio::time::sleep(wait)));
-                        this.step.set(Step::Token);
-                        continue;
-                    }
-                    Admission::Refused(err) => {
-                        slow_of(this.slow).next = None;
-                        Err(err)
-                    }
-                },
+                }
                 StepProj::Calling => {
                     let svc = this
                         .svc
@@ -937,9 +974,10 @@ where
                             });
                             let fut = svc.call(req);
                             this.step.set(Step::Called { fut });
-                            if this.shared.attempt_timeout.is_some() {
+                            let attempt_timeout = later(this.shared).attempt_timeout;
+                            if attempt_timeout.is_some() {
                                 this.timer.attempt_started(
-                                    this.shared,
+                                    attempt_timeout,
                                     Instant::now(),
                                     *this.total_end,
                                 );
@@ -962,7 +1000,7 @@ where
             };
             let mut result = result;
             if schedule(
-                this.shared,
+                this.shared.as_deref(),
                 this.retry,
                 this.stored.as_ref(),
                 this.slow,

@@ -1,0 +1,239 @@
+//! [`HostLimits`]: the per-host token buckets of a [`GuardLayer`](crate::GuardLayer).
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use apiguard_core::{Clock, InvalidConfig, Nanos};
+use apiguard_ratelimit::TokenBucket;
+use dashmap::DashMap;
+
+use crate::stack::HostScope;
+
+type Hasher = foldhash::fast::RandomState;
+
+/// After a sweep frees nothing, new hosts go to the overflow bucket
+/// without sweeping again for this long.
+const SWEEP_PAUSE: Nanos = 100_000_000;
+
+/// The token buckets of a [`GuardLayer`](crate::GuardLayer), one per host.
+///
+/// Each host gets a bucket of the layer's capacity and refill rate. At
+/// most `max_hosts` are tracked; when a new host finds no room, buckets
+/// that are full again and that no request or service is using are let go
+/// (a full bucket holds nothing worth keeping). A host that still finds no
+/// room shares one *overflow bucket* with every other such host until room
+/// is made: a flood of new hosts can neither grow memory nor reset the
+/// buckets of the hosts already tracked.
+///
+/// Services of the layer keep a handle on the bucket of the host they
+/// called last, so a client that calls one host again and again finds its
+/// bucket without a lookup; such a bucket is never let go while held.
+///
+/// Clones share the buckets.
+#[derive(Clone)]
+pub struct HostLimits {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    map: DashMap<HostScope, TokenBucket, Hasher>,
+    template: TokenBucket,
+    overflow: TokenBucket,
+    max_hosts: usize,
+    clock: Clock,
+    sweep_not_before: AtomicU64,
+}
+
+impl fmt::Debug for HostLimits {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HostLimits")
+            .field("capacity", &self.capacity())
+            .field("refill_per_sec", &self.refill_per_sec())
+            .field("max_hosts", &self.inner.max_hosts)
+            .field("tracked", &self.len())
+            .finish()
+    }
+}
+
+impl HostLimits {
+    /// Buckets of `capacity` tokens refilled at `refill_per_sec`, for at
+    /// most `max_hosts` hosts.
+    pub(crate) fn new(
+        capacity: u32,
+        refill_per_sec: f64,
+        max_hosts: usize,
+    ) -> Result<Self, InvalidConfig> {
+        let template = TokenBucket::new(capacity, refill_per_sec)?;
+        let overflow = TokenBucket::new(capacity, refill_per_sec)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                map: DashMap::with_hasher(Hasher::default()),
+                clock: template.clock().clone(),
+                template,
+                overflow,
+                max_hosts,
+                sweep_not_before: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// The same, reading `clock` (tests).
+    #[cfg(test)]
+    fn with_clock(self, clock: Clock) -> Self {
+        let inner = Arc::try_unwrap(self.inner).unwrap_or_else(|_| unreachable!("not shared yet"));
+        Self {
+            inner: Arc::new(Inner {
+                overflow: inner.overflow.with_clock(clock.clone()),
+                clock,
+                ..inner
+            }),
+        }
+    }
+
+    /// The bucket of `host`, made (full) if need be.
+    pub(crate) fn bucket(&self, host: &HostScope) -> TokenBucket {
+        let inner = &*self.inner;
+        if let Some(b) = inner.map.get(host) {
+            return b.clone();
+        }
+        self.new_bucket(host)
+    }
+
+    #[cold]
+    fn new_bucket(&self, host: &HostScope) -> TokenBucket {
+        let inner = &*self.inner;
+        if inner.map.len() >= inner.max_hosts && !self.sweep() {
+            return inner.overflow.clone();
+        }
+        inner
+            .map
+            .entry(host.clone())
+            .or_insert_with(|| {
+                let t = &inner.template;
+                TokenBucket::new(t.capacity(), t.refill_per_sec())
+                    .unwrap_or_else(|_| unreachable!("the template's settings were checked"))
+                    .with_clock(inner.clock.clone())
+            })
+            .clone()
+    }
+
+    /// Lets go of full buckets no one holds; says whether room was made.
+    fn sweep(&self) -> bool {
+        let inner = &*self.inner;
+        let now = inner.clock.now();
+        if now < inner.sweep_not_before.load(Ordering::Relaxed) {
+            return false;
+        }
+        let capacity = f64::from(inner.template.capacity());
+        inner
+            .map
+            .retain(|_, b| b.handles() > 1 || b.available_at(now) < capacity);
+        let room = inner.map.len() < inner.max_hosts;
+        if !room {
+            inner
+                .sweep_not_before
+                .store(now.saturating_add(SWEEP_PAUSE), Ordering::Relaxed);
+        }
+        room
+    }
+
+    /// Tokens `host` has now (a host without a bucket has a full one).
+    pub fn available(&self, host: &HostScope) -> f64 {
+        match self.inner.map.get(host) {
+            Some(b) => b.available(),
+            None => f64::from(self.capacity()),
+        }
+    }
+
+    /// Whether `host` has a bucket of its own.
+    pub fn contains(&self, host: &HostScope) -> bool {
+        self.inner.map.contains_key(host)
+    }
+
+    /// How many hosts have a bucket of their own.
+    pub fn len(&self) -> usize {
+        self.inner.map.len()
+    }
+
+    /// Whether no host has one.
+    pub fn is_empty(&self) -> bool {
+        self.inner.map.is_empty()
+    }
+
+    /// The cap on hosts with a bucket of their own.
+    pub fn max_hosts(&self) -> usize {
+        self.inner.max_hosts
+    }
+
+    /// Each bucket's capacity (burst size).
+    pub fn capacity(&self) -> u32 {
+        self.inner.template.capacity()
+    }
+
+    /// Each bucket's refill rate, tokens per second.
+    pub fn refill_per_sec(&self) -> f64 {
+        self.inner.template.refill_per_sec()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use apiguard_core::ManualClock;
+    use std::time::Duration;
+
+    fn limits(capacity: u32, max_hosts: usize) -> (HostLimits, ManualClock) {
+        let manual = ManualClock::new();
+        let l = HostLimits::new(capacity, 1.0, max_hosts)
+            .unwrap()
+            .with_clock(manual.clock());
+        (l, manual)
+    }
+
+    fn host(name: &str) -> HostScope {
+        Some(name.parse().unwrap())
+    }
+
+    #[test]
+    fn each_host_has_its_own_bucket() {
+        let (l, _clock) = limits(2, 10);
+        l.bucket(&host("a")).try_acquire(2).unwrap();
+        assert!(l.bucket(&host("a")).try_acquire(1).is_err());
+        l.bucket(&host("b")).try_acquire(2).unwrap();
+        assert_eq!(l.len(), 2);
+        assert_eq!(l.available(&host("c")), 2.0);
+    }
+
+    #[test]
+    fn a_full_registry_lets_go_of_refilled_buckets_and_keeps_the_rest() {
+        let (l, clock) = limits(1, 2);
+        l.bucket(&host("a")).try_acquire(1).unwrap();
+        l.bucket(&host("b")).try_acquire(1).unwrap();
+        // No room and nothing refilled: c shares the overflow bucket.
+        l.bucket(&host("c")).try_acquire(1).unwrap();
+        assert!(l.bucket(&host("d")).try_acquire(1).is_err());
+        assert!(!l.contains(&host("c")));
+        // a and b kept their (empty) buckets.
+        assert!(l.bucket(&host("a")).try_acquire(1).is_err());
+        // Once refilled, they make room for new hosts.
+        clock.advance(Duration::from_secs(1));
+        l.bucket(&host("e")).try_acquire(1).unwrap();
+        assert!(l.contains(&host("e")));
+        assert!(l.len() <= 2);
+    }
+
+    #[test]
+    fn a_bucket_in_use_is_not_let_go() {
+        let (l, clock) = limits(1, 1);
+        let held = l.bucket(&host("a"));
+        clock.advance(Duration::from_secs(1));
+        let _ = l.bucket(&host("b"));
+        assert!(l.contains(&host("a")));
+        assert!(!l.contains(&host("b")));
+        drop(held);
+        clock.advance(Duration::from_secs(1));
+        let _ = l.bucket(&host("b"));
+        assert!(l.contains(&host("b")));
+    }
+}
