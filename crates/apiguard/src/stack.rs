@@ -606,11 +606,13 @@ enum Armed {
     Total,
 }
 
-/// The timer of a request's two timeouts: on the heap, made only when a
-/// timeout is set.
+/// The timer of a request's two timeouts. The tokio timer itself is made
+/// (on the heap) only when the request first has to wait: a request that
+/// completes at once never registers one.
 struct Timer {
     sleep: Option<Pin<Box<Sleep>>>,
     armed: Armed,
+    deadline: Option<Instant>,
 }
 
 impl Timer {
@@ -621,6 +623,7 @@ impl Timer {
         let mut timer = Timer {
             sleep: None,
             armed: Armed::Off,
+            deadline: None,
         };
         if shared.total_timeout.is_none() && shared.attempt_timeout.is_none() {
             return (timer, None);
@@ -636,10 +639,10 @@ impl Timer {
     }
 
     fn arm(&mut self, deadline: Instant, armed: Armed) {
-        match &mut self.sleep {
-            Some(sleep) => sleep.as_mut().reset(deadline),
-            None => self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
+        if let Some(sleep) = &mut self.sleep {
+            sleep.as_mut().reset(deadline);
         }
+        self.deadline = Some(deadline);
         self.armed = armed;
     }
 
@@ -668,13 +671,17 @@ impl Timer {
         }
     }
 
-    /// Which deadline passed, if one did.
+    /// Which deadline passed, if one did. Called when the request would
+    /// wait: registers the timer.
     #[inline]
     fn poll_elapsed(&mut self, cx: &mut Context<'_>) -> Option<Armed> {
         if self.armed == Armed::Off {
             return None;
         }
-        let sleep = self.sleep.as_mut()?;
+        let deadline = self.deadline?;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         match sleep.as_mut().poll(cx) {
             Poll::Ready(()) => Some(std::mem::replace(&mut self.armed, Armed::Off)),
             Poll::Pending => None,
