@@ -265,10 +265,19 @@ impl GuardedClientBuilder {
             inner: Client::builder(TokioExecutor::new()).build(connector()),
             stats: stats.clone(),
         };
+        let mut service = layer.layer(transport);
+        if let Some(base) = &base {
+            // Every request clones the service, and with it the handles on
+            // the base host's breaker and bucket: no registry lookup for the
+            // host most requests go to.
+            let mut probe = Request::new(());
+            *probe.uri_mut() = base.parse().unwrap_or_default();
+            service.prime(&probe);
+        }
         Ok(GuardedClient {
             base,
             headers: self.headers,
-            service: layer.layer(transport),
+            service,
             layer,
             stats,
         })

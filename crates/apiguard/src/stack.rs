@@ -330,6 +330,17 @@ impl<S> fmt::Debug for Guard<S> {
     }
 }
 
+impl<S> Guard<S> {
+    /// Keeps handles on the breaker and bucket of `req`'s host, as if the
+    /// service had just called it.
+    pub(crate) fn prime<B>(&mut self, req: &Request<B>) {
+        let core = &mut self.core;
+        if core.shared.breakers.is_some() || core.shared.limiter.is_some() {
+            core.shared.host_of(&mut core.last_host, req);
+        }
+    }
+}
+
 impl<S, B, R> Service<Request<B>> for Guard<S>
 where
     S: Service<Request<B>, Response = http::Response<R>> + Clone,
