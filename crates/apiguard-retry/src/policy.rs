@@ -372,6 +372,19 @@ impl RetryPolicy {
         self.begin(now)
     }
 
+    /// [`start`](Self::start) at `now`, read from this policy's
+    /// [`clock`](Self::clock) by the caller (who may share one reading
+    /// with other parts of a stack).
+    #[inline]
+    pub fn start_at(&self, now: Nanos) -> RetryState {
+        self.begin(now)
+    }
+
+    /// The clock the policy reads (deadline, budget).
+    pub fn clock(&self) -> &Clock {
+        &self.cfg.clock
+    }
+
     /// A copy of `req` for a later attempt: `None` when the policy makes no
     /// retries, or when the body cannot be copied.
     #[inline]

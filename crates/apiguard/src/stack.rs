@@ -34,7 +34,7 @@ use apiguard_breaker::{
     CircuitBreaker, CircuitBreakerBuilder, HoldOpen, KeyedBreakers, Permit, RetryAfterHold,
     SlidingWindow,
 };
-use apiguard_core::{BoxError, Classify, HttpClassifier, InvalidConfig, Outcome};
+use apiguard_core::{BoxError, Classify, Clock, HttpClassifier, InvalidConfig, Nanos, Outcome};
 use apiguard_ratelimit::{Reservation, TokenBucket};
 
 use crate::hosts::HostLimits;
@@ -218,10 +218,15 @@ impl GuardLayerBuilder {
             None => None,
         };
         let needs_key = per_host_needs_key(self.per_host, &breakers, &limiter);
+        // The policy and the buckets read the same clock unless a test gave
+        // the policy its own: then one reading per request serves both.
+        let one_clock =
+            limiter.is_some() && self.retry.as_ref().is_some_and(|p| !p.clock().is_manual());
         Ok(GuardLayer {
             total_timeout: self.total_timeout,
             attempt_timeout: self.attempt_timeout,
             shared: Arc::new(Shared {
+                one_clock,
                 total_timeout: self.total_timeout,
                 attempt_timeout: self.attempt_timeout,
                 retry: self.retry,
@@ -245,6 +250,8 @@ fn per_host_needs_key(
 
 /// What the layer, its services and their futures share.
 struct Shared {
+    /// Retry and the buckets share one clock reading per request.
+    one_clock: bool,
     total_timeout: Option<Duration>,
     attempt_timeout: Option<Duration>,
     retry: Option<RetryPolicy>,
@@ -452,6 +459,7 @@ impl Shared {
         &self,
         breaker: Option<&CircuitBreaker>,
         bucket: Option<&TokenBucket>,
+        now: Option<Nanos>,
         permit: &mut Option<Permit>,
     ) -> Admission {
         if let Some(breaker) = breaker {
@@ -464,7 +472,11 @@ impl Shared {
             }
         }
         if let Some(bucket) = bucket {
-            match bucket.reserve(1, self.max_wait) {
+            let reserved = match now {
+                Some(now) => bucket.reserve_at(1, self.max_wait, now),
+                None => bucket.reserve(1, self.max_wait),
+            };
+            match reserved {
                 Ok(r) => {
                     let wait = r.grant().wait;
                     if !wait.is_zero() {
@@ -486,7 +498,7 @@ impl Shared {
         let key = self.scope.of(req);
         let breaker = self.breakers.as_ref().map(|b| b.get(key.clone()));
         let bucket = self.limiter.as_ref().map(|l| l.bucket(&key));
-        self.admit(breaker.as_ref(), bucket.as_ref(), permit)
+        self.admit(breaker.as_ref(), bucket.as_ref(), None, permit)
     }
 }
 
@@ -531,16 +543,23 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let shared = &*self.shared;
-        let retry = match &shared.retry {
-            Some(policy) => policy.start(),
-            None => RetryState::default(),
+        let now = shared.one_clock.then(|| Clock::system().now());
+        let retry = match (&shared.retry, now) {
+            (Some(policy), Some(now)) => policy.start_at(now),
+            (Some(policy), None) => policy.start(),
+            (None, _) => RetryState::default(),
         };
         let mut permit = None;
         let admission = if shared.breakers.is_none() && shared.limiter.is_none() {
             Admission::Go
         } else {
             let host = shared.host_of(&mut self.last_host, &req);
-            shared.admit(host.breaker.as_ref(), host.bucket.as_ref(), &mut permit)
+            shared.admit(
+                host.breaker.as_ref(),
+                host.bucket.as_ref(),
+                now,
+                &mut permit,
+            )
         };
         // Only a request that may be retried needs the shared state later.
         let stored = copy_for_retry(shared, &req);
