@@ -15,8 +15,10 @@
 //!   case do not count in the next), then a flood of `n` more new keys:
 //!   ours is capped with `with_max_keys(n)` and stays at `n` keys, governor's
 //!   has no cap and grows (it offers `retain_recent`, which the user must
-//!   call). Breakers get 200 new keys into their full registry, timed: at
-//!   the cap with no idle breaker, each new key sweeps the whole map.
+//!   call). Breakers get `n / 8` new keys (at least 200) into their full
+//!   registry, timed: at the cap with no idle breaker, one pass over the
+//!   map evicts a sixteenth of it, so that pass is shared by the next
+//!   `n / 16` new keys — fewer new keys would charge it to too few.
 //!
 //! Breakers stop at 1 000 000 keys: each holds cache-padded atomics behind
 //! an `Arc` (see the bytes per key), so 10 000 000 would take gigabytes and
@@ -49,7 +51,8 @@ const SIZES: [(&str, u64); 4] = [
     ("10M", 10_000_000),
 ];
 const BREAKER_MAX: u64 = 1_000_000;
-/// New keys sent to a full breaker registry.
+/// New keys sent to a full breaker registry: at least this many, and at
+/// least an eighth of the registry (two of its eviction batches).
 const BREAKER_FLOOD: u64 = 200;
 /// Tokens each of our buckets gives at fill time: a bucket refills one a
 /// second, so it is not full again (and not reclaimed) for 11 days — filling
@@ -190,10 +193,11 @@ fn child(case: &str) {
                 b.get(k).try_acquire().unwrap().failure();
             }
             let filled = rss_bytes();
-            // At the cap with nothing idle, each new key costs a sweep of
-            // the whole map (see the crate's `make_room`): flood with a
-            // bounded number of keys and report the time per key.
-            let flood = n.min(BREAKER_FLOOD);
+            // At the cap with nothing idle, a pass over the whole map
+            // evicts a batch of a sixteenth of it (see the crate's
+            // `make_room`): flood with two batches' worth of keys, so the
+            // time per key includes the passes in their true proportion.
+            let flood = n.min(BREAKER_FLOOD.max(n / 8));
             let t = tokio::time::Instant::now();
             for k in n..n + flood {
                 support::one(&mut svc, k);

@@ -831,9 +831,6 @@ impl CircuitBreaker {
         }
     }
 
-    /// Whether this breaker holds nothing a fresh one would not: closed, no
-    /// failure counted, no trip to back off from, and no handle or permit
-    /// other than this one. The keyed registry reclaims such breakers.
     /// Whether the [`KeyedBreakers`](crate::KeyedBreakers) registry that
     /// made this breaker has let go of it (to make room for other keys).
     /// A handle kept past that no longer sees its key's calls: ask the
@@ -847,6 +844,9 @@ impl CircuitBreaker {
         self.inner.evicted.store(true, Ordering::Relaxed);
     }
 
+    /// Whether this breaker holds nothing a fresh one would not: closed, no
+    /// failure counted, no trip to back off from, and no handle or permit
+    /// other than this one. The keyed registry reclaims such breakers.
     pub(crate) fn is_idle(&self) -> bool {
         let inner = &*self.inner;
         if Arc::strong_count(&self.inner) > 1
