@@ -22,7 +22,12 @@
 //!   one budget). One iteration is one call per task; criterion's
 //!   throughput is calls per second for the whole runtime. On a machine
 //!   with `c` cores, per-core time is `time × min(tasks, c) / tasks`; equal
-//!   per-core times at 1 and 8 tasks mean no hidden lock.
+//!   per-core times at 1 and 8 tasks mean no hidden lock. In the plain
+//!   cases every task calls the same host, so every call writes that
+//!   host's bucket (or its breaker's reference count): a cache line the
+//!   cores must pass around, by design of a shared limit. The `*_hosts`
+//!   cases give each task a host of its own, so that nothing but a hidden
+//!   lock or a shared counter could make them slow down.
 //!
 //! tower's `RateLimit` is not `Clone` and keeps its limit per instance, so
 //! it is not in `stack_tasks`.
@@ -119,7 +124,7 @@ fn run_tasks<S, R>(
     tasks: usize,
     iters: u64,
     svc: &S,
-    make: fn() -> R,
+    make: fn(usize) -> R,
 ) -> Duration
 where
     S: Service<R> + Clone + Send + 'static,
@@ -131,12 +136,12 @@ where
     rt.block_on(async {
         let start = tokio::time::Instant::now();
         let handles: Vec<_> = (0..tasks)
-            .map(|_| {
+            .map(|task| {
                 let mut svc = svc.clone();
                 tokio::spawn(async move {
                     for _ in 0..iters {
                         let ready = svc.ready().await.unwrap();
-                        black_box(ready.call(make()).await.unwrap());
+                        black_box(ready.call(make(task)).await.unwrap());
                     }
                 })
             })
@@ -154,7 +159,7 @@ fn bench_tasks<S, R>(
     name: &str,
     tasks: usize,
     svc: S,
-    make: fn() -> R,
+    make: fn(usize) -> R,
 ) where
     S: Service<R> + Clone + Send + 'static,
     S::Future: Send,
@@ -179,25 +184,46 @@ fn tasks(c: &mut Criterion) {
     configure(&mut g);
     for t in [1usize, 2, 8] {
         g.throughput(Throughput::Elements(t as u64));
-        bench_tasks(&mut g, &rt, "bare", t, Noop, request);
+        let same = |_: usize| request();
+        bench_tasks(&mut g, &rt, "bare", t, Noop, same);
         bench_tasks(
             &mut g,
             &rt,
             "apiguard_stack",
             t,
             support::guard().layer(Noop),
-            request,
+            same,
         );
         let rl = support::guard_rate_limit_only().layer(Noop);
-        bench_tasks(&mut g, &rt, "apiguard_rate_limit", t, rl, request);
+        bench_tasks(&mut g, &rt, "apiguard_rate_limit", t, rl, same);
         let cb = support::guard_breaker_only().layer(Noop);
-        bench_tasks(&mut g, &rt, "apiguard_breaker", t, cb, request);
+        bench_tasks(&mut g, &rt, "apiguard_breaker", t, cb, same);
+        let rl = support::guard_rate_limit_only().layer(Noop);
+        bench_tasks(&mut g, &rt, "apiguard_rate_limit_hosts", t, rl, request_to);
+        let cb = support::guard_breaker_only().layer(Noop);
+        bench_tasks(&mut g, &rt, "apiguard_breaker_hosts", t, cb, request_to);
         let tr = support::tower_resilience_stack();
-        bench_tasks(&mut g, &rt, "tower_resilience_stack", t, tr, || {
+        bench_tasks(&mut g, &rt, "tower_resilience_stack", t, tr, |_| {
             Arc::new(request())
         });
     }
     g.finish();
+}
+
+/// The request of task `task`, to a host of its own (eight hosts, then
+/// they repeat).
+fn request_to(task: usize) -> support::Req {
+    const HOSTS: [&str; 8] = [
+        "http://h0.example/v1/items",
+        "http://h1.example/v1/items",
+        "http://h2.example/v1/items",
+        "http://h3.example/v1/items",
+        "http://h4.example/v1/items",
+        "http://h5.example/v1/items",
+        "http://h6.example/v1/items",
+        "http://h7.example/v1/items",
+    ];
+    support::request_for(HOSTS[task % HOSTS.len()])
 }
 
 criterion_group!(benches, single_task, tasks);

@@ -30,8 +30,14 @@ pub type Res = Response<()>;
 /// layers' own cost.
 #[inline]
 pub fn request() -> Req {
+    request_for("http://api.example/v1/items")
+}
+
+/// The same request, to `uri`.
+#[inline]
+pub fn request_for(uri: &'static str) -> Req {
     let mut req = Request::new(Full::new(Bytes::new()));
-    *req.uri_mut() = http::Uri::from_static("http://api.example/v1/items");
+    *req.uri_mut() = http::Uri::from_static(uri);
     req
 }
 
