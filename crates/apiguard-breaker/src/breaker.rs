@@ -692,6 +692,32 @@ impl Drop for Permit {
     }
 }
 
+/// The right to make one call, like a [`Permit`], but without a handle on
+/// its breaker: from [`CircuitBreaker::try_acquire_ticket`], for a service
+/// that keeps the breaker at hand itself. Taking and returning one writes
+/// nothing to memory other callers share while the breaker is closed and
+/// has nothing to count (a permit's handle is a reference count that every
+/// call writes).
+///
+/// Hand it back to the breaker it came from with
+/// [`CircuitBreaker::record_ticket`]; [`Outcome::Ignored`] if the call was
+/// cancelled. A ticket dropped instead is a cancelled call whose half-open
+/// probe slot, if it held one, stays taken until the half-open timeout
+/// gives up on the probes.
+#[must_use = "a ticket records nothing unless handed back to its breaker"]
+#[derive(Debug)]
+pub struct Ticket {
+    kind: Kind,
+    started: Nanos,
+}
+
+impl Ticket {
+    /// Whether this ticket is for a half-open probe.
+    pub fn is_probe(&self) -> bool {
+        matches!(self.kind, Kind::Probe(_))
+    }
+}
+
 impl CircuitBreaker {
     /// A builder with APIGuard's defaults: 5 consecutive failures open the
     /// circuit for 30 s, one probe at a time, one success closes it.
@@ -706,11 +732,22 @@ impl CircuitBreaker {
     /// on if that is shorter: when a slot frees up depends on the probes.
     #[inline]
     pub fn try_acquire(&self) -> Result<Permit, CircuitOpen> {
+        let Ticket { kind, started } = self.try_acquire_ticket()?;
+        Ok(Permit {
+            breaker: self.inner.clone(),
+            kind,
+            started,
+        })
+    }
+
+    /// [`try_acquire`](Self::try_acquire), for a caller that keeps this
+    /// breaker at hand: see [`Ticket`].
+    #[inline]
+    pub fn try_acquire_ticket(&self) -> Result<Ticket, CircuitOpen> {
         let inner = &*self.inner;
         let w = inner.state.load(Ordering::Acquire);
         if mode(w) == CLOSED {
-            return Ok(Permit {
-                breaker: self.inner.clone(),
+            return Ok(Ticket {
                 kind: Kind::Closed(w),
                 started: if inner.config.slow.is_some() {
                     inner.clock.now()
@@ -719,7 +756,21 @@ impl CircuitBreaker {
                 },
             });
         }
-        inner.acquire_slow(&self.inner, w)
+        inner.acquire_slow(w)
+    }
+
+    /// Records how the call of `ticket` (taken from this breaker) ended;
+    /// [`Outcome::Ignored`] for a cancelled call, which frees its probe
+    /// slot. A ticket of another breaker is recorded there as nothing
+    /// sensible: keep each ticket with its breaker.
+    #[inline]
+    pub fn record_ticket(&self, ticket: Ticket, outcome: Outcome) {
+        let inner = &*self.inner;
+        match ticket.kind {
+            Kind::Closed(word) => inner.record_closed(word, outcome, ticket.started),
+            Kind::Probe(epoch) => inner.record_probe(epoch, outcome),
+            Kind::Pass | Kind::Done => {}
+        }
     }
 
     /// Runs `fut` under the breaker: refused at once when open; an `Ok`
@@ -878,9 +929,8 @@ impl Inner {
     }
 
     #[cold]
-    fn acquire_slow(&self, this: &Arc<Inner>, mut w: u64) -> Result<Permit, CircuitOpen> {
-        let permit = |kind| Permit {
-            breaker: this.clone(),
+    fn acquire_slow(&self, mut w: u64) -> Result<Ticket, CircuitOpen> {
+        let permit = |kind| Ticket {
             kind,
             started: if self.config.slow.is_some() {
                 self.clock.now()

@@ -106,7 +106,8 @@ mod window;
 
 pub use apiguard_core::CircuitOpen;
 pub use breaker::{
-    CircuitBreaker, CircuitBreakerBuilder, Permit, Reason, SlidingWindow, State, Stats, Transition,
+    CircuitBreaker, CircuitBreakerBuilder, Permit, Reason, SlidingWindow, State, Stats, Ticket,
+    Transition,
 };
 pub use error::CallError;
 pub use hold::{HoldOpen, NoHold, RetryAfterHold};

@@ -448,3 +448,25 @@ fn window_config_reports_the_effective_window() {
         Some(time)
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn tickets_count_like_permits_and_an_ignored_probe_frees_its_slot() {
+    let b = breaker(2, Duration::from_secs(10), 1);
+    for _ in 0..2 {
+        let t = b.try_acquire_ticket().expect("admitted");
+        assert!(!t.is_probe());
+        b.record_ticket(t, Outcome::Failure);
+    }
+    assert_eq!(b.state(), State::Open);
+    assert!(b.try_acquire_ticket().is_err());
+    advance(Duration::from_secs(10)).await;
+    // One probe slot: taken, then handed back unused.
+    let probe = b.try_acquire_ticket().expect("probe");
+    assert!(probe.is_probe());
+    assert!(b.try_acquire_ticket().is_err(), "the only slot is taken");
+    b.record_ticket(probe, Outcome::Ignored);
+    // Free again: the next probe's success closes the circuit.
+    let probe = b.try_acquire_ticket().expect("slot freed");
+    b.record_ticket(probe, Outcome::Success);
+    assert_eq!(b.state(), State::Closed);
+}

@@ -54,8 +54,8 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use apiguard_breaker::{
-    CircuitBreaker, CircuitBreakerBuilder, HoldOpen, KeyedBreakers, Permit, RetryAfterHold,
-    SlidingWindow,
+    CircuitBreaker, CircuitBreakerBuilder, HoldOpen, KeyedBreakers, RetryAfterHold, SlidingWindow,
+    Ticket,
 };
 use apiguard_core::{BoxError, Classify, Clock, HttpClassifier, InvalidConfig, Nanos, Outcome};
 use apiguard_ratelimit::{Reservation, TokenBucket};
@@ -406,12 +406,13 @@ struct Core<S> {
     attempt: Attempt<S>,
     /// The breaker and bucket of the host this service called last: most
     /// clients call one host again and again, and this spares them the
-    /// registry lookups.
-    last_host: Option<HostCache>,
+    /// registry lookups. Its reference count is this service's (and its
+    /// requests'), not shared by every caller of the host like the
+    /// breaker's own: a request takes a count on this one instead.
+    last_host: Option<Arc<HostCache>>,
 }
 
 /// A host's breaker and bucket, held by a service between calls.
-#[derive(Clone)]
 struct HostCache {
     key: HostScope,
     breaker: Option<CircuitBreaker>,
@@ -438,7 +439,11 @@ impl Shared {
     /// case misses here and is found in the registries, whose keys ignore
     /// case.
     #[inline]
-    fn host_of<'a, B>(&self, last: &'a mut Option<HostCache>, req: &Request<B>) -> &'a HostCache {
+    fn host_of<'a, B>(
+        &self,
+        last: &'a mut Option<Arc<HostCache>>,
+        req: &Request<B>,
+    ) -> &'a Arc<HostCache> {
         let hit = match last {
             Some(c) => {
                 (!self.scope.per_host || c.key.as_ref().map(Authority::as_str) == host_str(req))
@@ -447,16 +452,66 @@ impl Shared {
             None => false,
         };
         if !hit {
-            let key = self.scope.of(req);
-            *last = Some(HostCache {
-                breaker: self.breakers.as_ref().map(|b| b.get(key.clone())),
-                bucket: self.limiter.as_ref().map(|l| l.bucket(&key)),
-                key,
-            });
+            *last = Some(Arc::new(self.lookup(req)));
         }
         match last {
             Some(c) => c,
             None => unreachable!("just filled"),
+        }
+    }
+}
+
+impl Shared {
+    /// The breaker and bucket of `req`'s host, from the registries.
+    fn lookup<B>(&self, req: &Request<B>) -> HostCache {
+        let key = self.scope.of(req);
+        HostCache {
+            breaker: self.breakers.as_ref().map(|b| b.get(key.clone())),
+            bucket: self.limiter.as_ref().map(|l| l.bucket(&key)),
+            key,
+        }
+    }
+}
+
+/// An admitted call's standing with its host's breaker: the breaker's
+/// [`Ticket`], kept with the host's handles. Dropped unrecorded, the call
+/// counts as cancelled (a probe slot is freed).
+struct Call {
+    host: Arc<HostCache>,
+    ticket: Option<Ticket>,
+}
+
+impl Call {
+    fn breaker(&self) -> &CircuitBreaker {
+        self.host
+            .breaker
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("a call is made only under a breaker"))
+    }
+
+    /// Tells the breaker how the attempt ended; a `503` with `Retry-After`
+    /// holds it open as asked.
+    #[inline]
+    fn record<R>(mut self, result: &Result<http::Response<R>, BoxError>) {
+        let Some(ticket) = self.ticket.take() else {
+            return;
+        };
+        let outcome = HttpClassifier::new().classify(result);
+        self.breaker().record_ticket(ticket, outcome);
+        if let Some(d) = result
+            .as_ref()
+            .ok()
+            .and_then(|r| RetryAfterHold::default().hold_for(r))
+        {
+            self.breaker().hold_open_for(d);
+        }
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        if let Some(ticket) = self.ticket.take() {
+            self.breaker().record_ticket(ticket, Outcome::Ignored);
         }
     }
 }
@@ -476,25 +531,30 @@ enum Admission {
 
 impl Shared {
     /// Asks the host's breaker, then its bucket (a call the breaker refuses
-    /// spends no token). The permit of an admitted call is left in `permit`.
+    /// spends no token). The breaker's ticket of an admitted call is left
+    /// in `permit`.
     #[inline]
     fn admit(
         &self,
-        breaker: Option<&CircuitBreaker>,
-        bucket: Option<&TokenBucket>,
+        host: &Arc<HostCache>,
         now: Option<Nanos>,
-        permit: &mut Option<Permit>,
+        permit: &mut Option<Call>,
     ) -> Admission {
-        if let Some(breaker) = breaker {
-            match breaker.try_acquire() {
-                Ok(p) => *permit = Some(p),
+        if let Some(breaker) = &host.breaker {
+            match breaker.try_acquire_ticket() {
+                Ok(ticket) => {
+                    *permit = Some(Call {
+                        host: host.clone(),
+                        ticket: Some(ticket),
+                    })
+                }
                 Err(open) => {
                     tracing::debug!(target: "apiguard::breaker", retry_after = ?open.retry_after(), "call refused: circuit open");
                     return Admission::Refused(Box::new(open));
                 }
             }
         }
-        if let Some(bucket) = bucket {
+        if let Some(bucket) = &host.bucket {
             let reserved = match now {
                 Some(now) => bucket.reserve_at(1, self.max_wait, now),
                 None => bucket.reserve(1, self.max_wait),
@@ -517,36 +577,10 @@ impl Shared {
     }
 
     /// The same for a later attempt of `req`, from the registries.
-    fn admit_again<B>(&self, req: &Request<B>, permit: &mut Option<Permit>) -> Admission {
-        let key = self.scope.of(req);
-        let breaker = self.breakers.as_ref().map(|b| b.get(key.clone()));
-        let bucket = self.limiter.as_ref().map(|l| l.bucket(&key));
-        self.admit(breaker.as_ref(), bucket.as_ref(), None, permit)
+    fn admit_again<B>(&self, req: &Request<B>, permit: &mut Option<Call>) -> Admission {
+        let host = Arc::new(self.lookup(req));
+        self.admit(&host, None, permit)
     }
-}
-
-/// Tells the breaker how an attempt ended; a `503` with `Retry-After`
-/// holds it open as asked.
-#[inline]
-fn record<R>(permit: Option<Permit>, result: &Result<http::Response<R>, BoxError>) {
-    let Some(permit) = permit else { return };
-    let outcome = HttpClassifier::new().classify(result);
-    match result
-        .as_ref()
-        .ok()
-        .and_then(|r| RetryAfterHold::default().hold_for(r))
-    {
-        None => permit.record(outcome),
-        Some(d) => record_and_hold(permit, outcome, d),
-    }
-}
-
-#[cold]
-#[inline(never)]
-fn record_and_hold(permit: Permit, outcome: Outcome, d: Duration) {
-    let breaker = permit.breaker();
-    permit.record(outcome);
-    breaker.hold_open_for(d);
 }
 
 impl<S, B, R> Service<Request<B>> for Core<S>
@@ -577,12 +611,7 @@ where
             Admission::Go
         } else {
             let host = shared.host_of(&mut self.last_host, &req);
-            shared.admit(
-                host.breaker.as_ref(),
-                host.bucket.as_ref(),
-                now,
-                &mut permit,
-            )
+            shared.admit(host, now, &mut permit)
         };
         // Only a request that may be retried needs the shared state later.
         let stored = copy_for_retry(shared, &req);
@@ -821,7 +850,7 @@ pin_project! {
         retry: RetryState,
         // The copy kept for retries.
         stored: Option<Request<B>>,
-        permit: Option<Permit>,
+        permit: Option<Call>,
         slow: Option<Box<Slow<B>>>,
         // The one timer of both timeouts, armed for the earlier deadline.
         timer: Timer,
@@ -961,7 +990,9 @@ where
                 StepProj::Called { fut } => match fut.poll(cx) {
                     Poll::Ready(result) => {
                         let result = result.map_err(Into::into);
-                        record(this.permit.take(), &result);
+                        if let Some(call) = this.permit.take() {
+                            call.record(&result);
+                        }
                         result
                     }
                     Poll::Pending => match this.timer.poll_elapsed(cx) {
@@ -970,7 +1001,9 @@ where
                             // This attempt timed out; the request goes on.
                             this.step.set(Step::Done);
                             let result = Err(elapsed());
-                            record(this.permit.take(), &result);
+                            if let Some(call) = this.permit.take() {
+                                call.record(&result);
+                            }
                             result
                         }
                         Some(_) => {
@@ -1260,6 +1293,53 @@ mod tests {
             .unwrap();
         assert_eq!(before.elapsed(), Duration::ZERO);
         assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_dropped_in_flight_frees_its_slot() {
+        let layer = GuardLayer::builder()
+            .circuit_breaker(
+                CircuitBreaker::builder()
+                    .failure_threshold(1)
+                    .recovery_timeout(Duration::from_secs(1)),
+            )
+            .build()
+            .unwrap();
+        let breakers = layer.breakers().unwrap().clone();
+        // The first call fails, then the upstream hangs until told not to.
+        let calls = Arc::new(AtomicU32::new(0));
+        let seen = calls.clone();
+        let up = service_fn(move |_req: Request<Full<Bytes>>| {
+            let n = seen.fetch_add(1, Ordering::SeqCst);
+            async move {
+                match n {
+                    0 => {}
+                    1 => std::future::pending::<()>().await,
+                    _ => {}
+                }
+                let status = if n == 0 { 500 } else { 200 };
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .status(status)
+                        .body(Full::<Bytes>::default())
+                        .unwrap(),
+                )
+            }
+        });
+        let mut svc = layer.layer(up);
+        svc.ready().await.unwrap().call(get("a.example")).await.unwrap();
+        assert_eq!(breakers.state(&key("a.example")), State::Open);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        // The probe hangs; its caller gives up on it.
+        let probe = svc.ready().await.unwrap().call(get("a.example"));
+        let gave_up = tokio::time::timeout(Duration::from_millis(10), probe).await;
+        assert!(gave_up.is_err());
+        // Its slot is free at once: the next call is the new probe, and
+        // its success closes the circuit.
+        let res = svc.ready().await.unwrap().call(get("a.example")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(breakers.state(&key("a.example")), State::Closed);
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test]
