@@ -32,6 +32,13 @@
 //! tower's `RateLimit` is not `Clone` and keeps its limit per instance, so
 //! it is not in `stack_tasks`.
 //!
+//! - `paired` (printed first, written to
+//!   `target/apiguard-bench/stack_paired.json`): the one-third target again,
+//!   with `bare`, `apiguard_stack`, `bare_arc` and `tower_resilience_stack`
+//!   run in short turns over 21 rounds and the median round's ratio of
+//!   overheads kept, so that a drift of the machine's speed between
+//!   criterion's cases cannot decide it.
+//!
 //! Run: `cargo bench -p apiguard-benches --bench stack`
 //! (`APIGUARD_FUTURE_SIZES=1` prints the response futures' sizes instead).
 
@@ -266,10 +273,81 @@ fn future_sizes() {
     }
 }
 
+/// Calls per contender per round of [`paired`].
+const PAIRED_CALLS: u32 = 100_000;
+/// Rounds of [`paired`].
+const PAIRED_ROUNDS: usize = 21;
+
+/// Nanoseconds per call of `calls` calls through `svc`.
+fn per_call<S, R>(svc: &mut S, make: impl Fn() -> R, calls: u32) -> f64
+where
+    S: Service<R>,
+    S::Error: std::fmt::Debug,
+{
+    let t = std::time::Instant::now();
+    for _ in 0..calls {
+        one(svc, make());
+    }
+    t.elapsed().as_nanos() as f64 / f64::from(calls)
+}
+
+/// The one-third target, measured so that a machine whose speed drifts
+/// (a shared VM) cannot decide it: the four cases it needs run one after
+/// another in short turns, round after round, and each round gives its own
+/// ratio of overheads; the median round's ratio is the figure. Criterion's
+/// per-case medians, taken minutes apart, are in the table beside it.
+fn paired() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let mut bare = Noop;
+    let mut bare_arc = NoopArc;
+    let mut ours = support::guard().layer(Noop);
+    let mut theirs = support::tower_resilience_stack();
+    let mut rows = Vec::with_capacity(PAIRED_ROUNDS);
+    for round in 0..=PAIRED_ROUNDS {
+        let b = per_call(&mut bare, request, PAIRED_CALLS);
+        let o = per_call(&mut ours, request, PAIRED_CALLS);
+        let ba = per_call(&mut bare_arc, || Arc::new(request()), PAIRED_CALLS);
+        let t = per_call(&mut theirs, || Arc::new(request()), PAIRED_CALLS);
+        // Round 0 warms up.
+        if round > 0 {
+            rows.push((o - b, t - ba));
+        }
+    }
+    rows.sort_by(|x, y| (x.0 / x.1).total_cmp(&(y.0 / y.1)));
+    let (o, t) = rows[rows.len() / 2];
+    let lo = rows[0].0 / rows[0].1;
+    let hi = rows[rows.len() - 1].0 / rows[rows.len() - 1].1;
+    println!(
+        "paired: GuardLayer overhead {o:.1} ns, tower-resilience {t:.1} ns, ratio {:.3} (rounds: {lo:.3} .. {hi:.3})",
+        o / t
+    );
+    support::write_result(
+        "stack_paired.json",
+        &format!(
+            "{{\"rounds\":{},\"calls\":{},\"ours_ns\":{o:.2},\"theirs_ns\":{t:.2},\"ratio\":{:.4},\"min\":{lo:.4},\"max\":{hi:.4}}}",
+            rows.len(),
+            PAIRED_CALLS,
+            o / t
+        ),
+    );
+}
+
 fn main() {
     if std::env::var_os("APIGUARD_FUTURE_SIZES").is_some() {
         future_sizes();
         return;
+    }
+    // A criterion filter that names other cases skips the paired rounds.
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    if filter
+        .as_deref()
+        .is_none_or(|f| "stack_paired".contains(f) || f.contains("paired"))
+    {
+        paired();
     }
     benches();
     criterion::Criterion::default()

@@ -1327,7 +1327,12 @@ mod tests {
             }
         });
         let mut svc = layer.layer(up);
-        svc.ready().await.unwrap().call(get("a.example")).await.unwrap();
+        svc.ready()
+            .await
+            .unwrap()
+            .call(get("a.example"))
+            .await
+            .unwrap();
         assert_eq!(breakers.state(&key("a.example")), State::Open);
         tokio::time::advance(Duration::from_secs(1)).await;
         // The probe hangs; its caller gives up on it.
@@ -1336,7 +1341,13 @@ mod tests {
         assert!(gave_up.is_err());
         // Its slot is free at once: the next call is the new probe, and
         // its success closes the circuit.
-        let res = svc.ready().await.unwrap().call(get("a.example")).await.unwrap();
+        let res = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(get("a.example"))
+            .await
+            .unwrap();
         assert_eq!(res.status(), StatusCode::OK);
         assert_eq!(breakers.state(&key("a.example")), State::Closed);
         assert_eq!(calls.load(Ordering::SeqCst), 3);
