@@ -284,7 +284,7 @@ where
     S: Service<R>,
     S::Error: std::fmt::Debug,
 {
-    let t = std::time::Instant::now();
+    let t = tokio::time::Instant::now();
     for _ in 0..calls {
         one(svc, make());
     }
