@@ -37,7 +37,9 @@
 //!   with `bare`, `apiguard_stack`, `bare_arc` and `tower_resilience_stack`
 //!   run in short turns over 21 rounds and the median round's ratio of
 //!   overheads kept, so that a drift of the machine's speed between
-//!   criterion's cases cannot decide it.
+//!   criterion's cases cannot decide it. Then the same for `stack_tasks`
+//!   (`stack_tasks_paired.json`): per round, each case's per-core time at
+//!   8 tasks over 1 task, alone and over `bare`'s in that round.
 //!
 //! Run: `cargo bench -p apiguard-benches --bench stack`
 //! (`APIGUARD_FUTURE_SIZES=1` prints the response futures' sizes instead).
@@ -336,6 +338,108 @@ fn paired() {
     );
 }
 
+/// Iterations per task per turn of [`paired_tasks`].
+const TASK_ITERS: u64 = 20_000;
+
+type Run<'a> = Box<dyn Fn(usize) -> Duration + 'a>;
+
+/// A case of [`paired_tasks`]: `svc` cloned into each task.
+fn case<S>(rt: &tokio::runtime::Runtime, svc: S, make: fn(usize) -> support::Req) -> Run<'_>
+where
+    S: Service<support::Req> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: std::fmt::Debug,
+    S::Response: Send,
+{
+    Box::new(move |tasks| run_tasks(rt, tasks, TASK_ITERS, &svc, make))
+}
+
+/// The per-core question of `stack_tasks`, interleaved like [`paired`]:
+/// each round runs every case at 1 and at 8 tasks in short turns, and
+/// gives each case its ratio of per-core time at 8 tasks to 1 task, and
+/// that ratio over `bare`'s in the same round (the runtime's own cost of
+/// juggling eight tasks is not the layer's). The median round of each is
+/// kept.
+fn paired_tasks() {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cores)
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let same = |_: usize| request();
+    let cases: Vec<(&str, Run<'_>)> = vec![
+        ("bare", case(&rt, Noop, same)),
+        (
+            "apiguard_rate_limit",
+            case(&rt, support::guard_rate_limit_only().layer(Noop), same),
+        ),
+        (
+            "apiguard_breaker",
+            case(&rt, support::guard_breaker_only().layer(Noop), same),
+        ),
+        (
+            "apiguard_rate_limit_hosts",
+            case(
+                &rt,
+                support::guard_rate_limit_only().layer(Noop),
+                request_to,
+            ),
+        ),
+        (
+            "apiguard_breaker_hosts",
+            case(&rt, support::guard_breaker_only().layer(Noop), request_to),
+        ),
+        (
+            "apiguard_stack",
+            case(&rt, support::guard().layer(Noop), same),
+        ),
+    ];
+    // Per-core ns per call.
+    let per_core = |run: &Run<'_>, tasks: usize| {
+        let d = run(tasks).as_nanos() as f64;
+        d * tasks.min(cores) as f64 / (tasks as f64 * TASK_ITERS as f64)
+    };
+    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    let mut relative: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    for round in 0..=PAIRED_ROUNDS {
+        let r: Vec<f64> = cases
+            .iter()
+            .map(|(_, run)| per_core(run, 8) / per_core(run, 1))
+            .collect();
+        // Round 0 warms up.
+        if round > 0 {
+            for (i, x) in r.iter().enumerate() {
+                ratios[i].push(*x);
+                relative[i].push(x / r[0]);
+            }
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 2], v[0], v[v.len() - 1])
+    };
+    let mut json = Vec::new();
+    for (i, (name, _)) in cases.iter().enumerate() {
+        let (r, lo, hi) = median(&mut ratios[i]);
+        let (rel, rlo, rhi) = median(&mut relative[i]);
+        println!(
+            "paired tasks: {name:<26} per core, 8 tasks / 1 task {r:.3} ({lo:.2} .. {hi:.2}); over bare's {rel:.3} ({rlo:.2} .. {rhi:.2})"
+        );
+        json.push(format!(
+            "{{\"who\":{name:?},\"ratio\":{r:.4},\"min\":{lo:.4},\"max\":{hi:.4},\"relative\":{rel:.4},\"relative_min\":{rlo:.4},\"relative_max\":{rhi:.4}}}"
+        ));
+    }
+    support::write_result(
+        "stack_tasks_paired.json",
+        &format!(
+            "{{\"cores\":{cores},\"rounds\":{PAIRED_ROUNDS},\"iters\":{TASK_ITERS},\"cases\":[{}]}}",
+            json.join(",")
+        ),
+    );
+}
+
 fn main() {
     if std::env::var_os("APIGUARD_FUTURE_SIZES").is_some() {
         future_sizes();
@@ -348,6 +452,7 @@ fn main() {
         .is_none_or(|f| "stack_paired".contains(f) || f.contains("paired"))
     {
         paired();
+        paired_tasks();
     }
     benches();
     criterion::Criterion::default()
