@@ -181,13 +181,19 @@ fn bench_tasks<S, R>(
     });
 }
 
-fn tasks(c: &mut Criterion) {
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+/// A multi-threaded runtime with one worker per core, and the core count.
+fn per_core_runtime() -> (tokio::runtime::Runtime, usize) {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
+        .worker_threads(cores)
         .enable_all()
         .build()
         .unwrap();
+    (rt, cores)
+}
+
+fn tasks(c: &mut Criterion) {
+    let (rt, _) = per_core_runtime();
     let _guard = rt.enter();
     let mut g = c.benchmark_group("stack_tasks");
     configure(&mut g);
@@ -361,12 +367,7 @@ where
 /// juggling eight tasks is not the layer's). The median round of each is
 /// kept.
 fn paired_tasks() {
-    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cores)
-        .enable_all()
-        .build()
-        .unwrap();
+    let (rt, cores) = per_core_runtime();
     let _guard = rt.enter();
     let same = |_: usize| request();
     let cases: Vec<(&str, Run<'_>)> = vec![

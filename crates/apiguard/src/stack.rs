@@ -339,60 +339,15 @@ impl<S> Layer<S> for GuardLayer {
 
     fn layer(&self, inner: S) -> Guard<S> {
         Guard {
-            core: Core {
-                shared: self.shared.clone(),
-                attempt: BoxErr { inner },
-                last_host: None,
-            },
+            shared: self.shared.clone(),
+            attempt: BoxErr { inner },
+            last_host: None,
         }
     }
 }
 
-/// The service [`GuardLayer`] makes.
-#[derive(Clone)]
-pub struct Guard<S> {
-    core: Core<S>,
-}
-
-impl<S> fmt::Debug for Guard<S> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Guard").finish_non_exhaustive()
-    }
-}
-
-impl<S> Guard<S> {
-    /// Keeps handles on the breaker and bucket of `req`'s host, as if the
-    /// service had just called it.
-    pub(crate) fn prime<B>(&mut self, req: &Request<B>) {
-        let core = &mut self.core;
-        if core.shared.breakers.is_some() || core.shared.limiter.is_some() {
-            core.shared.host_of(&mut core.last_host, req);
-        }
-    }
-}
-
-impl<S, B, R> Service<Request<B>> for Guard<S>
-where
-    S: Service<Request<B>, Response = http::Response<R>> + Clone,
-    S::Error: Into<BoxError>,
-    B: TryCloneBody,
-{
-    type Response = http::Response<R>;
-    type Error = BoxError;
-    type Future = GuardFuture<Attempt<S>, B>;
-
-    #[inline]
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.core.poll_ready(cx)
-    }
-
-    #[inline]
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        self.core.call(req)
-    }
-}
-
-/// Timeouts, retry, breaker and rate limit in one service and one future.
+/// The service [`GuardLayer`] makes: timeouts, retry, breaker and rate
+/// limit in one service and one future.
 ///
 /// Stacked as separate tower layers, each part would wrap the next one's
 /// future in its own and clone the service below it into every request
@@ -401,7 +356,7 @@ where
 /// carries one future whose waits live on the heap only when it waits, and
 /// one timer serves both timeouts.
 #[derive(Clone)]
-struct Core<S> {
+pub struct Guard<S> {
     shared: Arc<Shared>,
     attempt: Attempt<S>,
     /// The breaker and bucket of the host this service called last: most
@@ -516,9 +471,19 @@ impl Drop for Call {
     }
 }
 
-impl<S> fmt::Debug for Core<S> {
+impl<S> fmt::Debug for Guard<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Core").finish_non_exhaustive()
+        f.debug_struct("Guard").finish_non_exhaustive()
+    }
+}
+
+impl<S> Guard<S> {
+    /// Keeps handles on the breaker and bucket of `req`'s host, as if the
+    /// service had just called it.
+    pub(crate) fn prime<B>(&mut self, req: &Request<B>) {
+        if self.shared.breakers.is_some() || self.shared.limiter.is_some() {
+            self.shared.host_of(&mut self.last_host, req);
+        }
     }
 }
 
@@ -583,7 +548,7 @@ impl Shared {
     }
 }
 
-impl<S, B, R> Service<Request<B>> for Core<S>
+impl<S, B, R> Service<Request<B>> for Guard<S>
 where
     S: Service<Request<B>, Response = http::Response<R>> + Clone,
     S::Error: Into<BoxError>,
@@ -1223,16 +1188,28 @@ mod tests {
         (svc, calls)
     }
 
+    /// One request to `host` through `svc`, once it is ready.
+    async fn send<S>(svc: &mut S, host: &str) -> Result<S::Response, BoxError>
+    where
+        S: Service<Request<Full<Bytes>>, Error = BoxError>,
+    {
+        svc.ready().await?.call(get(host)).await
+    }
+
+    /// Retry without delay, under both timeouts (milliseconds).
+    fn with_timeouts(attempt: u64, total: u64) -> GuardLayer {
+        GuardLayer::builder()
+            .retry(no_delay())
+            .attempt_timeout(Duration::from_millis(attempt))
+            .total_timeout(Duration::from_millis(total))
+            .build()
+            .unwrap()
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_hung_attempt_times_out_and_the_retry_answers() {
         let (up, calls) = hanging_then_ok(1);
-        let svc = GuardLayer::builder()
-            .retry(no_delay())
-            .attempt_timeout(Duration::from_millis(100))
-            .total_timeout(Duration::from_secs(1))
-            .build()
-            .unwrap()
-            .layer(up);
+        let svc = with_timeouts(100, 1000).layer(up);
         let started = Instant::now();
         let res = svc.oneshot(get("a.example")).await.unwrap();
         assert_eq!(res.status(), StatusCode::OK);
@@ -1245,13 +1222,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_total_timeout_ends_a_request_whose_attempts_all_hang() {
         let (up, calls) = hanging_then_ok(u32::MAX);
-        let svc = GuardLayer::builder()
-            .retry(no_delay())
-            .attempt_timeout(Duration::from_millis(300))
-            .total_timeout(Duration::from_millis(500))
-            .build()
-            .unwrap()
-            .layer(up);
+        let svc = with_timeouts(300, 500).layer(up);
         let started = Instant::now();
         let err = svc.oneshot(get("a.example")).await.unwrap_err();
         assert!(err.is::<tower::timeout::error::Elapsed>(), "{err}");
@@ -1269,12 +1240,7 @@ mod tests {
             .unwrap();
         let (up, calls) = hanging_then_ok(0);
         let mut svc = layer.layer(up);
-        svc.ready()
-            .await
-            .unwrap()
-            .call(get("a.example"))
-            .await
-            .unwrap();
+        send(&mut svc, "a.example").await.unwrap();
         // The bucket is empty: the next request reserves the token due in a
         // second, and is dropped while it waits.
         let waiting = svc.ready().await.unwrap().call(get("a.example"));
@@ -1285,12 +1251,7 @@ mod tests {
         // clock would jump ahead).
         tokio::time::advance(Duration::from_secs(1)).await;
         let before = Instant::now();
-        svc.ready()
-            .await
-            .unwrap()
-            .call(get("a.example"))
-            .await
-            .unwrap();
+        send(&mut svc, "a.example").await.unwrap();
         assert_eq!(before.elapsed(), Duration::ZERO);
         assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
@@ -1327,12 +1288,7 @@ mod tests {
             }
         });
         let mut svc = layer.layer(up);
-        svc.ready()
-            .await
-            .unwrap()
-            .call(get("a.example"))
-            .await
-            .unwrap();
+        send(&mut svc, "a.example").await.unwrap();
         assert_eq!(breakers.state(&key("a.example")), State::Open);
         tokio::time::advance(Duration::from_secs(1)).await;
         // The probe hangs; its caller gives up on it.
@@ -1372,12 +1328,7 @@ mod tests {
         let breakers = layer.breakers().unwrap();
         // `svc` keeps a.example's breaker; b.example takes its place in the
         // one-host registry.
-        svc.ready()
-            .await
-            .unwrap()
-            .call(get("a.example"))
-            .await
-            .unwrap();
+        send(&mut svc, "a.example").await.unwrap();
         let a = breakers.peek(&key("a.example")).unwrap();
         breakers.get(key("b.example"));
         breakers.get(key("c.example"));
@@ -1385,12 +1336,7 @@ mod tests {
         assert!(breakers.peek(&key("a.example")).is_none());
         // The next call to a.example lands on the registry's new breaker,
         // which its failure opens.
-        svc.ready()
-            .await
-            .unwrap()
-            .call(get("a.example"))
-            .await
-            .unwrap();
+        send(&mut svc, "a.example").await.unwrap();
         assert_eq!(breakers.state(&key("a.example")), State::Open);
     }
 }
