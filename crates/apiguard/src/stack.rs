@@ -246,8 +246,6 @@ impl GuardLayerBuilder {
         let one_clock =
             limiter.is_some() && self.retry.as_ref().is_some_and(|p| !p.clock().is_manual());
         Ok(GuardLayer {
-            total_timeout: self.total_timeout,
-            attempt_timeout: self.attempt_timeout,
             shared: Arc::new(Shared {
                 one_clock,
                 total_timeout: self.total_timeout,
@@ -290,8 +288,6 @@ struct Shared {
 /// buckets and the retry budget.
 #[derive(Clone)]
 pub struct GuardLayer {
-    total_timeout: Option<Duration>,
-    attempt_timeout: Option<Duration>,
     shared: Arc<Shared>,
 }
 
@@ -299,12 +295,12 @@ impl fmt::Debug for GuardLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = &*self.shared;
         f.debug_struct("GuardLayer")
-            .field("total_timeout", &self.total_timeout)
+            .field("total_timeout", &s.total_timeout)
             .field("retry", &s.retry)
             .field("breakers", &s.breakers)
             .field("limiter", &s.limiter)
             .field("max_wait", &s.max_wait)
-            .field("attempt_timeout", &self.attempt_timeout)
+            .field("attempt_timeout", &s.attempt_timeout)
             .field("scope", &s.scope)
             .finish()
     }
@@ -584,10 +580,9 @@ where
         match admission {
             // The success path, built in place.
             Admission::Go => {
-                let (timer, total_end) = Timer::start(shared, true);
+                let timer = Timer::start(shared, true);
                 GuardFuture {
                     timer,
-                    total_end,
                     // Later attempts go through a clone, made ready then.
                     svc: stored.as_ref().map(|_| self.attempt.clone()),
                     stored,
@@ -605,12 +600,11 @@ where
                 // takes it along, and leaves a clone.
                 let clone = self.attempt.clone();
                 let svc = std::mem::replace(&mut self.attempt, clone);
-                let (timer, total_end) = Timer::start(shared, false);
+                let timer = Timer::start(shared, false);
                 GuardFuture {
                     timer,
-                    total_end,
                     step: Step::Token,
-                    shared: Some(self.shared.clone()),
+                    shared: later.or_else(|| Some(self.shared.clone())),
                     svc: Some(svc),
                     retry,
                     stored,
@@ -624,10 +618,9 @@ where
                 }
             }
             Admission::Refused(err) => {
-                let (timer, total_end) = Timer::start(shared, false);
+                let timer = Timer::start(shared, false);
                 let mut fut = GuardFuture {
                     timer,
-                    total_end,
                     step: Step::Done,
                     shared: later,
                     svc: stored.as_ref().map(|_| self.attempt.clone()),
@@ -660,29 +653,32 @@ struct Timer {
     sleep: Option<Pin<Box<Sleep>>>,
     armed: Armed,
     deadline: Option<Instant>,
+    /// The request's total deadline.
+    total_end: Option<Instant>,
 }
 
 impl Timer {
     /// The timer of a new request, armed for its first attempt if that
-    /// starts now (`attempting`), and the request's total deadline.
+    /// starts now (`attempting`), else for the total deadline.
     #[inline]
-    fn start(shared: &Shared, attempting: bool) -> (Self, Option<Instant>) {
+    fn start(shared: &Shared, attempting: bool) -> Self {
         let mut timer = Timer {
             sleep: None,
             armed: Armed::Off,
             deadline: None,
+            total_end: None,
         };
         if shared.total_timeout.is_none() && shared.attempt_timeout.is_none() {
-            return (timer, None);
+            return timer;
         }
         let now = Instant::now();
-        let total_end = shared.total_timeout.map(|d| now + d);
+        timer.total_end = shared.total_timeout.map(|d| now + d);
         if attempting {
-            timer.attempt_started(shared.attempt_timeout, now, total_end);
+            timer.attempt_started(shared.attempt_timeout, now);
         } else {
-            timer.between_attempts(total_end);
+            timer.between_attempts();
         }
-        (timer, total_end)
+        timer
     }
 
     fn arm(&mut self, deadline: Instant, armed: Armed) {
@@ -695,13 +691,8 @@ impl Timer {
 
     /// An attempt starts at `now`: the earlier of its deadline and the
     /// total one.
-    fn attempt_started(
-        &mut self,
-        attempt_timeout: Option<Duration>,
-        now: Instant,
-        total_end: Option<Instant>,
-    ) {
-        match (attempt_timeout.map(|d| now + d), total_end) {
+    fn attempt_started(&mut self, attempt_timeout: Option<Duration>, now: Instant) {
+        match (attempt_timeout.map(|d| now + d), self.total_end) {
             (Some(a), Some(t)) if a < t => self.arm(a, Armed::Attempt),
             (Some(a), None) => self.arm(a, Armed::Attempt),
             (_, Some(t)) => self.arm(t, Armed::Total),
@@ -710,8 +701,8 @@ impl Timer {
     }
 
     /// Between attempts only the total deadline runs.
-    fn between_attempts(&mut self, total_end: Option<Instant>) {
-        match total_end {
+    fn between_attempts(&mut self) {
+        match self.total_end {
             Some(t) if self.armed != Armed::Total => self.arm(t, Armed::Total),
             Some(_) => {}
             None => self.armed = Armed::Off,
@@ -819,7 +810,6 @@ pin_project! {
         slow: Option<Box<Slow<B>>>,
         // The one timer of both timeouts, armed for the earlier deadline.
         timer: Timer,
-        total_end: Option<Instant>,
     }
 }
 
@@ -1034,11 +1024,7 @@ where
                             this.step.set(Step::Called { fut });
                             let attempt_timeout = later(this.shared).attempt_timeout;
                             if attempt_timeout.is_some() {
-                                this.timer.attempt_started(
-                                    attempt_timeout,
-                                    Instant::now(),
-                                    *this.total_end,
-                                );
+                                this.timer.attempt_started(attempt_timeout, Instant::now());
                             }
                             continue;
                         }
@@ -1064,7 +1050,7 @@ where
                 this.slow,
                 &mut result,
             ) {
-                this.timer.between_attempts(*this.total_end);
+                this.timer.between_attempts();
                 this.step.set(Step::Backoff);
                 continue;
             }
