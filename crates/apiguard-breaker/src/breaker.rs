@@ -665,7 +665,7 @@ impl Permit {
     }
 
     /// The breaker this permit belongs to.
-    pub fn breaker(&self) -> CircuitBreaker {
+    pub(crate) fn breaker(&self) -> CircuitBreaker {
         CircuitBreaker {
             inner: self.breaker.clone(),
         }

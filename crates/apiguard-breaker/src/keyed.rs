@@ -5,7 +5,7 @@ use std::hash::Hash;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
-use apiguard_core::{CircuitOpen, InvalidConfig};
+use apiguard_core::InvalidConfig;
 use dashmap::DashMap;
 
 /// foldhash with a per-map random seed: keys (hosts, routes) may come from
@@ -15,7 +15,7 @@ type Hasher = foldhash::fast::RandomState;
 use http::Request;
 use http::uri::Authority;
 
-use crate::breaker::{CircuitBreaker, CircuitBreakerBuilder, Hook, Permit, State, Transition};
+use crate::breaker::{CircuitBreaker, CircuitBreakerBuilder, Hook, State, Transition};
 
 /// Picks the key a request's breaker is found under.
 ///
@@ -189,14 +189,6 @@ impl<K: Hash + Eq + Clone> KeyedBreakers<K> {
     /// The breaker of `key`, created if need be.
     pub fn get(&self, key: K) -> CircuitBreaker {
         self.with(&key, CircuitBreaker::clone)
-    }
-
-    /// Asks `key`'s breaker (created if need be) to make a call; see
-    /// [`CircuitBreaker::try_acquire`]. Cheaper than `get` then
-    /// `try_acquire`: the key is copied only when its breaker is new.
-    #[inline]
-    pub fn try_acquire(&self, key: &K) -> Result<Permit, CircuitOpen> {
-        self.with(key, CircuitBreaker::try_acquire)
     }
 
     /// The breaker of `key`, if it has one.

@@ -316,6 +316,9 @@ impl Drop for Withdrawal {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use apiguard_core::ManualClock;
+    use proptest::prelude::*;
 
     #[test]
     fn the_epoch_is_the_exact_quotient() {
@@ -347,10 +350,6 @@ mod tests {
             }
         }
     }
-
-    use super::*;
-    use apiguard_core::ManualClock;
-    use proptest::prelude::*;
 
     const SEC: u64 = 1_000_000_000;
 

@@ -346,8 +346,11 @@ impl RetryPolicy {
         self.cfg.statuses.contains(status)
     }
 
-    /// Starts the state of one request (its first attempt) at `now`.
-    fn begin(&self, now: Nanos) -> RetryState {
+    /// [`start`](Self::start) at `now`, read from this policy's
+    /// [`clock`](Self::clock) by the caller (who may share one reading
+    /// with other parts of a stack).
+    #[inline]
+    pub fn start_at(&self, now: Nanos) -> RetryState {
         if let Some(budget) = &self.cfg.budget {
             budget.deposit_at(now);
         }
@@ -369,15 +372,7 @@ impl RetryPolicy {
         } else {
             0
         };
-        self.begin(now)
-    }
-
-    /// [`start`](Self::start) at `now`, read from this policy's
-    /// [`clock`](Self::clock) by the caller (who may share one reading
-    /// with other parts of a stack).
-    #[inline]
-    pub fn start_at(&self, now: Nanos) -> RetryState {
-        self.begin(now)
+        self.start_at(now)
     }
 
     /// The clock the policy reads (deadline, budget).
@@ -567,7 +562,7 @@ impl RetryPolicy {
         Fut: Future<Output = Result<T, E>>,
         E: 'static,
     {
-        let mut state = self.begin(self.cfg.clock.now());
+        let mut state = self.start_at(self.cfg.clock.now());
         let mut attempt = 1;
         loop {
             let result = f(attempt).await;

@@ -29,6 +29,12 @@ const SWEEP_PAUSE: Nanos = 100_000_000;
 /// Services of the layer keep a handle on the bucket of the host they
 /// called last, so a client that calls one host again and again finds its
 /// bucket without a lookup; such a bucket is never let go while held.
+/// A service that was given the overflow bucket for its host keeps it
+/// while it keeps calling that host, even after room is made.
+///
+/// Threads adding new hosts at the same instant may each pass the room
+/// check: the map can exceed `max_hosts` by at most their number, until
+/// the next new host sweeps.
 ///
 /// Clones share the buckets.
 #[derive(Clone)]
