@@ -10,6 +10,8 @@ use apiguard_core::clock::{duration_to_nanos, nanos_to_duration};
 use apiguard_core::{CircuitOpen, Clock, InvalidConfig, Nanos, Outcome};
 
 use crate::error::CallError;
+use crate::recovered::Recovered;
+use crate::waiters::Waiters;
 use crate::sync::{AtomicU32, AtomicU64, CachePadded, Ordering};
 use crate::window::{CountWindow, Counts, MAX_COUNT_WINDOW, TimeWindow, Window, encode};
 
@@ -98,6 +100,9 @@ pub struct Stats {
     pub trips: u32,
     /// Time until the next probe, when open.
     pub retry_after: Option<Duration>,
+    /// Calls waiting for the breaker to let them through
+    /// ([`CircuitBreaker::recovered`]).
+    pub waiters: usize,
 }
 
 pub(crate) type Hook = Arc<dyn Fn(&Transition) + Send + Sync + 'static>;
@@ -133,6 +138,7 @@ pub struct CircuitBreakerBuilder {
     max_recovery_timeout: Option<Duration>,
     jitter: f64,
     jitter_source: Option<JitterSource>,
+    slow_start: Duration,
     clock: Clock,
     on_transition: Option<Hook>,
     name: Option<Arc<str>>,
@@ -153,6 +159,7 @@ impl fmt::Debug for CircuitBreakerBuilder {
             .field("backoff_multiplier", &self.backoff_multiplier)
             .field("max_recovery_timeout", &self.max_recovery_timeout)
             .field("jitter", &self.jitter)
+            .field("slow_start", &self.slow_start)
             .field("name", &self.name)
             .finish_non_exhaustive()
     }
@@ -174,6 +181,7 @@ impl Default for CircuitBreakerBuilder {
             max_recovery_timeout: None,
             jitter: 0.0,
             jitter_source: None,
+            slow_start: CircuitBreakerBuilder::DEFAULT_SLOW_START,
             clock: Clock::system(),
             on_transition: None,
             name: None,
@@ -182,6 +190,28 @@ impl Default for CircuitBreakerBuilder {
 }
 
 impl CircuitBreakerBuilder {
+    /// The default cap of [`slow_start`](Self::slow_start).
+    pub const DEFAULT_SLOW_START: Duration = Duration::from_secs(10);
+
+    /// The longest the release of a backlog may take after the circuit
+    /// closes (default [`DEFAULT_SLOW_START`](Self::DEFAULT_SLOW_START)).
+    ///
+    /// Calls that waited for the breaker ([`CircuitBreaker::recovered`])
+    /// are not let go all at once when it closes, which would hit the
+    /// recovering dependency with the whole queue in one instant. They go
+    /// oldest first, spread over two thirds of the time the queue took to
+    /// gather — one and a half times the rate they arrived at, so with new
+    /// calls arriving meanwhile the dependency sees at most about two and a
+    /// half times its usual rate — and over at most this window. The first
+    /// goes at once. `Duration::ZERO` lets the whole backlog go at once.
+    ///
+    /// Keep it well below the callers' deadlines: a waiter whose turn comes
+    /// after its deadline is lost.
+    pub fn slow_start(mut self, window: Duration) -> Self {
+        self.slow_start = window;
+        self
+    }
+
     /// How long a half-open period may last with every probe slot taken
     /// before the probes are given up on: the next refused caller reopens
     /// the breaker, as if a probe had failed. A probe that hangs (no
@@ -338,6 +368,7 @@ impl CircuitBreakerBuilder {
                 registry_hook: OnceLock::new(),
                 evicted: AtomicBool::new(false),
                 jitter_source: self.jitter_source.clone(),
+                waiters: Waiters::default(),
                 name: self.name.clone(),
                 config,
             }),
@@ -453,6 +484,7 @@ impl CircuitBreakerBuilder {
             backoff_multiplier: self.backoff_multiplier,
             max_open,
             jitter: self.jitter,
+            slow_start: duration_to_nanos(self.slow_start),
         })
     }
 }
@@ -472,6 +504,7 @@ struct Config {
     backoff_multiplier: f64,
     max_open: Duration,
     jitter: f64,
+    slow_start: Nanos,
 }
 
 // The state word. Bits 0..3 are the mode; the rest depends on it:
@@ -493,6 +526,8 @@ const INFLIGHT_SHIFT: u32 = 3;
 const SUCCESS_SHIFT: u32 = 19;
 const EPOCH_SHIFT: u32 = 35;
 const U16: u64 = 0xffff;
+/// The shortest wait named to a call refused while a probe is in flight.
+const MIN_PROBE_HINT: Nanos = 10_000_000;
 
 const fn closed(epoch: u64) -> u64 {
     (epoch & PAYLOAD_MAX) << 3 | CLOSED
@@ -537,7 +572,7 @@ fn state_of(w: u64) -> State {
     }
 }
 
-struct Inner {
+pub(crate) struct Inner {
     state: CachePadded<AtomicU64>,
     consecutive: CachePadded<AtomicU32>,
     window: CachePadded<Option<Window>>,
@@ -547,7 +582,7 @@ struct Inner {
     half_open_since: AtomicU64,
     epoch: AtomicU64,
     trips: AtomicU32,
-    clock: Clock,
+    pub(crate) clock: Clock,
     on_transition: Option<Hook>,
     /// The key-aware hook of the [`KeyedBreakers`](crate::KeyedBreakers)
     /// registry that holds this breaker, set at most once, after the
@@ -557,8 +592,23 @@ struct Inner {
     /// of this breaker: its key gets a new one on its next call.
     evicted: AtomicBool,
     jitter_source: Option<JitterSource>,
+    /// Calls waiting for this breaker to let them through; touched only
+    /// by transitions and by the waiters themselves.
+    pub(crate) waiters: Waiters,
     name: Option<Arc<str>>,
     config: Config,
+}
+
+/// When a refused call is worth asking again, as far as the state says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Readiness {
+    /// Now: the breaker admits, or the next call moves it on.
+    Now,
+    /// At this instant of the breaker's clock (the end of an open period,
+    /// or the giving up on stuck probes), unless it changes before.
+    At(Nanos),
+    /// Only after a change (forced open).
+    Never,
 }
 
 /// A circuit breaker: refuses calls to a dependency that keeps failing, so
@@ -727,9 +777,12 @@ impl CircuitBreaker {
 
     /// Asks to make a call. Refused with [`CircuitOpen`] when open (its
     /// `retry_after` is the time until the next probe; `None` when forced
-    /// open). While every half-open probe slot is taken, the refusal names
-    /// the recovery timeout, or the time left before the probes are given up
-    /// on if that is shorter: when a slot frees up depends on the probes.
+    /// open). While every half-open probe slot is taken, when a slot frees
+    /// up depends on the probes: the refusal names as long again as the
+    /// probe has run so far (at least 10 ms, at most until the probes are
+    /// given up on), so a caller that sleeps on it looks again at doubling
+    /// intervals. A caller that can wait does better with
+    /// [`recovered`](Self::recovered), which the breaker wakes itself.
     #[inline]
     pub fn try_acquire(&self) -> Result<Permit, CircuitOpen> {
         let Ticket { kind, started } = self.try_acquire_ticket()?;
@@ -821,7 +874,50 @@ impl CircuitBreaker {
             trips: inner.trips.load(Ordering::Acquire),
             retry_after: (mode(w) == OPEN)
                 .then(|| nanos_to_duration(payload(w).saturating_sub(now))),
+            waiters: inner.waiters.len(),
         }
+    }
+
+    /// A future that completes when this breaker, which has refused a call,
+    /// is worth asking again: woken by the breaker's own transitions, not
+    /// by a fixed sleep. See [`Recovered`] for what ends it, and
+    /// [`slow_start`](CircuitBreakerBuilder::slow_start) for the pace at
+    /// which waiters are let go after a close.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), apiguard_core::InvalidConfig> {
+    /// use std::time::Duration;
+    /// use apiguard_breaker::CircuitBreaker;
+    ///
+    /// let breaker = CircuitBreaker::builder()
+    ///     .failure_threshold(1)
+    ///     .recovery_timeout(Duration::from_secs(1))
+    ///     .build()?;
+    /// breaker.try_acquire().unwrap().failure();
+    /// let permit = loop {
+    ///     match breaker.try_acquire() {
+    ///         Ok(permit) => break permit,
+    ///         // Bound this by a deadline in real code.
+    ///         Err(_open) => breaker.recovered().await,
+    ///     }
+    /// };
+    /// assert!(permit.is_probe());
+    /// # permit.success();
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// [`Recovered`]: crate::future::Recovered
+    pub fn recovered(&self) -> Recovered {
+        Recovered::new(self.inner.clone())
+    }
+
+    /// The breaker's clock, for [`Recovered::queued_since`].
+    ///
+    /// [`Recovered::queued_since`]: crate::future::Recovered::queued_since
+    pub fn clock(&self) -> &Clock {
+        &self.inner.clock
     }
 
     /// Opens the breaker now (unless it is disabled or forced open) and
@@ -970,13 +1066,18 @@ impl Inner {
                         let probing = t.saturating_sub(since);
                         if probing < self.config.half_open_timeout {
                             // The probe's outcome decides when the next call
-                            // may pass; a recovery timeout is the fair guess
-                            // (and the most it waits for a stuck probe).
-                            let hint = self
-                                .config
-                                .recovery_timeout
-                                .min(nanos_to_duration(self.config.half_open_timeout - probing));
-                            return Err(CircuitOpen::new(Some(hint)));
+                            // may pass, and nobody knows when it comes. A
+                            // caller that sleeps on the hint (rather than
+                            // waiting on `recovered()`) is told to look again
+                            // once the probe has run twice as long as it has
+                            // so far: its looks double in spacing, so it is
+                            // at most about the probe's time late and asks
+                            // a handful of times. Never past the giving up on
+                            // the probe.
+                            let hint = probing
+                                .max(MIN_PROBE_HINT)
+                                .min(self.config.half_open_timeout - probing);
+                            return Err(CircuitOpen::new(Some(nanos_to_duration(hint))));
                         }
                         // The probes are stuck: give up on them. Their
                         // permits belong to this period and will find a
@@ -1235,6 +1336,37 @@ impl Inner {
         }
         if let Some(hook) = self.registry_hook.get() {
             hook(&t);
+        }
+        match to {
+            State::Closed | State::Disabled => self
+                .waiters
+                .release(self.clock.now(), self.config.slow_start),
+            // The caller that moved it to half-open holds the only slot:
+            // nobody else could go.
+            State::HalfOpen if self.config.half_open_probes == 1 => {}
+            _ => self.waiters.wake_all(),
+        }
+    }
+
+    /// When a call refused now would be worth asking again.
+    pub(crate) fn readiness(&self, now: Nanos) -> Readiness {
+        let w = self.state.load(Ordering::Acquire);
+        let at = match mode(w) {
+            CLOSED | DISABLED => return Readiness::Now,
+            FORCED_OPEN => return Readiness::Never,
+            OPEN => payload(w),
+            _ if in_flight(w) < u64::from(self.config.half_open_probes) => {
+                return Readiness::Now;
+            }
+            _ => self
+                .half_open_since
+                .load(Ordering::Acquire)
+                .saturating_add(self.config.half_open_timeout),
+        };
+        if at <= now {
+            Readiness::Now
+        } else {
+            Readiness::At(at)
         }
     }
 }

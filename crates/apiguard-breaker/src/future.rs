@@ -12,6 +12,8 @@ use pin_project_lite::pin_project;
 use crate::breaker::Permit;
 use crate::hold::HoldOpen;
 
+pub use crate::recovered::Recovered;
+
 pin_project! {
     /// Response future of [`CircuitBreakerService`](crate::CircuitBreakerService)
     /// and [`KeyedCircuitBreakerService`](crate::KeyedCircuitBreakerService).

@@ -100,8 +100,10 @@ pub mod future;
 mod hold;
 mod keyed;
 mod layer;
+mod recovered;
 mod service;
 mod sync;
+mod waiters;
 mod window;
 
 pub use apiguard_core::CircuitOpen;

@@ -1,9 +1,13 @@
-//! The atomics the breaker's state lives in: std's, or loom's under
-//! `cfg(loom)` so `tests/loom.rs` can explore every interleaving of the
-//! half-open permit logic.
+//! The atomics and the lock the breaker's state lives in: std's, or loom's
+//! under `cfg(loom)` so `tests/loom.rs` can explore every interleaving of the
+//! half-open permit logic and of the waiters' wake-ups.
 
 #[cfg(loom)]
+pub(crate) use loom::sync::Mutex;
+#[cfg(loom)]
 pub(crate) use loom::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+#[cfg(not(loom))]
+pub(crate) use std::sync::Mutex;
 #[cfg(not(loom))]
 pub(crate) use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 

@@ -69,6 +69,16 @@
 //! response is returned at once rather than slept on. The same holds for
 //! the `retry_after` of an inner limiter's or breaker's refusal.
 //!
+//! # Only attempts that reach the upstream count
+//!
+//! An inner refusal (`RateLimited`, `CircuitOpen`) means the request never
+//! left. Waiting it out and trying again spends neither one of
+//! `max_retries` nor the budget: a request that waits for an open breaker
+//! still has all its attempts when the breaker closes. Such waits are
+//! bounded by the [`deadline`](RetryPolicyBuilder::deadline) and by
+//! [`max_local_wait`](RetryPolicyBuilder::max_local_wait) (60 s in all by
+//! default), and each is at least a millisecond.
+//!
 //! # Budget
 //!
 //! Retries are drawn from a [`RetryBudget`] (by default 20 % of recent

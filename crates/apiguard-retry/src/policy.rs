@@ -61,6 +61,8 @@ pub struct RetryState {
     start: Nanos,
     /// The previous delay, for decorrelated jitter.
     prev_delay: Duration,
+    /// Time spent waiting out inner refusals, which spend no retry.
+    waited: Duration,
 }
 
 impl RetryState {
@@ -80,6 +82,7 @@ struct Config {
     backoff: Backoff,
     statuses: StatusSet,
     max_retry_after: Duration,
+    max_local_wait: Duration,
     deadline: Option<Duration>,
     budget: Option<RetryBudget>,
     retry_non_idempotent: bool,
@@ -97,6 +100,7 @@ pub struct RetryPolicyBuilder {
     jitter: Jitter,
     statuses: Vec<u16>,
     max_retry_after: Duration,
+    max_local_wait: Duration,
     deadline: Option<Duration>,
     budget: Option<RetryBudget>,
     retry_non_idempotent: bool,
@@ -117,6 +121,7 @@ impl Default for RetryPolicyBuilder {
             jitter: Jitter::Full,
             statuses: DEFAULT_RETRYABLE_STATUS_CODES.to_vec(),
             max_retry_after: Duration::from_secs(60),
+            max_local_wait: Duration::from_secs(60),
             deadline: None,
             budget: Some(RetryBudget::default()),
             retry_non_idempotent: false,
@@ -165,6 +170,20 @@ impl RetryPolicyBuilder {
     /// A longer one ends retrying at once and returns what came back.
     pub fn max_retry_after(mut self, d: Duration) -> Self {
         self.max_retry_after = d;
+        self
+    }
+
+    /// The most time one request spends, in all, waiting out refusals of
+    /// inner apiguard layers (an open breaker, an empty bucket) before it
+    /// gives up (default 60 s); the [`deadline`](Self::deadline) bounds it
+    /// too.
+    ///
+    /// Such a refusal means the request never left, so waiting it out and
+    /// trying again spends neither one of [`max_retries`](Self::max_retries)
+    /// nor the retry budget: only attempts that reach the upstream do. This
+    /// is what bounds those waits instead.
+    pub fn max_local_wait(mut self, d: Duration) -> Self {
+        self.max_local_wait = d;
         self
     }
 
@@ -246,6 +265,7 @@ impl RetryPolicyBuilder {
                 backoff,
                 statuses,
                 max_retry_after: self.max_retry_after,
+                max_local_wait: self.max_local_wait,
                 deadline: self.deadline,
                 budget: self.budget,
                 retry_non_idempotent: self.retry_non_idempotent,
@@ -358,6 +378,7 @@ impl RetryPolicy {
             retries: 0,
             start: now,
             prev_delay: Duration::ZERO,
+            waited: Duration::ZERO,
         }
     }
 
@@ -457,7 +478,10 @@ impl RetryPolicy {
             return Decision::Stop(Stop::AsIs);
         }
         let refused = matches!(signal, Signal::Error(ErrorClass::Refused(_)));
-        if st.retries >= self.cfg.max_retries {
+        // An inner refusal sent nothing: waiting it out spends no retry
+        // (only attempts that reach the upstream do). The deadline and
+        // `max_local_wait` bound such waits instead.
+        if !refused && st.retries >= self.cfg.max_retries {
             return Decision::Stop(Stop::Exhausted);
         }
         let wait = match hint {
@@ -482,6 +506,20 @@ impl RetryPolicy {
                 });
             }
         }
+        // A refusal naming no wait would be asked again at once, for ever:
+        // each look costs at least a millisecond of the local-wait bound.
+        let wait = if refused {
+            wait.max(Duration::from_millis(1))
+        } else {
+            wait
+        };
+        if refused {
+            let waited = st.waited.saturating_add(wait);
+            if waited > self.cfg.max_local_wait {
+                return Decision::Stop(Stop::AsIs);
+            }
+            st.waited = waited;
+        }
         let withdrawal = match &self.cfg.budget {
             // The budget caps the extra load retries put on the other side.
             // Waiting out an inner refusal (an open breaker, an empty
@@ -495,7 +533,9 @@ impl RetryPolicy {
             }
             None => Withdrawal::none(),
         };
-        st.retries += 1;
+        if !refused {
+            st.retries += 1;
+        }
         if hint.is_none() {
             st.prev_delay = wait;
         }
@@ -504,6 +544,7 @@ impl RetryPolicy {
             attempt = st.retries + 1,
             reason = %signal,
             wait_ms = wait.as_millis() as u64,
+            refused,
             "retrying"
         );
         Decision::Retry(wait, withdrawal)
@@ -617,6 +658,7 @@ impl fmt::Debug for RetryPolicy {
             .field("max_retries", &c.max_retries)
             .field("backoff", &c.backoff)
             .field("max_retry_after", &c.max_retry_after)
+            .field("max_local_wait", &c.max_local_wait)
             .field("deadline", &c.deadline)
             .field("budget", &c.budget)
             .field("retry_non_idempotent", &c.retry_non_idempotent)

@@ -68,6 +68,7 @@ pub mod hosts;
 #[cfg(feature = "metrics")]
 #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
 pub mod metrics;
+mod recovery;
 pub mod server;
 pub mod stack;
 

@@ -57,10 +57,13 @@ use apiguard_breaker::{
     CircuitBreaker, CircuitBreakerBuilder, HoldOpen, KeyedBreakers, RetryAfterHold, SlidingWindow,
     Ticket,
 };
-use apiguard_core::{BoxError, Classify, Clock, HttpClassifier, InvalidConfig, Nanos, Outcome};
+use apiguard_core::{
+    BoxError, CircuitOpen, Classify, Clock, HttpClassifier, InvalidConfig, Nanos, Outcome,
+};
 use apiguard_ratelimit::{Reservation, TokenBucket};
 
 use crate::hosts::HostLimits;
+use crate::recovery::BreakerWait;
 use apiguard_retry::future::Wait;
 use apiguard_retry::{RetryPolicy, RetryState, TryCloneBody};
 use http::Request;
@@ -487,6 +490,9 @@ impl<S> Guard<S> {
 enum Admission {
     Go,
     Wait(Duration, Hold),
+    /// The host's breaker refused: the request may wait for it
+    /// ([`BreakerWait`]).
+    Open(CircuitOpen, CircuitBreaker),
     Refused(BoxError),
 }
 
@@ -511,7 +517,7 @@ impl Shared {
                 }
                 Err(open) => {
                     tracing::debug!(target: "apiguard::breaker", retry_after = ?open.retry_after(), "call refused: circuit open");
-                    return Admission::Refused(Box::new(open));
+                    return Admission::Open(open, breaker.clone());
                 }
             }
         }
@@ -614,28 +620,82 @@ where
                         hold: Some(hold),
                         token: Some(Box::pin(tokio::time::sleep(wait))),
                         backoff: None,
+                        breaker: None,
+                        queued_at: None,
+                    })),
+                }
+            }
+            Admission::Open(open, breaker) => {
+                let timer = Timer::start(shared, false);
+                let mut queued_at = None;
+                let Some(wait) = BreakerWait::start(
+                    &breaker,
+                    open,
+                    &mut queued_at,
+                    shared.max_wait,
+                    timer.total_end,
+                ) else {
+                    let svc = stored.as_ref().map(|_| self.attempt.clone());
+                    return refused(timer, later, svc, retry, stored, permit, Box::new(open));
+                };
+                let clone = self.attempt.clone();
+                let svc = std::mem::replace(&mut self.attempt, clone);
+                GuardFuture {
+                    timer,
+                    step: Step::Recovering,
+                    shared: later.or_else(|| Some(self.shared.clone())),
+                    svc: Some(svc),
+                    retry,
+                    stored,
+                    permit,
+                    slow: Some(Box::new(Slow {
+                        next: Some(req),
+                        hold: None,
+                        token: None,
+                        backoff: None,
+                        breaker: Some(wait),
+                        queued_at,
                     })),
                 }
             }
             Admission::Refused(err) => {
                 let timer = Timer::start(shared, false);
-                let mut fut = GuardFuture {
-                    timer,
-                    step: Step::Done,
-                    shared: later,
-                    svc: stored.as_ref().map(|_| self.attempt.clone()),
-                    retry,
-                    stored,
-                    permit,
-                    slow: None,
-                };
-                if let Some(Err(err)) = fut.after_attempt::<R>(Err(err)) {
-                    fut.step = Step::Failed { err: Some(err) };
-                }
-                fut
+                let svc = stored.as_ref().map(|_| self.attempt.clone());
+                refused(timer, later, svc, retry, stored, permit, err)
             }
         }
     }
+}
+
+/// The future of a request refused before its first attempt: retried if
+/// the policy says so, else failed with `err`.
+fn refused<S, B, R>(
+    timer: Timer,
+    shared: Option<Arc<Shared>>,
+    svc: Option<S>,
+    retry: RetryState,
+    stored: Option<Request<B>>,
+    permit: Option<Call>,
+    err: BoxError,
+) -> GuardFuture<S, B>
+where
+    S: Service<Request<B>, Response = http::Response<R>>,
+    B: TryCloneBody,
+{
+    let mut fut = GuardFuture {
+        timer,
+        step: Step::Done,
+        shared,
+        svc,
+        retry,
+        stored,
+        permit,
+        slow: None,
+    };
+    if let Some(Err(err)) = fut.after_attempt::<R>(Err(err)) {
+        fut.step = Step::Failed { err: Some(err) };
+    }
+    fut
 }
 
 /// Which deadline the timer is armed for.
@@ -765,6 +825,11 @@ struct Slow<B> {
     hold: Option<Hold>,
     token: Option<Pin<Box<Sleep>>>,
     backoff: Option<Pin<Box<Wait>>>,
+    /// Waiting for the host's breaker to let the attempt through.
+    breaker: Option<BreakerWait>,
+    /// When the request first waited for a breaker: its place in the
+    /// breaker's backlog.
+    queued_at: Option<Nanos>,
 }
 
 pin_project! {
@@ -776,6 +841,8 @@ pin_project! {
         Token,
         // Waiting out the backoff before the next attempt.
         Backoff,
+        // Waiting for the host's breaker to change (`slow.breaker`).
+        Recovering,
         // Admitting `slow.next` (after a backoff).
         Admit,
         // Waiting for the service to be ready for `slow.next`.
@@ -881,6 +948,8 @@ fn slow_of<B>(slow: &mut Option<Box<Slow<B>>>) -> &mut Slow<B> {
             hold: None,
             token: None,
             backoff: None,
+            breaker: None,
+            queued_at: None,
         })
     })
 }
@@ -991,11 +1060,50 @@ where
                     this.step.set(Step::Admit);
                     continue;
                 }
+                StepProj::Recovering => {
+                    let slow = slow_of(this.slow);
+                    let waited = match slow.breaker.as_mut() {
+                        Some(wait) => wait!(wait.poll(cx)),
+                        None => Ok(()),
+                    };
+                    let slow = slow_of(this.slow);
+                    slow.breaker = None;
+                    if let Err(open) = waited {
+                        // `max_wait` ran out: the request ends here, as one
+                        // that waited too long for a token does.
+                        slow.next = None;
+                        this.step.set(Step::Done);
+                        return Poll::Ready(Err(Box::new(open)));
+                    }
+                    this.step.set(Step::Admit);
+                    continue;
+                }
                 StepProj::Admit => {
                     match later(this.shared).admit_again(next_of(this.slow), this.permit) {
                         Admission::Go => {
                             this.step.set(Step::Calling);
                             continue;
+                        }
+                        Admission::Open(open, breaker) => {
+                            let shared = later(this.shared);
+                            let slow = slow_of(this.slow);
+                            match BreakerWait::start(
+                                &breaker,
+                                open,
+                                &mut slow.queued_at,
+                                shared.max_wait,
+                                this.timer.total_end,
+                            ) {
+                                Some(wait) => {
+                                    slow.breaker = Some(wait);
+                                    this.step.set(Step::Recovering);
+                                    continue;
+                                }
+                                None => {
+                                    slow.next = None;
+                                    Err(Box::new(open) as BoxError)
+                                }
+                            }
                         }
                         Admission::Wait(wait, hold) => {
                             let slow = slow_of(this.slow);
