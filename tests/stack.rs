@@ -72,6 +72,9 @@ async fn an_attempt_refused_by_the_breaker_spends_no_token() {
     let layer = GuardLayer::builder()
         .circuit_breaker(CircuitBreaker::builder().failure_threshold(1))
         .rate_limit(10, 1.0)
+        // The next probe (30 s away) is past what a request may wait: the
+        // refusal comes at once.
+        .max_wait(Duration::from_secs(1))
         .build()
         .unwrap();
     let calls = Arc::new(AtomicU32::new(0));
@@ -201,6 +204,8 @@ async fn one_failing_host_does_not_open_the_circuit_for_another() {
         .max_retries(0)
         .failure_threshold(3)
         .recovery_timeout(Duration::from_secs(30))
+        // Not worth waiting 30 s for the next probe: refused at once.
+        .max_wait(Duration::from_secs(1))
         .build()
         .unwrap();
     for _ in 0..3 {
@@ -261,6 +266,8 @@ async fn guarded_client_probes_and_closes_after_recovery() {
         .max_retries(0)
         .failure_threshold(2)
         .recovery_timeout(Duration::from_millis(300))
+        // Shorter than the open period: refused at once, not waited out.
+        .max_wait(Duration::from_millis(100))
         .build()
         .unwrap();
     for _ in 0..2 {

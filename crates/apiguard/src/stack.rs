@@ -170,7 +170,10 @@ impl GuardLayerBuilder {
     }
 
     /// How long a request may wait for a token before it is refused with
-    /// `RateLimited` (default 30 s; the total timeout bounds it too).
+    /// `RateLimited`, and for its host's open breaker to let it through
+    /// before it is refused with `CircuitOpen` (default 30 s; the total
+    /// timeout bounds both too). A breaker whose next probe comes later is
+    /// not waited for. Such waits spend no retry attempt and no budget.
     pub fn max_wait(mut self, d: Duration) -> Self {
         self.max_wait = d;
         self
