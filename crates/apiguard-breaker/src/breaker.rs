@@ -199,11 +199,15 @@ impl CircuitBreakerBuilder {
     /// Calls that waited for the breaker ([`CircuitBreaker::recovered`])
     /// are not let go all at once when it closes, which would hit the
     /// recovering dependency with the whole queue in one instant. They go
-    /// oldest first, spread over two thirds of the time the queue took to
-    /// gather — one and a half times the rate they arrived at, so with new
-    /// calls arriving meanwhile the dependency sees at most about two and a
-    /// half times its usual rate — and over at most this window. The first
-    /// goes at once. `Duration::ZERO` lets the whole backlog go at once.
+    /// oldest first, spread over the time the queue took to gather — at the
+    /// rate they arrived, so with new calls arriving meanwhile the
+    /// dependency sees about twice its usual rate — and over at most this
+    /// window. The first goes at once. `Duration::ZERO` lets the whole
+    /// backlog go at once.
+    ///
+    /// Each waiter then waits about as long as the oldest (the time the
+    /// circuit was open): the oldest has to anyway, so when callers share
+    /// one deadline, letting the backlog go faster would save no request.
     ///
     /// Keep it well below the callers' deadlines: a waiter whose turn comes
     /// after its deadline is lost.

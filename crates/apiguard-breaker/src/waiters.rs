@@ -25,12 +25,14 @@ use crate::sync::Mutex;
 /// A waiter's place: when it started waiting, then a sequence number.
 pub(crate) type Key = (Nanos, u64);
 
-/// How much faster than it gathered the backlog is let go: two thirds of
-/// the time it took to build up, i.e. at one and a half times the rate the
-/// waiters arrived. With the new calls arriving meanwhile, the dependency
-/// sees at most about two and a half times its usual rate.
-const SPREAD_NUM: u128 = 2;
-const SPREAD_DEN: u128 = 3;
+/// How much faster than it gathered the backlog is let go, as a fraction:
+/// 1/1 replays it at the rate the waiters arrived, so with the new calls
+/// arriving meanwhile the dependency sees about twice its usual rate. Every
+/// waiter then waits about as long as the oldest one (the time the circuit
+/// was open), which the oldest has to anyway: with equal deadlines, going
+/// faster would save no request.
+const SPREAD_NUM: u128 = 1;
+const SPREAD_DEN: u128 = 1;
 
 #[derive(Debug, Default)]
 pub(crate) struct Waiters {
@@ -114,9 +116,10 @@ impl Waiters {
         wakers.into_iter().for_each(Waker::wake);
     }
 
-    /// The breaker closed at `now`: lets the backlog go, oldest first, over
-    /// two thirds of the time it took to gather, and over at most `max`.
-    /// The first waiter goes at once.
+    /// The breaker closed at `now`: lets the backlog go, oldest first,
+    /// evenly over the time it took to gather (at its average arrival
+    /// rate, so a burst of arrivals is not replayed as a burst), and over
+    /// at most `max`. The first goes at once.
     pub(crate) fn release(&self, now: Nanos, max: Nanos) {
         let wakers: Vec<Waker> = {
             let mut list = self.lock();
@@ -128,18 +131,15 @@ impl Waiters {
             let Some(first) = pending.next() else {
                 return;
             };
-            let last = pending.last().unwrap_or(first);
+            let (last, n) = pending.fold((first, 1u128), |(_, n), at| (at, n + 1));
             let span = u128::from(last.saturating_sub(first));
             let spread = (span * SPREAD_NUM / SPREAD_DEN).min(u128::from(max));
             list.entries
-                .iter_mut()
-                .filter(|(_, e)| e.release_at.is_none())
-                .filter_map(|((queued, _), e)| {
-                    let offset = match span {
-                        0 => 0,
-                        _ => u128::from(queued.saturating_sub(first)) * spread / span,
-                    };
-                    let offset = u64::try_from(offset).unwrap_or(u64::MAX);
+                .values_mut()
+                .filter(|e| e.release_at.is_none())
+                .enumerate()
+                .filter_map(|(i, e)| {
+                    let offset = u64::try_from(spread * i as u128 / n).unwrap_or(u64::MAX);
                     e.release_at = Some(now.saturating_add(offset));
                     e.waker.take()
                 })

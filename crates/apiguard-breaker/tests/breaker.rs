@@ -52,10 +52,16 @@ async fn open_refuses_until_the_recovery_timeout_then_probes() {
     let probe = b.try_acquire().expect("probe after the timeout");
     assert!(probe.is_probe());
     assert_eq!(b.state(), State::HalfOpen);
-    // One probe at a time by default; the refusal names a recovery timeout.
+    // One probe at a time by default. The refusal names as long again as
+    // the probe has run (at least 10 ms), not a whole recovery timeout.
     assert_eq!(
         b.try_acquire().unwrap_err().retry_after(),
-        Some(Duration::from_secs(10))
+        Some(Duration::from_millis(10))
+    );
+    advance(Duration::from_millis(300)).await;
+    assert_eq!(
+        b.try_acquire().unwrap_err().retry_after(),
+        Some(Duration::from_millis(300))
     );
     probe.success();
     assert_eq!(b.state(), State::Closed);
