@@ -370,3 +370,88 @@ async fn hangs_trip_the_breaker_like_errors() {
     assert_eq!(err.kind(), ErrorKind::CircuitOpen, "{err}");
     assert_eq!(up.requests(), 3);
 }
+
+// --- the layers stacked by hand -------------------------------------------
+
+/// The reproduction again, with `RetryLayer` over `CircuitBreakerLayer`
+/// (waiting for recovery) over a timeout, stacked by hand.
+#[tokio::test(start_paused = true)]
+async fn stacked_by_hand_every_request_finishes_soon_after_the_close() {
+    use apiguard::{CircuitBreakerLayer, RetryLayer};
+    use tower::ServiceBuilder;
+
+    let (closed_at, hook) = closes();
+    let breaker = CircuitBreaker::builder()
+        .failure_threshold(1)
+        .recovery_timeout(Duration::from_millis(500))
+        .on_transition(hook)
+        .build()
+        .unwrap();
+    let policy = RetryPolicy::builder()
+        .max_retries(1)
+        .base_delay(Duration::from_millis(10))
+        .max_delay(Duration::from_millis(10))
+        .deadline(Duration::from_secs(5))
+        .no_budget()
+        .build()
+        .unwrap();
+    let (up, arrivals) = failing_then_slow_ok(1, Duration::from_millis(20));
+    let svc = ServiceBuilder::new()
+        .layer(RetryLayer::new(policy))
+        .layer(CircuitBreakerLayer::new(breaker).wait_for_recovery(Duration::from_secs(5)))
+        .timeout(Duration::from_secs(1))
+        .service(up);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..5u64 {
+        let svc = svc.clone();
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep_until(started + Duration::from_millis(50 * i)).await;
+            let res = svc.oneshot(get()).await;
+            (res.map(|r| r.status()).map_err(|e| e.to_string()), Instant::now())
+        }));
+    }
+    let mut finished = Vec::new();
+    for t in tasks {
+        let (res, at) = t.await.unwrap();
+        assert_eq!(res, Ok(StatusCode::OK));
+        finished.push(at);
+    }
+    let closed_at = closed_at.lock().unwrap()[0];
+    for at in finished {
+        assert!(at <= closed_at + Duration::from_millis(150), "{:?}", at - closed_at);
+    }
+    assert_eq!(arrivals.lock().unwrap().len(), 6);
+}
+
+/// A timeout below the breaker turns a hang into a failure it counts: a
+/// hanging upstream opens the circuit after `failure_threshold` timeouts.
+#[tokio::test(start_paused = true)]
+async fn stacked_by_hand_a_timeout_below_the_breaker_counts_hangs() {
+    use apiguard::CircuitBreakerLayer;
+    use tower::ServiceBuilder;
+
+    let breaker = CircuitBreaker::builder()
+        .failure_threshold(2)
+        .recovery_timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let calls = Arc::new(AtomicU32::new(0));
+    let seen = calls.clone();
+    let hang = service_fn(move |_req: Request<Full<Bytes>>| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        std::future::pending::<Result<Response<Full<Bytes>>, Infallible>>()
+    });
+    let svc = ServiceBuilder::new()
+        .layer(CircuitBreakerLayer::new(breaker.clone()))
+        .timeout(Duration::from_millis(100))
+        .service(hang);
+    for _ in 0..2 {
+        let err = svc.clone().oneshot(get()).await.unwrap_err();
+        assert!(err.is::<tower::timeout::error::Elapsed>(), "{err}");
+    }
+    assert_eq!(breaker.state(), State::Open);
+    let err = svc.oneshot(get()).await.unwrap_err();
+    assert!(err.is::<apiguard::CircuitOpen>(), "{err}");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}

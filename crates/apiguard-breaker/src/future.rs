@@ -9,7 +9,7 @@ use std::time::Duration;
 use apiguard_core::{BoxError, CircuitOpen, Classify, Outcome};
 use pin_project_lite::pin_project;
 
-use crate::breaker::Permit;
+use crate::breaker::{CircuitBreaker, Permit};
 use crate::hold::HoldOpen;
 
 pub use crate::recovered::Recovered;
@@ -34,6 +34,19 @@ pin_project! {
     enum Kind<F> {
         Called { #[pin] future: F },
         Refused { open: CircuitOpen },
+        // Refused, once the breaker is worth asking again.
+        Waiting { wait: Pin<Box<RefusalWait>> },
+    }
+}
+
+pin_project! {
+    /// A refusal held back until the breaker is worth asking again, or
+    /// until `give_up`, when `late` is the refusal.
+    struct RefusalWait {
+        recovered: Recovered,
+        #[pin]
+        give_up: tokio::time::Sleep,
+        late: CircuitOpen,
     }
 }
 
@@ -59,6 +72,34 @@ impl<F, C, H> ResponseFuture<F, C, H> {
             permit: None,
             classifier,
             hold,
+        }
+    }
+}
+
+impl<F, C, H> ResponseFuture<F, C, H> {
+    /// Refused by `breaker` with `open`; held back for up to `max_wait`
+    /// when the next probe is no further away.
+    pub(crate) fn refused_after_wait(
+        open: CircuitOpen,
+        breaker: &CircuitBreaker,
+        max_wait: Duration,
+        classifier: C,
+        hold: H,
+    ) -> Self {
+        match open.retry_after() {
+            Some(next) if next <= max_wait => Self {
+                kind: Kind::Waiting {
+                    wait: Box::pin(RefusalWait {
+                        recovered: breaker.recovered(),
+                        give_up: tokio::time::sleep(max_wait),
+                        late: CircuitOpen::new(Some(next.saturating_sub(max_wait))),
+                    }),
+                },
+                permit: None,
+                classifier,
+                hold,
+            },
+            _ => Self::refused(open, classifier, hold),
         }
     }
 }
@@ -90,6 +131,15 @@ where
                 Poll::Ready(result.map_err(Into::into))
             }
             KindProj::Refused { open } => Poll::Ready(Err(Box::new(*open))),
+            KindProj::Waiting { wait } => {
+                let wait = wait.as_mut().project();
+                if Pin::new(wait.recovered).poll(cx).is_ready() {
+                    // Worth asking again: a retry above should, at once.
+                    return Poll::Ready(Err(Box::new(CircuitOpen::new(Some(Duration::ZERO)))));
+                }
+                ready!(wait.give_up.poll(cx));
+                Poll::Ready(Err(Box::new(*wait.late)))
+            }
         }
     }
 }

@@ -1,3 +1,5 @@
+use std::time::Duration;
+
 use apiguard_core::HttpClassifier;
 use tower_layer::Layer;
 
@@ -14,11 +16,31 @@ use crate::service::{CircuitBreakerService, KeyedCircuitBreakerService};
 /// `503` with `Retry-After` also holds the breaker open for as long as it
 /// asks, up to five minutes (`H`, default [`RetryAfterHold`]; turn it off
 /// with [`no_hold_open`](Self::no_hold_open), which non-HTTP services need).
+///
+/// # Under a retry layer
+///
+/// By default a refused call fails at once with [`CircuitOpen`], whose
+/// `retry_after` names the next probe — what a server answering `503`
+/// wants. A client stacking `RetryLayer` on top does better with
+/// [`wait_for_recovery`](Self::wait_for_recovery): the refusal then comes
+/// only once the breaker is worth asking again (it closed and this call's
+/// turn in the backlog came, or its open period ended), woken by the
+/// breaker itself, and names no wait, so the retry asks again at once. An
+/// apiguard `RetryPolicy` spends no attempt and no budget on such a
+/// refusal; bound the whole by its `deadline`.
+///
+/// Put a timeout for each call *below* the breaker (`ServiceBuilder`'s
+/// later layer), so that a hanging call ends in an error the breaker counts
+/// as a failure. A timeout above it drops the call, which counts as
+/// cancelled, and hangs would never open the circuit.
+///
+/// [`CircuitOpen`]: apiguard_core::CircuitOpen
 #[derive(Debug, Clone)]
 pub struct CircuitBreakerLayer<C = HttpClassifier, H = RetryAfterHold> {
     breaker: CircuitBreaker,
     classifier: C,
     hold: H,
+    max_wait: Duration,
 }
 
 impl CircuitBreakerLayer {
@@ -28,6 +50,7 @@ impl CircuitBreakerLayer {
             breaker,
             classifier: HttpClassifier::new(),
             hold: RetryAfterHold::default(),
+            max_wait: Duration::ZERO,
         }
     }
 }
@@ -40,6 +63,7 @@ impl<C, H> CircuitBreakerLayer<C, H> {
             breaker: self.breaker,
             classifier,
             hold: self.hold,
+            max_wait: self.max_wait,
         }
     }
 
@@ -50,6 +74,7 @@ impl<C, H> CircuitBreakerLayer<C, H> {
             breaker: self.breaker,
             classifier: self.classifier,
             hold,
+            max_wait: self.max_wait,
         }
     }
 
@@ -61,6 +86,19 @@ impl<C, H> CircuitBreakerLayer<C, H> {
     /// The breaker.
     pub fn breaker(&self) -> &CircuitBreaker {
         &self.breaker
+    }
+
+    /// Holds a refusal back for up to `max` until the breaker is worth
+    /// asking again ([`CircuitBreaker::recovered`]), then refuses with a
+    /// `CircuitOpen` naming no wait, for a retry layer above to ask again
+    /// at once (see [Under a retry layer](Self#under-a-retry-layer)). A
+    /// refusal whose next probe is further than `max` away, or that names
+    /// none (forced open), comes at once; so does every refusal with the
+    /// default, `Duration::ZERO`. The wait takes no permit and no probe
+    /// slot, and a dropped future leaves nothing behind.
+    pub fn wait_for_recovery(mut self, max: Duration) -> Self {
+        self.max_wait = max;
+        self
     }
 }
 
@@ -74,6 +112,7 @@ impl<S, C: Clone, H: Clone> Layer<S> for CircuitBreakerLayer<C, H> {
             self.classifier.clone(),
             self.hold.clone(),
         )
+        .waiting(self.max_wait)
     }
 }
 

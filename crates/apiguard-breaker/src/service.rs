@@ -1,4 +1,5 @@
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use apiguard_core::{BoxError, Classify, HttpClassifier};
 use tower_service::Service;
@@ -18,6 +19,7 @@ pub struct CircuitBreakerService<S, C = HttpClassifier, H = RetryAfterHold> {
     breaker: CircuitBreaker,
     classifier: C,
     hold: H,
+    max_wait: Duration,
 }
 
 impl<S, C, H> CircuitBreakerService<S, C, H> {
@@ -27,7 +29,13 @@ impl<S, C, H> CircuitBreakerService<S, C, H> {
             breaker,
             classifier,
             hold,
+            max_wait: Duration::ZERO,
         }
+    }
+
+    pub(crate) fn waiting(mut self, max_wait: Duration) -> Self {
+        self.max_wait = max_wait;
+        self
     }
 
     /// The breaker.
@@ -76,7 +84,16 @@ where
                 self.classifier.clone(),
                 self.hold.clone(),
             ),
-            Err(open) => ResponseFuture::refused(open, self.classifier.clone(), self.hold.clone()),
+            Err(open) if self.max_wait.is_zero() => {
+                ResponseFuture::refused(open, self.classifier.clone(), self.hold.clone())
+            }
+            Err(open) => ResponseFuture::refused_after_wait(
+                open,
+                &self.breaker,
+                self.max_wait,
+                self.classifier.clone(),
+                self.hold.clone(),
+            ),
         }
     }
 }
