@@ -1,5 +1,7 @@
 //! Loom models of the half-open permit logic: every interleaving of a few
-//! threads racing over probe slots and transitions.
+//! threads racing over probe slots and transitions, and of a waiter
+//! ([`CircuitBreaker::recovered`]) racing the transition that should wake
+//! it.
 //!
 //! ```text
 //! RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=/work/main/target/loom \
@@ -175,5 +177,75 @@ fn racing_failures_in_the_closed_state_trip_it_exactly_once() {
         }
         assert_eq!(b.state(), State::Open);
         assert_eq!(transitions.load(Ordering::SeqCst), 1);
+    });
+}
+
+/// Polls `fut` to completion on this loom thread, parking between polls
+/// until its waker is called: a lost wake-up leaves it parked for ever,
+/// which loom reports as a deadlock.
+fn block_on<F: std::future::Future>(fut: F) -> F::Output {
+    use std::task::{Context, Poll, Wake, Waker};
+
+    struct Unpark(loom::sync::Notify);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.notify();
+        }
+    }
+    let unpark = Arc::new(Unpark(loom::sync::Notify::new()));
+    let waker = Waker::from(unpark.clone());
+    let mut cx = Context::from_waker(&waker);
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        if let Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
+            return out;
+        }
+        unpark.0.wait();
+    }
+}
+
+/// A breaker half-open with its one probe in flight (the permit returned).
+fn probing() -> (CircuitBreaker, apiguard_breaker::Permit) {
+    let (b, _) = due_for_probing(1, 1);
+    let probe = b.try_acquire().unwrap();
+    (b, probe)
+}
+
+#[test]
+fn a_waiter_is_woken_by_the_probe_that_closes_the_breaker() {
+    loom::model(|| {
+        let (b, probe) = probing();
+        let closer = thread::spawn(move || probe.success());
+        // Whether it registers before or after the close, it must end: a
+        // lost wake-up would leave this blocked for ever (loom reports it).
+        block_on(b.recovered());
+        closer.join().unwrap();
+        assert_eq!(b.state(), State::Closed);
+        assert_eq!(b.stats().waiters, 0);
+    });
+}
+
+#[test]
+fn a_waiter_dropped_while_the_breaker_closes_leaves_no_entry() {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+
+    loom::model(|| {
+        let (b, probe) = probing();
+        let b2 = b.clone();
+        let waiter = thread::spawn(move || {
+            let mut fut = b2.recovered();
+            let mut cx = Context::from_waker(Waker::noop());
+            let first = std::pin::Pin::new(&mut fut).poll(&mut cx);
+            drop(fut);
+            first
+        });
+        let closer = thread::spawn(move || probe.success());
+        let first = waiter.join().unwrap();
+        closer.join().unwrap();
+        // Either it saw the close (ready) or was registered and removed.
+        assert!(matches!(first, Poll::Ready(()) | Poll::Pending));
+        assert_eq!(b.state(), State::Closed);
+        assert_eq!(b.stats().waiters, 0);
     });
 }
