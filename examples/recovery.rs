@@ -120,7 +120,9 @@ fn print(o: &Outcome, client: &str, mode: Mode) {
 }
 
 async fn run(args: &Args, mode: Mode, naive: bool) -> Outcome {
-    let up = Upstream::start(Behavior::Ok).await.expect("bind the upstream");
+    let up = Upstream::start(Behavior::Ok)
+        .await
+        .expect("bind the upstream");
     let run = Duration::from_secs_f64(args.seconds);
     let outage = Duration::from_secs_f64(args.outage);
     let outage_start = (run - outage) / 2;

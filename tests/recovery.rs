@@ -35,7 +35,10 @@ fn status(code: u16) -> Response<Full<Bytes>> {
 }
 
 /// When each transition to `Closed` happened, on tokio's clock.
-fn closes() -> (Arc<Mutex<Vec<Instant>>>, impl Fn(&apiguard::breaker::Transition) + Send + Sync) {
+fn closes() -> (
+    Arc<Mutex<Vec<Instant>>>,
+    impl Fn(&apiguard::breaker::Transition) + Send + Sync,
+) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let hook_seen = seen.clone();
     let hook = move |t: &apiguard::breaker::Transition| {
@@ -115,7 +118,10 @@ async fn every_request_finishes_soon_after_the_breaker_closes() {
         tasks.push(tokio::spawn(async move {
             tokio::time::sleep_until(started + Duration::from_millis(50 * i)).await;
             let res = svc.oneshot(get()).await;
-            (res.map(|r| r.status()).map_err(|e| e.to_string()), Instant::now())
+            (
+                res.map(|r| r.status()).map_err(|e| e.to_string()),
+                Instant::now(),
+            )
         }));
     }
     let mut finished = Vec::new();
@@ -325,7 +331,10 @@ async fn outage_loses_nothing(fault: Behavior, most: u64) {
     }
     assert_eq!(ok, 20, "{fault:?}");
     // The raw faults count connections; a handful of calls tripped it.
-    assert!(during <= most, "{fault:?}: {during} calls during the outage");
+    assert!(
+        during <= most,
+        "{fault:?}: {during} calls during the outage"
+    );
 }
 
 #[tokio::test]
@@ -408,7 +417,10 @@ async fn stacked_by_hand_every_request_finishes_soon_after_the_close() {
         tasks.push(tokio::spawn(async move {
             tokio::time::sleep_until(started + Duration::from_millis(50 * i)).await;
             let res = svc.oneshot(get()).await;
-            (res.map(|r| r.status()).map_err(|e| e.to_string()), Instant::now())
+            (
+                res.map(|r| r.status()).map_err(|e| e.to_string()),
+                Instant::now(),
+            )
         }));
     }
     let mut finished = Vec::new();
@@ -419,7 +431,11 @@ async fn stacked_by_hand_every_request_finishes_soon_after_the_close() {
     }
     let closed_at = closed_at.lock().unwrap()[0];
     for at in finished {
-        assert!(at <= closed_at + Duration::from_millis(150), "{:?}", at - closed_at);
+        assert!(
+            at <= closed_at + Duration::from_millis(150),
+            "{:?}",
+            at - closed_at
+        );
     }
     assert_eq!(arrivals.lock().unwrap().len(), 6);
 }

@@ -11,8 +11,8 @@ use apiguard_core::{CircuitOpen, Clock, InvalidConfig, Nanos, Outcome};
 
 use crate::error::CallError;
 use crate::recovered::Recovered;
-use crate::waiters::Waiters;
 use crate::sync::{AtomicU32, AtomicU64, CachePadded, Ordering};
+use crate::waiters::Waiters;
 use crate::window::{CountWindow, Counts, MAX_COUNT_WINDOW, TimeWindow, Window, encode};
 
 /// Where a breaker stands.

@@ -54,6 +54,20 @@
 //! operator's levers. Every transition emits a `tracing` event and calls the
 //! [`on_transition`](CircuitBreakerBuilder::on_transition) hook.
 //!
+//! # Waiting for recovery
+//!
+//! A refused caller that can wait should not sleep a fixed time:
+//! [`CircuitBreaker::recovered`] completes when the breaker is worth asking
+//! again, woken by the breaker's own transitions — the probe closing it, a
+//! failed probe reopening it (the waiter then waits for the new probe
+//! time), a reset. When the circuit closes, the waiters are let go oldest
+//! first at the rate they gathered, over at most
+//! [`slow_start`](CircuitBreakerBuilder::slow_start), so the recovering
+//! dependency does not get the whole backlog at once.
+//! [`CircuitBreakerLayer::wait_for_recovery`] does this for a layer under a
+//! retry layer. The waiters live in a list the breaker touches only on
+//! transitions: the closed path stays one atomic load.
+//!
 //! # Cost
 //!
 //! The state is one atomic word; every transition is one compare-and-swap
@@ -76,7 +90,9 @@
 //! cancelled probe never wedges the breaker half-open. A probe that never
 //! ends at all (a hung call with no timeout, a leaked permit) is given up on
 //! after [`half_open_timeout`](CircuitBreakerBuilder::half_open_timeout):
-//! the breaker reopens as if it had failed.
+//! the breaker reopens as if it had failed. A dropped
+//! [`Recovered`](future::Recovered) leaves the waiter list; waiting never
+//! holds a permit or a probe slot.
 //!
 //! # Errors
 //!

@@ -6,9 +6,11 @@
 //! total timeout → retry → circuit breaker → rate limit → attempt timeout → transport
 //! ```
 //!
-//! - **Retry outside the breaker**: every attempt is seen by the breaker, and
-//!   an open breaker ends the retries early (its `retry_after` tells retry
-//!   whether waiting is worth it).
+//! - **Retry outside the breaker**: every attempt is seen by the breaker. A
+//!   request the open breaker refuses (or a probe in flight) is not an
+//!   attempt: it waits for the breaker's next change, woken by the breaker,
+//!   within its total timeout and `max_wait`, spending no retry and no
+//!   budget; a next probe past both is refused at once.
 //! - **Rate limit inside retry**: every request that leaves the process,
 //!   retries included, spends a token — the remote's quota counts them all.
 //! - **Breaker before the limiter**: a call the breaker refuses spends no
