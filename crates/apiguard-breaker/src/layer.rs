@@ -121,7 +121,8 @@ impl<S, C: Clone, H: Clone> Layer<S> for CircuitBreakerLayer<C, H> {
 /// on a client, one per route on a server.
 ///
 /// The breakers live in a [`KeyedBreakers`] registry shared by every service
-/// the layer makes. Classification and holding work as in
+/// the layer makes. Classification, holding and
+/// [`wait_for_recovery`](Self::wait_for_recovery) work as in
 /// [`CircuitBreakerLayer`].
 #[derive(Debug, Clone)]
 pub struct KeyedCircuitBreakerLayer<K, X, C = HttpClassifier, H = RetryAfterHold> {
@@ -129,6 +130,7 @@ pub struct KeyedCircuitBreakerLayer<K, X, C = HttpClassifier, H = RetryAfterHold
     extractor: X,
     classifier: C,
     hold: H,
+    max_wait: Duration,
 }
 
 impl<K, X> KeyedCircuitBreakerLayer<K, X> {
@@ -139,6 +141,7 @@ impl<K, X> KeyedCircuitBreakerLayer<K, X> {
             extractor,
             classifier: HttpClassifier::new(),
             hold: RetryAfterHold::default(),
+            max_wait: Duration::ZERO,
         }
     }
 }
@@ -151,6 +154,7 @@ impl<K, X, C, H> KeyedCircuitBreakerLayer<K, X, C, H> {
             extractor: self.extractor,
             classifier,
             hold: self.hold,
+            max_wait: self.max_wait,
         }
     }
 
@@ -161,6 +165,7 @@ impl<K, X, C, H> KeyedCircuitBreakerLayer<K, X, C, H> {
             extractor: self.extractor,
             classifier: self.classifier,
             hold,
+            max_wait: self.max_wait,
         }
     }
 
@@ -172,6 +177,14 @@ impl<K, X, C, H> KeyedCircuitBreakerLayer<K, X, C, H> {
     /// The registry.
     pub fn breakers(&self) -> &KeyedBreakers<K> {
         &self.breakers
+    }
+
+    /// Holds a refusal back for up to `max` until its key's breaker is
+    /// worth asking again, as
+    /// [`CircuitBreakerLayer::wait_for_recovery`] does.
+    pub fn wait_for_recovery(mut self, max: Duration) -> Self {
+        self.max_wait = max;
+        self
     }
 }
 
@@ -186,5 +199,6 @@ impl<S, K, X: Clone, C: Clone, H: Clone> Layer<S> for KeyedCircuitBreakerLayer<K
             self.classifier.clone(),
             self.hold.clone(),
         )
+        .waiting(self.max_wait)
     }
 }

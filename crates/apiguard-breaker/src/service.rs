@@ -109,6 +109,7 @@ pub struct KeyedCircuitBreakerService<S, K, X, C = HttpClassifier, H = RetryAfte
     extractor: X,
     classifier: C,
     hold: H,
+    max_wait: Duration,
 }
 
 impl<S, K, X, C, H> KeyedCircuitBreakerService<S, K, X, C, H> {
@@ -125,7 +126,13 @@ impl<S, K, X, C, H> KeyedCircuitBreakerService<S, K, X, C, H> {
             extractor,
             classifier,
             hold,
+            max_wait: Duration::ZERO,
         }
+    }
+
+    pub(crate) fn waiting(mut self, max_wait: Duration) -> Self {
+        self.max_wait = max_wait;
+        self
     }
 
     /// The registry of breakers.
@@ -169,7 +176,11 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         let key = self.extractor.extract(&req);
-        let acquired = self.breakers.with(&key, CircuitBreaker::try_acquire);
+        let max_wait = self.max_wait;
+        let acquired = self.breakers.with(&key, |b| {
+            b.try_acquire()
+                .map_err(|open| (open, (!max_wait.is_zero()).then(|| b.clone())))
+        });
         match acquired {
             Ok(permit) => ResponseFuture::called(
                 self.inner.call(req),
@@ -177,7 +188,16 @@ where
                 self.classifier.clone(),
                 self.hold.clone(),
             ),
-            Err(open) => ResponseFuture::refused(open, self.classifier.clone(), self.hold.clone()),
+            Err((open, None)) => {
+                ResponseFuture::refused(open, self.classifier.clone(), self.hold.clone())
+            }
+            Err((open, Some(breaker))) => ResponseFuture::refused_after_wait(
+                open,
+                &breaker,
+                max_wait,
+                self.classifier.clone(),
+                self.hold.clone(),
+            ),
         }
     }
 }

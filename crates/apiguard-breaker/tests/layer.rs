@@ -313,3 +313,55 @@ fn keyed_registry_refuses_bad_configuration() {
         KeyedBreakers::<u32>::new(CircuitBreaker::builder().failure_threshold(0), 10).unwrap_err();
     assert_eq!(e.field(), "failure_threshold");
 }
+
+/// With `wait_for_recovery`, a refusal comes only once the breaker is worth
+/// asking again — here when its open period ends — and names no wait.
+#[tokio::test(start_paused = true)]
+async fn a_waiting_layer_refuses_only_when_the_breaker_is_worth_asking_again() {
+    let b = breaker(1);
+    let (mut svc, mut handle) = mock::spawn_layer::<Req, Res, _>(
+        CircuitBreakerLayer::new(b.clone()).wait_for_recovery(Duration::from_secs(30)),
+    );
+    exchange(&mut svc, &mut handle, status(500)).await.unwrap();
+    assert_eq!(b.state(), State::Open);
+    assert_ready_ok!(svc.poll_ready());
+    let mut refused = task::spawn(svc.call(Request::new(())));
+    assert_pending!(refused.poll());
+    assert_eq!(b.stats().waiters, 1);
+    advance(Duration::from_millis(9_999)).await;
+    assert_pending!(refused.poll());
+    advance(Duration::from_millis(1)).await;
+    let err = assert_ready!(refused.poll()).unwrap_err();
+    let open = err.downcast_ref::<CircuitOpen>().expect("a refusal");
+    assert_eq!(open.retry_after(), Some(Duration::ZERO));
+    assert_eq!(b.stats().waiters, 0);
+}
+
+/// A next probe further away than the wait allowed is refused at once, and
+/// so is every refusal of a keyed layer without `wait_for_recovery`.
+#[tokio::test(start_paused = true)]
+async fn a_waiting_layer_does_not_wait_past_its_bound() {
+    let breakers = KeyedBreakers::new(
+        CircuitBreaker::builder()
+            .failure_threshold(1)
+            .recovery_timeout(Duration::from_secs(10)),
+        16,
+    )
+    .unwrap();
+    let (mut svc, mut handle) = mock::spawn_layer::<Req, Res, _>(
+        KeyedCircuitBreakerLayer::new(breakers.clone(), HostKey)
+            .wait_for_recovery(Duration::from_secs(5)),
+    );
+    exchange(&mut svc, &mut handle, status(500)).await.unwrap();
+    assert_ready_ok!(svc.poll_ready());
+    let mut refused = task::spawn(svc.call(Request::new(())));
+    let err = assert_ready!(refused.poll()).unwrap_err();
+    assert!(err.is::<CircuitOpen>());
+    // Five seconds on, the probe is five away: worth waiting for.
+    advance(Duration::from_secs(5)).await;
+    assert_ready_ok!(svc.poll_ready());
+    let mut waiting = task::spawn(svc.call(Request::new(())));
+    assert_pending!(waiting.poll());
+    drop(waiting);
+    assert_eq!(breakers.peek(&None).unwrap().stats().waiters, 0);
+}
