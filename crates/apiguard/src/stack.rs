@@ -720,6 +720,8 @@ struct Timer {
     deadline: Option<Instant>,
     /// The request's total deadline.
     total_end: Option<Instant>,
+    /// No attempt timeout: the total deadline is what ends a hung attempt.
+    attempt_unbounded: bool,
 }
 
 impl Timer {
@@ -732,6 +734,7 @@ impl Timer {
             armed: Armed::Off,
             deadline: None,
             total_end: None,
+            attempt_unbounded: shared.attempt_timeout.is_none(),
         };
         if shared.total_timeout.is_none() && shared.attempt_timeout.is_none() {
             return timer;
@@ -1037,7 +1040,13 @@ where
                         }
                         Some(_) => {
                             this.step.set(Step::Done);
-                            *this.permit = None;
+                            if let Some(call) = this.permit.take()
+                                && this.timer.attempt_unbounded
+                            {
+                                // With no attempt timeout, this is how a hang
+                                // ends: the breaker counts it as a failure.
+                                call.record(&Err::<http::Response<R>, _>(elapsed()));
+                            }
                             *this.slow = None;
                             return Poll::Ready(Err(elapsed()));
                         }
@@ -1327,6 +1336,28 @@ mod tests {
         assert!(err.is::<tower::timeout::error::Elapsed>(), "{err}");
         // One attempt timed out at 300 ms, the second was cut at 500 ms.
         assert_eq!(started.elapsed(), Duration::from_millis(500));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_no_attempt_timeout_the_total_timeout_counts_a_hang_as_a_failure() {
+        let layer = GuardLayer::builder()
+            .circuit_breaker(
+                CircuitBreaker::builder()
+                    .failure_threshold(2)
+                    .recovery_timeout(Duration::from_secs(60)),
+            )
+            .total_timeout(Duration::from_millis(100))
+            .build()
+            .unwrap();
+        let (up, calls) = hanging_then_ok(u32::MAX);
+        let mut svc = layer.layer(up);
+        for _ in 0..2 {
+            let err = send(&mut svc, "a.example").await.unwrap_err();
+            assert!(err.is::<tower::timeout::error::Elapsed>(), "{err}");
+        }
+        let breakers = layer.breakers().unwrap();
+        assert_eq!(breakers.state(&key("a.example")), State::Open);
         assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 
