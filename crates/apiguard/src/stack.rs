@@ -734,13 +734,14 @@ impl Timer {
             armed: Armed::Off,
             deadline: None,
             total_end: None,
-            attempt_unbounded: shared.attempt_timeout.is_none(),
+            attempt_unbounded: false,
         };
         if shared.total_timeout.is_none() && shared.attempt_timeout.is_none() {
             return timer;
         }
         let now = Instant::now();
         timer.total_end = shared.total_timeout.map(|d| now + d);
+        timer.attempt_unbounded = shared.attempt_timeout.is_none();
         if attempting {
             timer.attempt_started(shared.attempt_timeout, now);
         } else {
