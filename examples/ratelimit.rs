@@ -70,7 +70,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let limiter = KeyedLimiter::new(args.burst, args.rate)?.with_max_keys(10_000);
     let app = Router::new().route("/", get(|| async { "ok" })).layer(
         ServiceBuilder::new()
-            .layer(RejectionResponseLayer::new().other_errors_as_500())
+            .layer(RejectionResponseLayer::new())
             .layer(KeyedRateLimitLayer::new(
                 limiter,
                 HeaderKey::new(HeaderName::from_static("x-client-id")),

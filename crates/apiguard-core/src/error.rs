@@ -192,13 +192,102 @@ impl<E> std::error::Error for RetriesExhausted<E>
 where
     E: fmt::Debug + fmt::Display + 'static,
 {
-    /// The last error, when it is a [`BoxError`] (the layers' error type).
+    /// The last error, so a walk down `source()` reaches the cause.
+    ///
+    /// `E` carries no `Error` bound (the retry loop of `apiguard-retry`
+    /// takes any error, `&str` included), so the last error is found by its
+    /// type: a boxed error in any of its three forms (`BoxError`, the
+    /// layers' error type, `Box<dyn Error + Send>`, `Box<dyn Error>`), one
+    /// of apiguard's refusals, `InvalidConfig` or `std::io::Error`. Any
+    /// other `E` has no source; box it to keep the chain.
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        let last: &dyn std::any::Any = &self.last;
-        last.downcast_ref::<BoxError>()
-            .map(|b| &**b as &(dyn std::error::Error + 'static))
+        as_error(&self.last)
     }
 }
+
+/// `value` as an error, when its type is one [`RetriesExhausted::source`]
+/// knows.
+fn as_error<E: 'static>(value: &E) -> Option<&(dyn std::error::Error + 'static)> {
+    use std::error::Error;
+    let any: &dyn std::any::Any = value;
+    if let Some(b) = any.downcast_ref::<BoxError>() {
+        return Some(&**b);
+    }
+    if let Some(b) = any.downcast_ref::<Box<dyn Error + Send>>() {
+        return Some(&**b);
+    }
+    if let Some(b) = any.downcast_ref::<Box<dyn Error>>() {
+        return Some(&**b);
+    }
+    fn known<T: Error + 'static>(any: &dyn std::any::Any) -> Option<&(dyn Error + 'static)> {
+        any.downcast_ref::<T>().map(|e| e as &(dyn Error + 'static))
+    }
+    known::<RateLimited>(any)
+        .or_else(|| known::<CircuitOpen>(any))
+        .or_else(|| known::<BudgetExhausted>(any))
+        .or_else(|| known::<MissingKey>(any))
+        .or_else(|| known::<InvalidConfig>(any))
+        .or_else(|| known::<std::io::Error>(any))
+}
+
+/// A keyed rate limit found no key in a request (no peer address recorded,
+/// no such header…), so it did not let the request past the limit.
+///
+/// Whether that is the client's fault or the server's set-up is the
+/// server's choice, made on the keyed layer: by default it is a set-up
+/// problem, which [`RejectionResponseLayer`](crate::RejectionResponseLayer)
+/// answers with `500` (and logs, with [`hint`](Self::hint) saying what to
+/// fix); [`bad_request`](Self::bad_request) makes it the client's, answered
+/// `400 Bad Request`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MissingKey {
+    hint: Option<&'static str>,
+    bad_request: bool,
+}
+
+impl MissingKey {
+    /// The error, as a set-up problem with no hint.
+    pub const fn new() -> Self {
+        Self {
+            hint: None,
+            bad_request: false,
+        }
+    }
+
+    /// Adds what the server should check (shown in `Display`).
+    pub const fn with_hint(mut self, hint: &'static str) -> Self {
+        self.hint = Some(hint);
+        self
+    }
+
+    /// Makes it the client's fault: answered `400 Bad Request`.
+    pub const fn bad_request(mut self) -> Self {
+        self.bad_request = true;
+        self
+    }
+
+    /// Whether it is answered `400` (the client's fault) rather than `500`.
+    pub const fn is_bad_request(&self) -> bool {
+        self.bad_request
+    }
+
+    /// What the server should check, when the extractor knows.
+    pub const fn hint(&self) -> Option<&'static str> {
+        self.hint
+    }
+}
+
+impl fmt::Display for MissingKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("no rate-limit key in request")?;
+        match self.hint {
+            Some(hint) => write!(f, ": {hint}"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl std::error::Error for MissingKey {}
 
 /// A configuration was refused when it was built. Says which setting and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -275,6 +364,42 @@ mod tests {
             e.to_string(),
             "retries exhausted after 3 attempts: circuit open; next probe in 1s"
         );
+    }
+
+    #[test]
+    fn retries_exhausted_chains_to_every_boxed_or_known_last_error() {
+        fn source_of<E: fmt::Debug + fmt::Display + 'static>(last: E) -> Option<String> {
+            let e = RetriesExhausted::new(2, last);
+            std::error::Error::source(&e).map(ToString::to_string)
+        }
+        let open = CircuitOpen::new(None);
+        assert_eq!(
+            source_of::<BoxError>(Box::new(open)).as_deref(),
+            Some("circuit open")
+        );
+        let send: Box<dyn std::error::Error + Send> = Box::new(open);
+        assert_eq!(source_of(send).as_deref(), Some("circuit open"));
+        let plain: Box<dyn std::error::Error> = Box::new(open);
+        assert_eq!(source_of(plain).as_deref(), Some("circuit open"));
+        assert_eq!(source_of(open).as_deref(), Some("circuit open"));
+        let io = std::io::Error::other("reset");
+        assert_eq!(source_of(io).as_deref(), Some("reset"));
+        // Not an error type: nothing to chain to.
+        assert_eq!(source_of("flaky"), None);
+    }
+
+    #[test]
+    fn missing_key_says_what_to_fix_and_whose_fault_it_is() {
+        let e = MissingKey::new();
+        assert_eq!(e.to_string(), "no rate-limit key in request");
+        assert!(!e.is_bad_request());
+        let e = e.with_hint("send `x-api-key`").bad_request();
+        assert_eq!(
+            e.to_string(),
+            "no rate-limit key in request: send `x-api-key`"
+        );
+        assert!(e.is_bad_request());
+        assert_eq!(e.hint(), Some("send `x-api-key`"));
     }
 
     #[test]

@@ -17,8 +17,8 @@
 //! ```
 //!
 //! - [`error`]: the refusals every layer returns ([`RateLimited`],
-//!   [`CircuitOpen`], [`BudgetExhausted`], [`RetriesExhausted`]) and
-//!   [`InvalidConfig`], the error of every builder;
+//!   [`CircuitOpen`], [`BudgetExhausted`], [`RetriesExhausted`],
+//!   [`MissingKey`]) and [`InvalidConfig`], the error of every builder;
 //! - [`classify`]: what counts as a failure ([`Outcome`], [`Classify`],
 //!   [`HttpClassifier`]);
 //! - [`headers`]: `Retry-After` and the IETF `RateLimit` fields;
@@ -43,6 +43,7 @@ pub mod rejection;
 pub use classify::{Classify, HttpClassifier, Outcome};
 pub use clock::{Clock, ManualClock, Nanos};
 pub use error::{
-    BoxError, BudgetExhausted, CircuitOpen, InvalidConfig, Quota, RateLimited, RetriesExhausted,
+    BoxError, BudgetExhausted, CircuitOpen, InvalidConfig, MissingKey, Quota, RateLimited,
+    RetriesExhausted,
 };
 pub use rejection::RejectionResponseLayer;

@@ -1,17 +1,17 @@
 //! Turning refusals into HTTP responses on servers.
 //!
 //! ```
+//! use std::convert::Infallible;
 //! use apiguard_core::RejectionResponseLayer;
-//! use tower::ServiceBuilder;
-//! # use std::convert::Infallible;
-//! # let handler = tower::service_fn(|_req: http::Request<()>| async {
-//! #     Ok::<_, Infallible>(http::Response::new(String::new()))
-//! # });
+//! use tower::{ServiceBuilder, service_fn};
 //!
+//! let handler = service_fn(|_req: http::Request<()>| async {
+//!     Ok::<_, Infallible>(http::Response::new(String::new()))
+//! });
 //! let svc = ServiceBuilder::new()
 //!     // 429 for `RateLimited`, 503 for `CircuitOpen`, both with `Retry-After`;
 //!     // other errors become a 500, so axum's `Router::layer` takes the stack.
-//!     .layer(RejectionResponseLayer::new().other_errors_as_500())
+//!     .layer(RejectionResponseLayer::new())
 //!     .service(handler);
 //! # let _ = svc;
 //! ```
@@ -21,13 +21,18 @@
 //! quota, the `RateLimit-Policy` and `RateLimit` fields of
 //! draft-ietf-httpapi-ratelimit-headers. A `CircuitOpen` refusal becomes
 //! `503 Service Unavailable`, with `Retry-After` when the breaker knows when
-//! it will probe again.
+//! it will probe again. A [`MissingKey`] the keyed layer was told to treat
+//! as the client's fault becomes `400 Bad Request`.
 //!
-//! What happens to other errors is the layer's second type parameter: by
-//! default ([`PassThrough`]) they stay errors; with
-//! [`other_errors_as_500`](RejectionResponseLayer::other_errors_as_500) they
-//! become an empty `500 Internal Server Error` (logged with `tracing`), and
-//! the service's error type is `Infallible`, as axum requires.
+//! What happens to other errors is the layer's type parameter: by default
+//! ([`InternalServerError`]) they become an empty `500 Internal Server
+//! Error`, logged with `tracing` at `error`, and the service's error type is
+//! `Infallible`, as axum's `Router::layer` and hyper's servers want; with
+//! [`other_errors_pass_through`](RejectionResponseLayer::other_errors_pass_through)
+//! ([`PassThrough`]) they stay errors, for an error handler further out.
+//!
+//! With the `axum` feature, the refusals also implement axum's
+//! `IntoResponse` (the same responses), so a handler can return them.
 
 use std::convert::Infallible;
 use std::fmt;
@@ -40,7 +45,7 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::error::{BoxError, CircuitOpen, RateLimited};
+use crate::error::{BoxError, CircuitOpen, MissingKey, RateLimited};
 use crate::headers::{
     RATELIMIT, RATELIMIT_POLICY, format_ratelimit, format_ratelimit_policy, format_retry_after,
 };
@@ -81,25 +86,44 @@ impl OtherErrors for InternalServerError {
     }
 }
 
-/// Layer that turns apiguard refusals into `429`/`503` responses.
+/// Layer that turns apiguard refusals into `429`/`503` responses, and other
+/// errors into `500` (see the [module docs](self)).
+///
+/// Its service is infallible, so axum's `Router::layer` takes it as it is:
+///
+/// ```
+/// use apiguard_core::RejectionResponseLayer;
+/// # fn app(router: axum::Router) -> axum::Router {
+/// router.layer(RejectionResponseLayer::new())
+/// # }
+/// ```
 #[derive(Debug, Clone, Copy, Default)]
-pub struct RejectionResponseLayer<M = PassThrough> {
+pub struct RejectionResponseLayer<M = InternalServerError> {
     other: M,
 }
 
 impl RejectionResponseLayer {
-    /// Refusals become responses; other errors pass through.
+    /// Refusals become `429`/`503`; other errors become an empty `500`.
     pub const fn new() -> Self {
-        Self { other: PassThrough }
+        Self {
+            other: InternalServerError,
+        }
     }
 }
 
 impl<M> RejectionResponseLayer<M> {
-    /// Other errors become an empty `500`; the service is infallible.
+    /// Other errors become an empty `500`; the service is infallible (the
+    /// default).
     pub fn other_errors_as_500(self) -> RejectionResponseLayer<InternalServerError> {
         RejectionResponseLayer {
             other: InternalServerError,
         }
+    }
+
+    /// Other errors stay errors ([`BoxError`]), for an error handler further
+    /// out (axum's `HandleErrorLayer`, say).
+    pub fn other_errors_pass_through(self) -> RejectionResponseLayer<PassThrough> {
+        RejectionResponseLayer { other: PassThrough }
     }
 }
 
@@ -115,7 +139,7 @@ impl<S, M: Clone> Layer<S> for RejectionResponseLayer<M> {
 }
 
 /// Service made by [`RejectionResponseLayer`].
-pub struct RejectionResponse<S, M = PassThrough> {
+pub struct RejectionResponse<S, M = InternalServerError> {
     inner: S,
     other: M,
     // An error the inner service reported from `poll_ready`, answered on the
@@ -259,7 +283,17 @@ pub fn refusal_response<B: Default>(
     if let Some(open) = err.downcast_ref::<CircuitOpen>() {
         return Some(circuit_open_response(open));
     }
-    None
+    match err.downcast_ref::<MissingKey>() {
+        Some(missing) if missing.is_bad_request() => Some(bad_request_response()),
+        _ => None,
+    }
+}
+
+/// `400 Bad Request`, for a request without the key the server asks for.
+fn bad_request_response<B: Default>() -> Response<B> {
+    let mut res = Response::new(B::default());
+    *res.status_mut() = StatusCode::BAD_REQUEST;
+    res
 }
 
 /// `429 Too Many Requests` with `Retry-After` and, when the quota is known,
@@ -292,6 +326,48 @@ pub fn circuit_open_response<B: Default>(open: &CircuitOpen) -> Response<B> {
     res
 }
 
+#[cfg(feature = "axum")]
+mod axum_impls {
+    use axum_core::body::Body;
+    use axum_core::response::{IntoResponse, Response};
+
+    use super::{circuit_open_response, rate_limited_response};
+    use crate::error::{CircuitOpen, MissingKey, RateLimited};
+
+    /// `429 Too Many Requests` with `Retry-After` and the `RateLimit` fields,
+    /// as [`RejectionResponseLayer`](super::RejectionResponseLayer) answers.
+    #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+    impl IntoResponse for RateLimited {
+        fn into_response(self) -> Response {
+            rate_limited_response::<Body>(&self)
+        }
+    }
+
+    /// `503 Service Unavailable`, with `Retry-After` when the breaker knows
+    /// when it will probe again.
+    #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+    impl IntoResponse for CircuitOpen {
+        fn into_response(self) -> Response {
+            circuit_open_response::<Body>(&self)
+        }
+    }
+
+    /// `400 Bad Request` when the key was the client's to send, else `500`
+    /// (logged at `error` with the hint, as the layer does).
+    #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+    impl IntoResponse for MissingKey {
+        fn into_response(self) -> Response {
+            if self.is_bad_request() {
+                return super::bad_request_response::<Body>();
+            }
+            tracing::error!(target: "apiguard", error = %self, "unhandled error turned into 500");
+            let mut res = Response::new(Body::empty());
+            *res.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+            res
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,7 +385,11 @@ mod tests {
                 }
             }
         });
-        RejectionResponseLayer::new().layer(svc).oneshot(()).await
+        RejectionResponseLayer::new()
+            .other_errors_pass_through()
+            .layer(svc)
+            .oneshot(())
+            .await
     }
 
     trait CloneBox {
@@ -323,6 +403,9 @@ mod tests {
             }
             if let Some(c) = e.downcast_ref::<CircuitOpen>() {
                 return Some(Box::new(*c));
+            }
+            if let Some(m) = e.downcast_ref::<MissingKey>() {
+                return Some(Box::new(*m));
             }
             Some(e.to_string().into())
         }
@@ -361,11 +444,21 @@ mod tests {
         assert_eq!(answer(None).await.unwrap().body(), "ok");
 
         let svc = service_fn(|_req: ()| async { Err::<Response<String>, BoxError>("boom".into()) });
-        let res: Result<Response<String>, Infallible> = RejectionResponseLayer::new()
-            .other_errors_as_500()
-            .layer(svc)
-            .oneshot(())
-            .await;
+        // The default: a 500, and the service cannot fail.
+        let res: Result<Response<String>, Infallible> =
+            RejectionResponseLayer::new().layer(svc).oneshot(()).await;
+        assert_eq!(res.unwrap().status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    #[tokio::test]
+    async fn missing_key_is_400_only_when_it_is_the_clients_fault() {
+        let err: BoxError = Box::new(MissingKey::new().bad_request());
+        let res = answer(Some(err)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+        let svc = service_fn(|_req: ()| async {
+            Err::<Response<String>, BoxError>(Box::new(MissingKey::new()))
+        });
+        let res = RejectionResponseLayer::new().layer(svc).oneshot(()).await;
         assert_eq!(res.unwrap().status(), StatusCode::INTERNAL_SERVER_ERROR);
     }
 }

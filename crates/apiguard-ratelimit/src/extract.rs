@@ -7,11 +7,24 @@
 //! - [`ForwardedFor`]: the client address behind a known number of trusted
 //!   proxies, from `X-Forwarded-For` or `Forwarded`.
 //!
-//! An extractor that returns `None` makes the layer refuse the request with
-//! [`MissingKey`](crate::error::MissingKey).
+//! # A request without a key
+//!
+//! What becomes of a request the extractor finds no key in is the server's
+//! choice, made on [`KeyedRateLimitLayer`](crate::KeyedRateLimitLayer):
+//!
+//! - by default it fails with [`MissingKey`], a set-up problem: under
+//!   `RejectionResponseLayer` the client gets `500` and the server's log
+//!   says what to fix (for [`PeerIp`]: serve with `ConnectInfo`, turn on
+//!   the `axum` feature). Nothing gets past the limit unnoticed.
+//! - [`missing_key_as_400`](crate::KeyedRateLimitLayer::missing_key_as_400):
+//!   it is the client's fault (it did not send its API key), answered
+//!   `400 Bad Request`.
+//! - [`missing_key_shares`](crate::KeyedRateLimitLayer::missing_key_shares):
+//!   it is admitted against one bucket that every keyless request shares.
 
 use std::net::{IpAddr, SocketAddr};
 
+use apiguard_core::MissingKey;
 use http::header::{FORWARDED, HeaderName, HeaderValue};
 use http::{HeaderMap, Request};
 
@@ -21,7 +34,66 @@ pub trait KeyExtractor<B> {
     type Key;
     /// The key of `req`, or `None` when it has none.
     fn extract(&self, req: &Request<B>) -> Option<Self::Key>;
+
+    /// The error for a request [`extract`](Self::extract) found no key in;
+    /// extractors that know why give a [hint](MissingKey::with_hint).
+    fn missing_key(&self) -> MissingKey {
+        MissingKey::new()
+    }
 }
+
+/// What [`KeyedRateLimitLayer`](crate::KeyedRateLimitLayer) does with a
+/// request its extractor found no key in (see [the module docs](self#a-request-without-a-key)).
+pub trait MissingKeyPolicy<K> {
+    /// The key to charge instead, or the error the request fails with
+    /// (`missing` is the extractor's).
+    fn resolve(&self, missing: MissingKey) -> Result<K, MissingKey>;
+}
+
+/// The default [`MissingKeyPolicy`]: the request fails with [`MissingKey`],
+/// answered `500` (a set-up problem) or, after
+/// [`missing_key_as_400`](crate::KeyedRateLimitLayer::missing_key_as_400),
+/// `400`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RefuseMissing {
+    pub(crate) bad_request: bool,
+}
+
+impl<K> MissingKeyPolicy<K> for RefuseMissing {
+    #[inline]
+    fn resolve(&self, missing: MissingKey) -> Result<K, MissingKey> {
+        Err(if self.bad_request {
+            missing.bad_request()
+        } else {
+            missing
+        })
+    }
+}
+
+/// The [`MissingKeyPolicy`] of
+/// [`missing_key_shares`](crate::KeyedRateLimitLayer::missing_key_shares):
+/// keyless requests share the bucket of one key.
+#[derive(Debug, Clone, Copy)]
+pub struct SharedKey<K>(pub K);
+
+impl<K: Clone> MissingKeyPolicy<K> for SharedKey<K> {
+    #[inline]
+    fn resolve(&self, _missing: MissingKey) -> Result<K, MissingKey> {
+        Ok(self.0.clone())
+    }
+}
+
+/// What to fix when [`PeerIp`] (or [`ForwardedFor`]'s fallback to it) finds
+/// no peer address.
+#[cfg(feature = "axum")]
+const NO_PEER: &str = "no peer address recorded: serve axum with \
+    `into_make_service_with_connect_info::<SocketAddr>()` (axum 0.8), or insert the \
+    connection's `SocketAddr` into each request's extensions";
+#[cfg(not(feature = "axum"))]
+const NO_PEER: &str = "no peer address recorded: axum's `ConnectInfo` is read only with \
+    the `axum` feature of `apiguard` (or `apiguard-ratelimit`); turn it on and serve with \
+    `into_make_service_with_connect_info::<SocketAddr>()`, or insert the connection's \
+    `SocketAddr` into each request's extensions";
 
 impl<B, K, F> KeyExtractor<B> for F
 where
@@ -37,11 +109,13 @@ where
 
 /// The peer's IP address.
 ///
-/// Read from axum's `ConnectInfo<SocketAddr>` (with the `axum` feature; serve
-/// with `into_make_service_with_connect_info::<SocketAddr>()`), or from a
-/// plain `SocketAddr` request extension, which a hyper server can insert
-/// itself. Behind a proxy every request has the proxy's address: use
-/// [`ForwardedFor`] there.
+/// Read from axum's `ConnectInfo<SocketAddr>` (with the `axum` feature, on
+/// by default in the `apiguard` facade; serve with
+/// `into_make_service_with_connect_info::<SocketAddr>()`), or from a plain
+/// `SocketAddr` request extension, which a hyper server can insert itself.
+/// A request with neither fails with a [`MissingKey`] that says which of
+/// these is missing. Behind a proxy every request has the proxy's address:
+/// use [`ForwardedFor`] there.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PeerIp;
 
@@ -51,6 +125,10 @@ impl<B> KeyExtractor<B> for PeerIp {
     #[inline]
     fn extract(&self, req: &Request<B>) -> Option<IpAddr> {
         peer_ip(req)
+    }
+
+    fn missing_key(&self) -> MissingKey {
+        MissingKey::new().with_hint(NO_PEER)
     }
 }
 
@@ -85,6 +163,13 @@ impl<B> KeyExtractor<B> for HeaderKey {
     fn extract(&self, req: &Request<B>) -> Option<HeaderValue> {
         let value = req.headers().get(&self.name)?;
         HeaderValue::from_bytes(value.as_bytes()).ok()
+    }
+
+    fn missing_key(&self) -> MissingKey {
+        MissingKey::new().with_hint(
+            "the request lacks the header `HeaderKey` reads; when clients must send it, \
+             answer 400 with `missing_key_as_400()`",
+        )
     }
 }
 
@@ -158,6 +243,10 @@ impl<B> KeyExtractor<B> for ForwardedFor {
 
     fn extract(&self, req: &Request<B>) -> Option<IpAddr> {
         self.from_headers(req.headers()).or_else(|| peer_ip(req))
+    }
+
+    fn missing_key(&self) -> MissingKey {
+        MissingKey::new().with_hint(NO_PEER)
     }
 }
 
@@ -284,6 +373,21 @@ mod tests {
         r.extensions_mut()
             .insert("10.1.2.3:5000".parse::<SocketAddr>().unwrap());
         assert_eq!(PeerIp.extract(&r), Some(ip("10.1.2.3")));
+    }
+
+    #[test]
+    fn peer_ip_says_what_to_fix_when_it_finds_no_address() {
+        let hint = KeyExtractor::<()>::missing_key(&PeerIp).hint().unwrap();
+        assert!(
+            hint.contains("into_make_service_with_connect_info"),
+            "{hint}"
+        );
+        // Without the feature, the one thing that cannot be seen from outside.
+        assert_eq!(
+            hint.contains("`axum` feature"),
+            !cfg!(feature = "axum"),
+            "{hint}"
+        );
     }
 
     #[test]

@@ -143,7 +143,7 @@ pin_project! {
     #[project = StateProj]
     enum State<F, R, S, Req> {
         Refused { err: Option<RateLimited> },
-        MissingKey { done: bool },
+        MissingKey { err: Option<MissingKey> },
         Reserving { #[pin] fut: R, svc: Option<(S, Req)> },
         Waiting { #[pin] sleep: Sleep, svc: Option<(S, Req)> },
         Ready { svc: Option<(S, Req)> },
@@ -170,9 +170,9 @@ where
         }
     }
 
-    pub(crate) fn missing_key() -> Self {
+    pub(crate) fn missing_key(err: MissingKey) -> Self {
         Self {
-            state: State::MissingKey { done: false },
+            state: State::MissingKey { err: Some(err) },
             hold: None,
         }
     }
@@ -235,9 +235,8 @@ where
                 StateProj::Refused { err } => {
                     return Poll::Ready(Err(Box::new(err.take().expect(TAKEN))));
                 }
-                StateProj::MissingKey { done } => {
-                    assert!(!std::mem::replace(done, true), "{TAKEN}");
-                    return Poll::Ready(Err(Box::new(MissingKey::new())));
+                StateProj::MissingKey { err } => {
+                    return Poll::Ready(Err(Box::new(err.take().expect(TAKEN))));
                 }
                 StateProj::Reserving { fut, svc } => {
                     let grant = match ready!(fut.poll(cx)) {

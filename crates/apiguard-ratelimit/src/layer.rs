@@ -5,6 +5,7 @@ use tower_layer::Layer;
 
 use crate::bucket::TokenBucket;
 use crate::cost::UnitCost;
+use crate::extract::{RefuseMissing, SharedKey};
 use crate::service::{KeyedRateLimit, RateLimit};
 
 /// Applies one rate limit to every request: waits for tokens up to
@@ -79,12 +80,23 @@ impl<S, L: Clone, C: Clone> Layer<S> for RateLimitLayer<L, C> {
 ///
 /// Every service this layer makes, and every clone of them, draws from the
 /// same limiter.
+///
+/// # A request without a key
+///
+/// By default it fails with a [`MissingKey`](crate::error::MissingKey)
+/// that says what to fix — `RejectionResponseLayer` answers it `500` and
+/// logs it — since a key that is never there (no `ConnectInfo`, a proxy
+/// that drops the header) is a set-up problem that must not go unnoticed.
+/// [`missing_key_as_400`](Self::missing_key_as_400) makes it the client's
+/// fault (`400 Bad Request`); [`missing_key_shares`](Self::missing_key_shares)
+/// admits such requests against one shared bucket instead.
 #[derive(Clone)]
-pub struct KeyedRateLimitLayer<L, E, C = UnitCost> {
+pub struct KeyedRateLimitLayer<L, E, C = UnitCost, M = RefuseMissing> {
     limiter: L,
     extractor: E,
     max_wait: Duration,
     cost: C,
+    missing: M,
 }
 
 impl<L, E> KeyedRateLimitLayer<L, E> {
@@ -97,11 +109,35 @@ impl<L, E> KeyedRateLimitLayer<L, E> {
             extractor,
             max_wait: Duration::ZERO,
             cost: UnitCost,
+            missing: RefuseMissing { bad_request: false },
         }
     }
 }
 
 impl<L, E, C> KeyedRateLimitLayer<L, E, C> {
+    /// A request without a key is the client's fault: it fails with a
+    /// [`MissingKey`](crate::error::MissingKey) that
+    /// `RejectionResponseLayer` answers `400 Bad Request` (for a key the
+    /// client must send, such as an API key header).
+    pub fn missing_key_as_400(mut self) -> Self {
+        self.missing = RefuseMissing { bad_request: true };
+        self
+    }
+
+    /// Requests without a key are admitted against the bucket of `key`,
+    /// which they all share (and share with requests whose key it is).
+    pub fn missing_key_shares<K>(self, key: K) -> KeyedRateLimitLayer<L, E, C, SharedKey<K>> {
+        KeyedRateLimitLayer {
+            limiter: self.limiter,
+            extractor: self.extractor,
+            max_wait: self.max_wait,
+            cost: self.cost,
+            missing: SharedKey(key),
+        }
+    }
+}
+
+impl<L, E, C, M> KeyedRateLimitLayer<L, E, C, M> {
     /// Lets requests wait up to `max_wait` for their key's tokens instead of
     /// being refused at once.
     pub fn max_wait(mut self, max_wait: Duration) -> Self {
@@ -110,27 +146,29 @@ impl<L, E, C> KeyedRateLimitLayer<L, E, C> {
     }
 
     /// Charges each request `cost(&req)` tokens.
-    pub fn cost<C2>(self, cost: C2) -> KeyedRateLimitLayer<L, E, C2> {
+    pub fn cost<C2>(self, cost: C2) -> KeyedRateLimitLayer<L, E, C2, M> {
         KeyedRateLimitLayer {
             limiter: self.limiter,
             extractor: self.extractor,
             max_wait: self.max_wait,
             cost,
+            missing: self.missing,
         }
     }
 }
 
-impl<L: fmt::Debug, E, C> fmt::Debug for KeyedRateLimitLayer<L, E, C> {
+impl<L: fmt::Debug, E, C, M: fmt::Debug> fmt::Debug for KeyedRateLimitLayer<L, E, C, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeyedRateLimitLayer")
             .field("limiter", &self.limiter)
             .field("max_wait", &self.max_wait)
+            .field("missing_key", &self.missing)
             .finish_non_exhaustive()
     }
 }
 
-impl<S, L: Clone, E: Clone, C: Clone> Layer<S> for KeyedRateLimitLayer<L, E, C> {
-    type Service = KeyedRateLimit<S, L, E, C>;
+impl<S, L: Clone, E: Clone, C: Clone, M: Clone> Layer<S> for KeyedRateLimitLayer<L, E, C, M> {
+    type Service = KeyedRateLimit<S, L, E, C, M>;
 
     fn layer(&self, inner: S) -> Self::Service {
         KeyedRateLimit::new(
@@ -139,6 +177,7 @@ impl<S, L: Clone, E: Clone, C: Clone> Layer<S> for KeyedRateLimitLayer<L, E, C> 
             self.extractor.clone(),
             self.max_wait,
             self.cost.clone(),
+            self.missing.clone(),
         )
     }
 }

@@ -88,7 +88,9 @@ mod sync;
 
 pub use bucket::TokenBucket;
 pub use cost::{RequestCost, UnitCost};
-pub use extract::{ForwardedFor, HeaderKey, KeyExtractor, PeerIp};
+pub use extract::{
+    ForwardedFor, HeaderKey, KeyExtractor, MissingKeyPolicy, PeerIp, RefuseMissing, SharedKey,
+};
 pub use keyed::{DEFAULT_MAX_KEYS, KeyedLimiter};
 pub use layer::{KeyedRateLimitLayer, RateLimitLayer};
 pub use limiter::{Grant, Limiter, Reservation};

@@ -8,7 +8,7 @@ use tower_service::Service;
 
 use crate::bucket::TokenBucket;
 use crate::cost::{RequestCost, UnitCost};
-use crate::extract::KeyExtractor;
+use crate::extract::{KeyExtractor, MissingKeyPolicy, RefuseMissing};
 use crate::future::{Hold, ResponseFuture};
 use crate::limiter::Limiter;
 
@@ -89,22 +89,31 @@ where
 /// Rate-limits requests to `S` per key (see
 /// [`KeyedRateLimitLayer`](crate::KeyedRateLimitLayer)).
 #[derive(Clone)]
-pub struct KeyedRateLimit<S, L, E, C = UnitCost> {
+pub struct KeyedRateLimit<S, L, E, C = UnitCost, M = RefuseMissing> {
     inner: S,
     limiter: L,
     extractor: E,
     max_wait: Duration,
     cost: C,
+    missing: M,
 }
 
-impl<S, L, E, C> KeyedRateLimit<S, L, E, C> {
-    pub(crate) fn new(inner: S, limiter: L, extractor: E, max_wait: Duration, cost: C) -> Self {
+impl<S, L, E, C, M> KeyedRateLimit<S, L, E, C, M> {
+    pub(crate) fn new(
+        inner: S,
+        limiter: L,
+        extractor: E,
+        max_wait: Duration,
+        cost: C,
+        missing: M,
+    ) -> Self {
         Self {
             inner,
             limiter,
             extractor,
             max_wait,
             cost,
+            missing,
         }
     }
 
@@ -129,7 +138,7 @@ impl<S, L, E, C> KeyedRateLimit<S, L, E, C> {
     }
 }
 
-impl<S: fmt::Debug, L: fmt::Debug, E, C> fmt::Debug for KeyedRateLimit<S, L, E, C> {
+impl<S: fmt::Debug, L: fmt::Debug, E, C, M> fmt::Debug for KeyedRateLimit<S, L, E, C, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeyedRateLimit")
             .field("inner", &self.inner)
@@ -139,13 +148,14 @@ impl<S: fmt::Debug, L: fmt::Debug, E, C> fmt::Debug for KeyedRateLimit<S, L, E, 
     }
 }
 
-impl<S, B, L, E, C> Service<Request<B>> for KeyedRateLimit<S, L, E, C>
+impl<S, B, L, E, C, M> Service<Request<B>> for KeyedRateLimit<S, L, E, C, M>
 where
     S: Service<Request<B>> + Clone,
     S::Error: Into<BoxError>,
     E: KeyExtractor<B>,
     L: Limiter<E::Key> + Clone,
     C: RequestCost<Request<B>>,
+    M: MissingKeyPolicy<E::Key>,
 {
     type Response = S::Response;
     type Error = BoxError;
@@ -158,9 +168,15 @@ where
 
     #[inline]
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let Some(key) = self.extractor.extract(&req) else {
-            tracing::debug!(target: "apiguard::ratelimit", "request without a rate-limit key refused");
-            return ResponseFuture::missing_key();
+        let key = match self.extractor.extract(&req) {
+            Some(key) => key,
+            None => match self.missing.resolve(self.extractor.missing_key()) {
+                Ok(shared) => shared,
+                Err(missing) => {
+                    tracing::debug!(target: "apiguard::ratelimit", error = %missing, "request without a rate-limit key refused");
+                    return ResponseFuture::missing_key(missing);
+                }
+            },
         };
         let cost = self.cost.cost(&req);
         decide(

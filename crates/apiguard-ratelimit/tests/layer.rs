@@ -226,6 +226,79 @@ async fn keyed_layer_refuses_by_default_and_keeps_keys_apart() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn missing_key_fails_as_a_set_up_error_by_default_and_as_400_when_asked() {
+    use apiguard_ratelimit::HeaderKey;
+    use http::HeaderName;
+    let limiter = KeyedLimiter::new(5, 1.0).unwrap();
+    let inner = service_fn(|_req: Request<()>| async { Ok::<_, BoxError>(()) });
+    let by_key = HeaderKey::new(HeaderName::from_static("x-api-key"));
+
+    let mut svc = KeyedRateLimitLayer::new(limiter.clone(), by_key.clone()).layer_svc(inner);
+    let err = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(Request::new(()))
+        .await
+        .unwrap_err();
+    let missing = err.downcast_ref::<MissingKey>().unwrap();
+    assert!(!missing.is_bad_request());
+    assert!(
+        missing.hint().unwrap().contains("missing_key_as_400"),
+        "{missing}"
+    );
+
+    let mut svc = KeyedRateLimitLayer::new(limiter.clone(), by_key)
+        .missing_key_as_400()
+        .layer_svc(inner);
+    let err = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(Request::new(()))
+        .await
+        .unwrap_err();
+    assert!(err.downcast_ref::<MissingKey>().unwrap().is_bad_request());
+    assert!(
+        limiter.is_empty(),
+        "a refused keyless request spends nothing"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn keyless_requests_can_share_one_bucket() {
+    let limiter = KeyedLimiter::new(2, 1.0).unwrap();
+    let (calls, inner) = counting();
+    let inner = inner.map_request(|_req: Request<()>| 0u32);
+    let by_user = |r: &Request<()>| r.headers().get("x-user").map(|v| v.as_bytes().to_vec());
+    let mut svc = KeyedRateLimitLayer::new(limiter.clone(), by_user)
+        .missing_key_shares(b"anonymous".to_vec())
+        .layer_svc(inner);
+    for _ in 0..2 {
+        svc.ready()
+            .await
+            .unwrap()
+            .call(Request::new(()))
+            .await
+            .unwrap();
+    }
+    // The third keyless request finds the shared bucket empty...
+    let err = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(Request::new(()))
+        .await
+        .unwrap_err();
+    rate_limited(&err);
+    // ...while a request with a key of its own has its own bucket.
+    let keyed = Request::builder().header("x-user", "a").body(()).unwrap();
+    svc.ready().await.unwrap().call(keyed).await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    assert_eq!(limiter.len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
 async fn keyed_layer_can_wait_per_key() {
     let limiter = KeyedLimiter::new(1, 2.0).unwrap();
     let inner = service_fn(|_req: Request<()>| async { Ok::<_, BoxError>(()) });

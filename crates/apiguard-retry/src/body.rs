@@ -42,6 +42,17 @@ use http_body::{Body, Frame, SizeHint};
 /// Every `Clone` type implements it by cloning; [`ReplayBody`] implements
 /// it by replaying what it recorded. Implement it for a body type of your
 /// own that can be rebuilt cheaply.
+///
+/// A streaming body (hyper's `Incoming`, axum's `Body`, a boxed body) is
+/// neither: give it to [`RetryLayer::replay_bodies`](crate::RetryLayer::replay_bodies),
+/// or wrap it in a [`ReplayBody`] yourself. The compiler says so when the
+/// bound fails.
+#[diagnostic::on_unimplemented(
+    message = "the request body `{Self}` cannot be copied for a retry",
+    label = "this body is not `Clone`",
+    note = "for a streaming body, use `RetryLayer::new(policy).replay_bodies()`, which records \
+            it as it is sent and replays it (or wrap it in `apiguard_retry::ReplayBody` yourself)"
+)]
 pub trait TryCloneBody: Sized {
     /// A body that will send the same bytes again, or `None` if that is no
     /// longer possible.
@@ -54,6 +65,9 @@ pub trait TryCloneBody: Sized {
     }
 }
 
+// Not recommended, so that a body that is not `Clone` is reported as not
+// `TryCloneBody`, with the note above, rather than as not `Clone`.
+#[diagnostic::do_not_recommend]
 impl<B: Clone> TryCloneBody for B {
     #[inline]
     fn try_clone_body(&self) -> Option<Self> {

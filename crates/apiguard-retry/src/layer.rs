@@ -10,9 +10,48 @@ use crate::service::Retry;
 /// Retries requests by a [`RetryPolicy`]; makes [`Retry`] services.
 ///
 /// `RetryLayer::new(policy)` clones request bodies (any body that is
-/// `Clone`); `.replay_bodies()` wraps streaming bodies in a
-/// [`ReplayBody`](crate::ReplayBody) instead. Every service built from one
-/// layer shares the policy's [`RetryBudget`](crate::RetryBudget).
+/// `Clone`, such as `Full<Bytes>`); `.replay_bodies()` wraps streaming
+/// bodies (hyper's `Incoming`, axum's `Body`, boxed bodies) in a
+/// [`ReplayBody`](crate::ReplayBody) instead. A streaming body under
+/// `RetryLayer::new` is a compile error that says "cannot be copied for a
+/// retry" and points here:
+///
+/// ```compile_fail,E0277
+/// # use std::convert::Infallible;
+/// # use apiguard_retry::{RetryLayer, RetryPolicy};
+/// # use bytes::Bytes;
+/// # use http_body_util::combinators::UnsyncBoxBody;
+/// # use tower::{Layer, Service, service_fn};
+/// type Streaming = UnsyncBoxBody<Bytes, Infallible>;
+/// let inner = service_fn(|_req: http::Request<Streaming>| async {
+///     Ok::<_, Infallible>(http::Response::new(()))
+/// });
+/// let mut svc = RetryLayer::new(RetryPolicy::builder().build().unwrap()).layer(inner);
+/// let _ = Service::call(&mut svc, http::Request::new(Streaming::default()));
+/// ```
+///
+/// and this compiles (the inner service sees the recording wrapper):
+///
+/// ```
+/// # use std::convert::Infallible;
+/// # use apiguard_retry::{ReplayBody, RetryLayer, RetryPolicy};
+/// # use bytes::Bytes;
+/// # use http_body_util::combinators::UnsyncBoxBody;
+/// # use tower::{Layer, Service, service_fn};
+/// type Streaming = UnsyncBoxBody<Bytes, Infallible>;
+/// let inner = service_fn(|_req: http::Request<ReplayBody<Streaming>>| async {
+///     Ok::<_, Infallible>(http::Response::new(()))
+/// });
+/// let policy = RetryPolicy::builder().build().unwrap();
+/// let mut svc = RetryLayer::new(policy).replay_bodies().layer(inner);
+/// let _ = Service::call(&mut svc, http::Request::new(Streaming::default()));
+/// ```
+///
+/// (Through a method such as `svc.oneshot(req)` the compiler only says
+/// that `Retry<…>: Service<_>` is not satisfied; the body is the reason.)
+///
+/// Every service built from one layer shares the policy's
+/// [`RetryBudget`](crate::RetryBudget).
 pub struct RetryLayer<M = CloneBodies> {
     policy: RetryPolicy,
     _mode: PhantomData<fn() -> M>,

@@ -56,6 +56,6 @@ pub type ServerLayer<K, E> =
 pub fn server_layer<K, E>(limiter: KeyedLimiter<K>, extractor: E) -> ServerLayer<K, E> {
     Stack::new(
         KeyedRateLimitLayer::new(limiter, extractor),
-        RejectionResponseLayer::new().other_errors_as_500(),
+        RejectionResponseLayer::new(),
     )
 }
