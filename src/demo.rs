@@ -279,13 +279,15 @@ pub async fn run(cfg: Config) -> Result<Report, Box<dyn std::error::Error + Send
         elapsed,
     };
     report.guarded.retries = g.retries;
+    // One entry per cause (when retries ran out, the last attempt's), so
+    // the counts add up to the lost requests.
     report.guarded_errors = vec![
         ("refused: circuit open", g.circuit_open),
         ("refused: no token in time", g.rate_limited),
-        ("retries exhausted", g.retries_exhausted),
         ("retry budget spent", g.budget_exhausted),
         ("timed out", g.timeouts),
         ("transport error", g.transport),
+        ("answered 429 or 5xx", g.error_status),
     ];
     report.burst = server_burst(report.server_quota).await?;
     Ok(report)

@@ -56,8 +56,17 @@ fn guarded_client_counts_requests_attempts_retries_and_transitions() {
         });
     });
     let snap = snap.snapshot().into_vec();
+    // The final 503 is handed back, and counted as what it is.
     assert_eq!(
         counter(&snap, "apiguard_requests_total", Some(("outcome", "ok"))),
+        0
+    );
+    assert_eq!(
+        counter(
+            &snap,
+            "apiguard_requests_total",
+            Some(("outcome", "error_status"))
+        ),
         1
     );
     assert_eq!(

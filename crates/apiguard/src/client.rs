@@ -15,7 +15,7 @@ use apiguard_core::{
 };
 use apiguard_retry::RetryPolicy;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
@@ -81,6 +81,7 @@ pub struct GuardedClientBuilder {
     total_timeout: Duration,
     per_host: bool,
     max_hosts: usize,
+    error_for_status: bool,
 }
 
 impl Default for GuardedClientBuilder {
@@ -101,6 +102,7 @@ impl Default for GuardedClientBuilder {
             total_timeout: Duration::from_secs(60),
             per_host: true,
             max_hosts: 1024,
+            error_for_status: false,
         }
     }
 }
@@ -199,6 +201,16 @@ impl GuardedClientBuilder {
         self
     }
 
+    /// Turns a final response with a `4xx` or `5xx` status (after any
+    /// retries) into a [`ClientError`] of kind [`ErrorKind::Status`], as
+    /// reqwest's `error_for_status` does. Off by default: such a response is
+    /// returned as `Ok`, for the caller to read. Either way a final `429` or
+    /// `5xx` counts as failed in [`ClientStats`].
+    pub fn error_for_status(mut self, yes: bool) -> Self {
+        self.error_for_status = yes;
+        self
+    }
+
     /// Builds the client. Must be called within a tokio runtime's reach
     /// when requests are sent (the transport spawns its connections).
     pub fn build(self) -> Result<GuardedClient, InvalidConfig> {
@@ -280,6 +292,7 @@ impl GuardedClientBuilder {
             service,
             layer,
             stats,
+            error_for_status: self.error_for_status,
         })
     }
 }
@@ -316,6 +329,7 @@ pub struct GuardedClient {
     service: Guard<Transport>,
     layer: GuardLayer,
     stats: Arc<Counters>,
+    error_for_status: bool,
 }
 
 impl fmt::Debug for GuardedClient {
@@ -444,28 +458,64 @@ impl GuardedClient {
         let started = Clock::system().now();
         let result = self.service.clone().oneshot(req).await;
         let elapsed = Clock::system().now().saturating_sub(started);
+        let result = match result {
+            Ok(res) if self.error_for_status && is_error_status(res.status()) => {
+                Err(ClientError::from_status(&res))
+            }
+            Ok(res) => Ok(res),
+            Err(e) => Err(ClientError::from_box(e)),
+        };
+        // A final 429 or 5xx is a failure whether or not it is returned as
+        // an error: the caller did not get what it asked for.
+        let failed_status = match &result {
+            Ok(res) => fails_request(res.status()),
+            Err(_) => false,
+        };
         #[cfg(feature = "metrics")]
         {
-            crate::metrics::record_request(result.as_ref().err().map(|e| kind_of(&**e)), elapsed);
+            let label = match &result {
+                Ok(_) if failed_status => crate::metrics::ERROR_STATUS,
+                Ok(_) => "ok",
+                Err(e) => crate::metrics::error_label(&*e.source),
+            };
+            crate::metrics::record_request(label, elapsed);
             let on_network = attempted.nanos.load(Ordering::Relaxed);
             crate::metrics::record_wait(elapsed.saturating_sub(on_network));
         }
         let s = &self.stats;
         s.requests.fetch_add(1, Ordering::Relaxed);
         s.request_nanos.fetch_add(elapsed, Ordering::Relaxed);
-        match result {
-            Ok(res) => Ok(res),
-            Err(e) => {
-                s.failed.fetch_add(1, Ordering::Relaxed);
-                let err = ClientError::from_box(e);
-                s.by_kind[err.kind as usize].fetch_add(1, Ordering::Relaxed);
-                Err(err)
+        if failed_status {
+            s.failed.fetch_add(1, Ordering::Relaxed);
+            s.by_kind[ErrorKind::Status as usize].fetch_add(1, Ordering::Relaxed);
+        }
+        if let Err(err) = &result {
+            s.failed.fetch_add(1, Ordering::Relaxed);
+            s.by_kind[err.kind as usize].fetch_add(1, Ordering::Relaxed);
+            if err.retries_exhausted() {
+                s.retries_exhausted.fetch_add(1, Ordering::Relaxed);
             }
         }
+        result
     }
 }
 
+/// A status [`error_for_status`](GuardedClientBuilder::error_for_status)
+/// turns into an error.
+fn is_error_status(status: StatusCode) -> bool {
+    status.is_client_error() || status.is_server_error()
+}
+
+/// A final status the stats count as a failed request.
+fn fails_request(status: StatusCode) -> bool {
+    status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
+}
+
 /// What went wrong, in the terms a caller acts on.
+///
+/// When retries ran out, the kind is that of the last attempt's error (an
+/// open circuit, a timeout, a transport error…);
+/// [`ClientError::retries_exhausted`] says that retries ran out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ErrorKind {
@@ -473,8 +523,6 @@ pub enum ErrorKind {
     RateLimited,
     /// The host's circuit is open; see [`ClientError::retry_after`].
     CircuitOpen,
-    /// Every attempt failed; see [`ClientError::attempts`].
-    RetriesExhausted,
     /// The retry budget refused to retry a failure.
     BudgetExhausted,
     /// The attempt or total timeout elapsed.
@@ -483,11 +531,23 @@ pub enum ErrorKind {
     Transport,
     /// The request could not be built (a bad URL).
     InvalidRequest,
+    /// The final response had a `4xx` or `5xx` status, and the client was
+    /// built with [`error_for_status`](GuardedClientBuilder::error_for_status);
+    /// see [`ClientError::status`].
+    Status,
 }
 
-const KINDS: usize = ErrorKind::InvalidRequest as usize + 1;
+const KINDS: usize = ErrorKind::Status as usize + 1;
 
 /// The error of a [`GuardedClient`] request.
+///
+/// The questions a caller asks — [`kind`](Self::kind),
+/// [`is_circuit_open`](Self::is_circuit_open),
+/// [`is_rate_limited`](Self::is_rate_limited),
+/// [`retry_after`](Self::retry_after) — are answered from the cause: when
+/// retries ran out, from the last attempt's error. `Display` reads
+/// `retries exhausted after 3 attempts: circuit open; next probe in 4s`,
+/// and [`source`](std::error::Error::source) walks down the same chain.
 pub struct ClientError {
     kind: ErrorKind,
     source: BoxError,
@@ -508,26 +568,47 @@ impl ClientError {
         }
     }
 
-    /// What kind of failure this is.
+    fn from_status<B>(res: &Response<B>) -> Self {
+        let retry_after = res.headers().get(http::header::RETRY_AFTER).and_then(|v| {
+            apiguard_core::headers::parse_retry_after(v, std::time::SystemTime::now())
+        });
+        Self {
+            kind: ErrorKind::Status,
+            source: Box::new(StatusError {
+                status: res.status(),
+                retry_after,
+            }),
+        }
+    }
+
+    /// What kind of failure this is (of the last attempt, when retries ran
+    /// out).
     pub fn kind(&self) -> ErrorKind {
         self.kind
     }
 
-    /// The wait the limiter, the breaker or the server asked for, if any.
+    /// The error of the last attempt when retries ran out, otherwise the
+    /// error itself.
+    pub fn cause(&self) -> &(dyn std::error::Error + 'static) {
+        cause_of(&*self.source)
+    }
+
+    /// The wait the limiter, the breaker or the server asked for, if any:
+    /// the last one the server sent when retries ran out, else the last
+    /// refusal's.
     pub fn retry_after(&self) -> Option<Duration> {
-        let e = &*self.source;
-        if let Some(r) = e.downcast_ref::<RateLimited>() {
-            return r.retry_after();
+        let hint = self
+            .source
+            .downcast_ref::<RetriesExhausted>()
+            .and_then(RetriesExhausted::retry_after);
+        if hint.is_some() {
+            return hint;
         }
-        if let Some(c) = e.downcast_ref::<CircuitOpen>() {
-            return c.retry_after();
+        let cause = self.cause();
+        if let Some(s) = cause.downcast_ref::<StatusError>() {
+            return s.retry_after();
         }
-        if let Some(r) = e.downcast_ref::<RetriesExhausted>() {
-            return r
-                .retry_after()
-                .or_else(|| apiguard_core::error::refusal_retry_after(&**r.last_error()));
-        }
-        None
+        apiguard_core::error::refusal_retry_after(cause)
     }
 
     /// Attempts made, when retries ran out.
@@ -537,17 +618,31 @@ impl ClientError {
             .map(RetriesExhausted::attempts)
     }
 
+    /// Whether the request was retried until the retries (or the deadline)
+    /// ran out; [`kind`](Self::kind) is then the last attempt's.
+    pub fn retries_exhausted(&self) -> bool {
+        self.source.is::<RetriesExhausted>()
+    }
+
+    /// The status of the final response, for an error of kind
+    /// [`ErrorKind::Status`].
+    pub fn status(&self) -> Option<StatusCode> {
+        self.source.downcast_ref::<StatusError>().map(|s| s.status)
+    }
+
     /// The underlying error.
     pub fn into_inner(self) -> BoxError {
         self.source
     }
 
-    /// Whether a request was refused for rate limiting.
+    /// Whether the request was refused for rate limiting (the last attempt
+    /// was, when retries ran out).
     pub fn is_rate_limited(&self) -> bool {
         self.kind == ErrorKind::RateLimited
     }
 
-    /// Whether a request was refused by an open circuit.
+    /// Whether the request was refused by an open circuit (the last attempt
+    /// was, when retries ran out).
     pub fn is_circuit_open(&self) -> bool {
         self.kind == ErrorKind::CircuitOpen
     }
@@ -558,17 +653,27 @@ impl ClientError {
     }
 }
 
+/// The last attempt's error inside a [`RetriesExhausted`], or `e` itself.
+fn cause_of<'a>(e: &'a (dyn std::error::Error + 'static)) -> &'a (dyn std::error::Error + 'static) {
+    match e.downcast_ref::<RetriesExhausted>() {
+        Some(r) => &**r.last_error(),
+        None => e,
+    }
+}
+
+/// The kind of `e`, read from its cause.
 pub(crate) fn kind_of(e: &(dyn std::error::Error + 'static)) -> ErrorKind {
+    let e = cause_of(e);
     if e.is::<RateLimited>() {
         ErrorKind::RateLimited
     } else if e.is::<CircuitOpen>() {
         ErrorKind::CircuitOpen
-    } else if e.is::<RetriesExhausted>() {
-        ErrorKind::RetriesExhausted
     } else if e.is::<BudgetExhausted>() {
         ErrorKind::BudgetExhausted
     } else if e.is::<tower::timeout::error::Elapsed>() {
         ErrorKind::Timeout
+    } else if e.is::<StatusError>() {
+        ErrorKind::Status
     } else {
         ErrorKind::Transport
     }
@@ -595,26 +700,66 @@ impl std::error::Error for ClientError {
     }
 }
 
+/// A final response whose status is an error, as
+/// [`error_for_status`](GuardedClientBuilder::error_for_status) reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusError {
+    status: StatusCode,
+    retry_after: Option<Duration>,
+}
+
+impl StatusError {
+    /// The response's status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The response's `Retry-After`, if it had one.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+}
+
+impl fmt::Display for StatusError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the server answered {}", self.status)
+    }
+}
+
+impl std::error::Error for StatusError {}
+
 /// Counts of what a [`GuardedClient`] did: [`GuardedClient::stats`].
+///
+/// `failed` is the sum of `rate_limited`, `circuit_open`,
+/// `budget_exhausted`, `timeouts`, `transport` and `error_status`;
+/// `retries_exhausted` counts the failed requests whose retries ran out,
+/// whatever the last attempt's error was.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ClientStats {
     /// Requests that finished (either way).
     pub requests: u64,
-    /// Requests that ended in an error.
+    /// Requests that failed: an error, or a final `429` or `5xx` response
+    /// (returned as `Ok` unless the client was built with
+    /// [`error_for_status`](GuardedClientBuilder::error_for_status)).
     pub failed: u64,
-    /// ... of which refused for rate limiting.
+    /// ... of which refused for rate limiting (the last attempt, when
+    /// retries ran out).
     pub rate_limited: u64,
-    /// ... of which refused by an open circuit.
+    /// ... of which refused by an open circuit (likewise).
     pub circuit_open: u64,
-    /// ... of which ran out of retries (or of deadline).
-    pub retries_exhausted: u64,
     /// ... of which the retry budget refused to retry.
     pub budget_exhausted: u64,
     /// ... of which timed out.
     pub timeouts: u64,
-    /// ... of which failed in the transport and were not retried.
+    /// ... of which failed in the transport.
     pub transport: u64,
+    /// ... of which ended in a final `429` or `5xx` response, or, with
+    /// `error_for_status`, any `4xx`/`5xx`.
+    pub error_status: u64,
+    /// Failed requests that were retried until the retries (or the
+    /// deadline) ran out.
+    pub retries_exhausted: u64,
     /// Attempts that went out on the network (first tries and retries).
     pub attempts: u64,
     /// ... of which were retries.
@@ -638,6 +783,7 @@ struct Counters {
     requests: AtomicU64,
     failed: AtomicU64,
     by_kind: [AtomicU64; KINDS],
+    retries_exhausted: AtomicU64,
     attempts: AtomicU64,
     retries: AtomicU64,
     request_nanos: AtomicU64,
@@ -652,10 +798,11 @@ impl Counters {
             failed: l(&self.failed),
             rate_limited: l(&self.by_kind[ErrorKind::RateLimited as usize]),
             circuit_open: l(&self.by_kind[ErrorKind::CircuitOpen as usize]),
-            retries_exhausted: l(&self.by_kind[ErrorKind::RetriesExhausted as usize]),
             budget_exhausted: l(&self.by_kind[ErrorKind::BudgetExhausted as usize]),
             timeouts: l(&self.by_kind[ErrorKind::Timeout as usize]),
             transport: l(&self.by_kind[ErrorKind::Transport as usize]),
+            error_status: l(&self.by_kind[ErrorKind::Status as usize]),
+            retries_exhausted: l(&self.retries_exhausted),
             attempts: l(&self.attempts),
             retries: l(&self.retries),
             request_time: nanos_to_duration(l(&self.request_nanos)),
@@ -735,5 +882,71 @@ impl<F: Future> Future for CountedFuture<F> {
             request.nanos.fetch_add(spent, Ordering::Relaxed);
         }
         Poll::Ready(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exhausted(last: BoxError) -> ClientError {
+        let e = RetriesExhausted::new(4, last).with_retry_after(None);
+        ClientError::from_box(Box::new(e))
+    }
+
+    #[test]
+    fn the_last_cause_inside_retries_exhausted_answers() {
+        let err = exhausted(Box::new(RateLimited::new(Duration::from_millis(1500))));
+        assert_eq!(err.kind(), ErrorKind::RateLimited);
+        assert!(err.is_rate_limited() && !err.is_circuit_open());
+        assert!(err.retries_exhausted());
+        assert_eq!(err.attempts(), Some(4));
+        assert_eq!(err.retry_after(), Some(Duration::from_millis(1500)));
+
+        let err = exhausted(Box::new(tower::timeout::error::Elapsed::new()));
+        assert!(err.is_timeout());
+        assert_eq!(err.retry_after(), None);
+
+        let err = exhausted("connection reset".into());
+        assert_eq!(err.kind(), ErrorKind::Transport);
+        assert_eq!(
+            err.to_string(),
+            "retries exhausted after 4 attempts: connection reset"
+        );
+        let source = std::error::Error::source(&err).unwrap();
+        assert_eq!(source.source().unwrap().to_string(), "connection reset");
+    }
+
+    #[test]
+    fn a_server_hint_kept_by_retry_wins_over_the_last_refusal() {
+        let e = RetriesExhausted::new(
+            2,
+            Box::new(CircuitOpen::new(Some(Duration::from_secs(9)))) as BoxError,
+        )
+        .with_retry_after(Some(Duration::from_secs(3)));
+        let err = ClientError::from_box(Box::new(e));
+        assert!(err.is_circuit_open());
+        assert_eq!(err.retry_after(), Some(Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn error_status_reads_retry_after_and_says_the_status() {
+        let res = Response::builder()
+            .status(StatusCode::SERVICE_UNAVAILABLE)
+            .header(http::header::RETRY_AFTER, "12")
+            .body(())
+            .unwrap();
+        let err = ClientError::from_status(&res);
+        assert_eq!(err.kind(), ErrorKind::Status);
+        assert_eq!(err.status(), Some(StatusCode::SERVICE_UNAVAILABLE));
+        assert_eq!(err.retry_after(), Some(Duration::from_secs(12)));
+        assert_eq!(
+            err.to_string(),
+            "the server answered 503 Service Unavailable"
+        );
+        assert!(fails_request(StatusCode::TOO_MANY_REQUESTS));
+        assert!(fails_request(StatusCode::BAD_GATEWAY));
+        assert!(!fails_request(StatusCode::NOT_FOUND));
+        assert!(is_error_status(StatusCode::NOT_FOUND));
     }
 }

@@ -29,12 +29,26 @@
 //! # Ok(()) }
 //! ```
 //!
-//! # Crates
+//! # Crates and features
 //!
-//! This crate re-exports the pattern crates, so it is the only dependency
-//! you need: [`core`] (refusals, classification, headers, the clock),
-//! [`ratelimit`], [`breaker`] and [`retry`]. The common types are at the
-//! root.
+//! This crate re-exports the pattern crates, so it is the only apiguard
+//! dependency you need: [`core`] (refusals, classification, headers, the
+//! clock), [`ratelimit`], [`breaker`] and [`retry`], and `redis` with the
+//! `redis` feature. The common types are at the root. Features:
+//!
+//! - `axum` (on by default): `PeerIp` reads axum's `ConnectInfo`, and the
+//!   refusals implement axum's `IntoResponse`;
+//! - `redis`: `apiguard::redis`, limits shared through Redis;
+//! - `metrics`: counters and histograms through the `metrics` facade;
+//! - `https`: `GuardedClient` speaks HTTPS (rustls);
+//! - `test-util`: for your tests (a dev-dependency feature): every decision
+//!   follows tokio's clock, so paused-time tests
+//!   (`#[tokio::test(start_paused = true)]`) drive the buckets, breakers and
+//!   backoffs without waiting.
+//!
+//! The names `TokenBucket`, `CircuitBreaker`'s three knobs and the
+//! `AsyncRateLimitedClient` that [`GuardedClient`] stands for come from
+//! APIGuard, the small Python library this project started from.
 //!
 //! # The stack
 //!
@@ -75,15 +89,18 @@ pub mod stack;
 pub use apiguard_breaker as breaker;
 pub use apiguard_core as core;
 pub use apiguard_ratelimit as ratelimit;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use apiguard_redis as redis;
 pub use apiguard_retry as retry;
 
 pub use apiguard_breaker::{CircuitBreaker, CircuitBreakerLayer, KeyedCircuitBreakerLayer};
 pub use apiguard_core::{
-    BoxError, BudgetExhausted, CircuitOpen, InvalidConfig, RateLimited, RejectionResponseLayer,
-    RetriesExhausted,
+    BoxError, BudgetExhausted, CircuitOpen, InvalidConfig, MissingKey, RateLimited,
+    RejectionResponseLayer, RetriesExhausted,
 };
 pub use apiguard_ratelimit::{KeyedLimiter, KeyedRateLimitLayer, RateLimitLayer, TokenBucket};
 pub use apiguard_retry::{Jitter, RetryBudget, RetryLayer, RetryPolicy};
-pub use client::{ClientError, ClientStats, ErrorKind, GuardedClient};
+pub use client::{ClientError, ClientStats, ErrorKind, GuardedClient, StatusError};
 pub use hosts::HostLimits;
 pub use stack::{GuardLayer, GuardLayerBuilder};

@@ -6,7 +6,7 @@
 //!
 //! | name | kind | labels | what |
 //! |---|---|---|---|
-//! | `apiguard_requests_total` | counter | `outcome` | requests through the stack, by how they ended: `ok`, `rate_limited`, `circuit_open`, `retries_exhausted`, `budget_exhausted`, `timeout`, `error` |
+//! | `apiguard_requests_total` | counter | `outcome` | requests through the stack, by how they ended: `ok`, `rate_limited`, `circuit_open`, `retries_exhausted`, `budget_exhausted`, `timeout`, `error`, and for `GuardedClient` `error_status` (a final `429` or `5xx`) |
 //! | `apiguard_request_seconds` | histogram | | time each request spent in the stack |
 //! | `apiguard_attempts_total` | counter | | attempts sent on the network (client) |
 //! | `apiguard_retries_total` | counter | | of which retries (client) |
@@ -123,26 +123,35 @@ where
         let this = self.project();
         let out = std::task::ready!(this.inner.poll(cx)).map_err(Into::into);
         let spent = Clock::system().now().saturating_sub(*this.started);
-        let kind = out.as_ref().err().map(|e| crate::client::kind_of(&**e));
-        record_request(kind, spent);
+        let outcome = match &out {
+            Ok(_) => "ok",
+            Err(e) => error_label(&**e),
+        };
+        record_request(outcome, spent);
         Poll::Ready(out)
     }
 }
 
-pub(crate) fn outcome_label(kind: Option<ErrorKind>) -> &'static str {
-    match kind {
-        None => "ok",
-        Some(ErrorKind::RateLimited) => "rate_limited",
-        Some(ErrorKind::CircuitOpen) => "circuit_open",
-        Some(ErrorKind::RetriesExhausted) => "retries_exhausted",
-        Some(ErrorKind::BudgetExhausted) => "budget_exhausted",
-        Some(ErrorKind::Timeout) => "timeout",
-        Some(_) => "error",
+/// The `outcome` of a final `429` or `5xx` response (client only).
+pub(crate) const ERROR_STATUS: &str = "error_status";
+
+/// The `outcome` label of a request that ended in `err`.
+pub(crate) fn error_label(err: &(dyn std::error::Error + 'static)) -> &'static str {
+    if err.is::<apiguard_core::RetriesExhausted>() {
+        return "retries_exhausted";
+    }
+    match crate::client::kind_of(err) {
+        ErrorKind::RateLimited => "rate_limited",
+        ErrorKind::CircuitOpen => "circuit_open",
+        ErrorKind::BudgetExhausted => "budget_exhausted",
+        ErrorKind::Timeout => "timeout",
+        ErrorKind::Status => ERROR_STATUS,
+        _ => "error",
     }
 }
 
-pub(crate) fn record_request(kind: Option<ErrorKind>, spent: Nanos) {
-    metrics::counter!("apiguard_requests_total", "outcome" => outcome_label(kind)).increment(1);
+pub(crate) fn record_request(outcome: &'static str, spent: Nanos) {
+    metrics::counter!("apiguard_requests_total", "outcome" => outcome).increment(1);
     metrics::histogram!("apiguard_request_seconds").record(spent as f64 / 1e9);
 }
 
