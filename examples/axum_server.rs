@@ -23,7 +23,7 @@ use clap::Parser;
 
 /// The apiguard server stack in axum.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(version)]
 struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:3000")]

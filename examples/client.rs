@@ -16,7 +16,7 @@ use http_body_util::BodyExt;
 
 /// GuardedClient against a URL: rate limited, retried, circuit broken.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(version)]
 struct Args {
     /// The URL to GET.
     url: String,

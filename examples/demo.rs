@@ -14,7 +14,7 @@ use clap::Parser;
 /// apiguard demo: a naive client and GuardedClient side by side against an
 /// upstream that rate limits, fails, drops connections and slows down.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(version)]
 struct Args {
     /// Length of the client run in seconds; five equal phases (healthy, rate
     /// limited, outage, slow, recovered).

@@ -27,7 +27,7 @@ use tower::{Layer, ServiceExt, service_fn};
 
 /// The apiguard server stack on plain hyper.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(version)]
 struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:3001")]

@@ -29,7 +29,7 @@ use clap::Parser;
 
 /// A rate-limited axum server that reports what it did.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(version)]
 struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8089")]

@@ -9,3 +9,10 @@ pub mod plot;
 pub mod upstream;
 
 pub use upstream::{Behavior, Upstream};
+
+/// The top-level README, whose Rust snippets `cargo test` compiles and runs
+/// as doc-tests (the server ones are compiled only), so that what a
+/// newcomer pastes keeps working.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct Readme;

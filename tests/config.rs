@@ -1,6 +1,6 @@
 //! Every configuration error every builder can return, one test each: bad
 //! settings are refused when built, with the field named, never a panic
-//! later inside a request (DESIGN.md, contract 7).
+//! later inside a request.
 //!
 //! The list comes from `grep -rn 'InvalidConfig::new' crates/*/src`; the
 //! Redis builders are checked in `apiguard-redis`'s own tests (this package

@@ -773,7 +773,7 @@ impl Ticket {
 }
 
 impl CircuitBreaker {
-    /// A builder with APIGuard's defaults: 5 consecutive failures open the
+    /// A builder with the defaults: 5 consecutive failures open the
     /// circuit for 30 s, one probe at a time, one success closes it.
     pub fn builder() -> CircuitBreakerBuilder {
         CircuitBreakerBuilder::default()

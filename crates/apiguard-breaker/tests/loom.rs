@@ -4,7 +4,7 @@
 //! it.
 //!
 //! ```text
-//! RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=/work/main/target/loom \
+//! RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
 //!     cargo test -p apiguard-breaker --test loom --release
 //! ```
 #![cfg(loom)]

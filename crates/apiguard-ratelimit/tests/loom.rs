@@ -2,7 +2,7 @@
 //! threads deciding on one bucket.
 //!
 //! ```text
-//! RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=/work/main/target/loom \
+//! RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
 //!     cargo test -p apiguard-ratelimit --test loom --release
 //! ```
 #![cfg(loom)]

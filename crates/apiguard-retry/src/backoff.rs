@@ -28,7 +28,7 @@ pub enum Jitter {
     /// delay of the same request (the base delay before the first retry):
     /// AWS "decorrelated jitter". It grows on its own and ignores `d`.
     Decorrelated,
-    /// APIGuard's jitter: `d · (1 ± f·u)`, i.e. uniform over
+    /// Proportional jitter: `d · (1 ± f·u)`, i.e. uniform over
     /// `[d·(1−f), d·(1+f))`, capped at `max_delay`. `f` must be in `[0, 1]`.
     Proportional(f64),
 }

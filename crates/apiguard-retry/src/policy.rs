@@ -550,7 +550,7 @@ impl RetryPolicy {
         Decision::Retry(wait, withdrawal)
     }
 
-    /// Runs `f` under this policy, outside tower: APIGuard's retry loop.
+    /// Runs `f` under this policy, outside tower: a plain retry loop.
     ///
     /// `f` gets the attempt number (1 for the first attempt). `Ok` results
     /// are returned at once; every error is retried, with the backoff, the

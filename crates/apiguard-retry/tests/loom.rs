@@ -2,7 +2,7 @@
 //! two threads depositing and withdrawing.
 //!
 //! ```text
-//! RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=/work/main/target/loom \
+//! RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
 //!     cargo test -p apiguard-retry --test loom --release
 //! ```
 #![cfg(loom)]

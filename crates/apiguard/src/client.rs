@@ -298,7 +298,8 @@ impl GuardedClientBuilder {
 }
 
 /// An HTTP client with rate limiting, per-host circuit breakers and retries:
-/// APIGuard's `AsyncRateLimitedClient`, on `hyper_util`.
+/// APIGuard's `AsyncRateLimitedClient` (see [the crate docs](crate)), on
+/// `hyper_util`.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
