@@ -18,8 +18,10 @@ use apiguard::ratelimit::extract::PeerIp;
 use apiguard::server::server_layer;
 use axum::Router;
 use axum::extract::State;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use clap::Parser;
+use http::StatusCode;
 
 /// The apiguard server stack in axum.
 #[derive(Debug, Parser)]
@@ -35,12 +37,14 @@ async fn flaky_dependency() -> Result<String, std::io::Error> {
     Err(std::io::Error::other("the reporting service is down"))
 }
 
-async fn report(State(breaker): State<CircuitBreaker>) -> Result<String, BoxError> {
+async fn report(State(breaker): State<CircuitBreaker>) -> Result<String, Response> {
     match breaker.call(flaky_dependency()).await {
         Ok(body) => Ok(body),
-        // Open: the refusal becomes `503` + `Retry-After` in the layer.
-        Err(CallError::Open(open)) => Err(Box::new(open)),
-        Err(CallError::Inner(e)) => Err(Box::new(e)),
+        // Open: the refusal is its own response, `503` + `Retry-After`.
+        Err(CallError::Open(open)) => Err(open.into_response()),
+        Err(CallError::Inner(e)) => {
+            Err((StatusCode::BAD_GATEWAY, format!("{e}\n")).into_response())
+        }
     }
 }
 
@@ -55,14 +59,7 @@ async fn main() -> Result<(), BoxError> {
     let limiter = KeyedLimiter::new(5, 1.0)?.with_max_keys(100_000);
     let app = Router::new()
         .route("/", get(|| async { "hello\n" }))
-        .route(
-            "/report",
-            get(|state| async move {
-                // Handler errors are turned into responses by the layer:
-                // refusals into 429/503, anything else into 500.
-                report(state).await.map_err(axum_error)
-            }),
-        )
+        .route("/report", get(report))
         .with_state(breaker)
         .layer(server_layer(limiter, PeerIp));
     let listener = tokio::net::TcpListener::bind(args.addr).await?;
@@ -73,13 +70,4 @@ async fn main() -> Result<(), BoxError> {
     )
     .await?;
     Ok(())
-}
-
-/// Turns a handler error into the response the rejection layer would give.
-fn axum_error(err: BoxError) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    match apiguard::core::rejection::refusal_response::<axum::body::Body>(&*err) {
-        Some(res) => res,
-        None => (http::StatusCode::BAD_GATEWAY, format!("{err}\n")).into_response(),
-    }
 }

@@ -30,6 +30,18 @@
 //! `429 Too Many Requests` with `Retry-After` (whole seconds, rounded up),
 //! `RateLimit-Policy` and `RateLimit`; other clients are not affected.
 //!
+//! `PeerIp` reads axum's `ConnectInfo`, which axum records only when served
+//! with `into_make_service_with_connect_info::<SocketAddr>()`, and which
+//! apiguard sees only with its `axum` feature (on by default). Without
+//! either there is no address to key by: every request fails with a
+//! [`MissingKey`](crate::MissingKey), answered `500` and logged at `error`
+//! with what to fix, so the mistake shows at the first request instead of
+//! the limit silently not applying. To choose another outcome for requests
+//! without a key (`400`, or one shared bucket), build the pair yourself:
+//! `RejectionResponseLayer::new()` over
+//! `KeyedRateLimitLayer::new(..).missing_key_as_400()` (see
+//! [`apiguard_ratelimit::extract`]).
+//!
 //! Behind a proxy, key by [`ForwardedFor`](apiguard_ratelimit::extract::ForwardedFor)
 //! with the number of proxies you run, so a client cannot spoof its way to
 //! a fresh bucket.
@@ -38,9 +50,11 @@
 //!
 //! Wrap the handler's call to a dependency in a
 //! [`CircuitBreaker`](apiguard_breaker::CircuitBreaker): when it is open,
-//! return its `CircuitOpen` refusal as the error and the rejection layer
-//! answers `503` with `Retry-After` — the dependency is spared, the client
-//! told when to come back. `examples/axum_server.rs` shows the whole recipe.
+//! return its `CircuitOpen` refusal — as the error the rejection layer
+//! turns into a response, or as the handler's own response, since it
+//! implements axum's `IntoResponse` — and the client gets `503` with
+//! `Retry-After`: the dependency is spared, the client told when to come
+//! back. `examples/axum_server.rs` shows the whole recipe.
 
 use apiguard_core::RejectionResponseLayer;
 use apiguard_core::rejection::InternalServerError;
