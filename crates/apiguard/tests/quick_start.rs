@@ -1,6 +1,8 @@
 //! The README's axum quick start over real loopback sockets: a client within
 //! its limit gets `200`, one past it `429`, and nobody a `500`.
 
+#![cfg(feature = "axum")]
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
