@@ -21,17 +21,36 @@ use pin_project_lite::pin_project;
 use redis::RedisError;
 use tokio::time::Sleep;
 
-use crate::limiter::{Decision, Failure, Inner, Reply};
+use apiguard_core::Nanos;
+
+use crate::limiter::{Decision, Failure, Inner, Reply, record};
 
 pub(crate) type Call = Pin<Box<dyn Future<Output = Result<Reply, RedisError>> + Send>>;
+
+/// What a decision in flight needs to finish without Redis.
+#[derive(Debug)]
+pub(crate) struct Pending {
+    pub(crate) timeout: Duration,
+    pub(crate) cost: u32,
+    pub(crate) max_wait: Duration,
+    /// Only kept when the failure policy or a lease needs the key.
+    pub(crate) key: Option<String>,
+    /// When it was sent (system clock).
+    pub(crate) sent: Nanos,
+    /// Tokens admitted without Redis that this call takes from the bucket.
+    pub(crate) debit: u64,
+}
 
 pin_project! {
     /// The future of [`RedisLimiter::decide`](crate::RedisLimiter::decide).
     ///
     /// Resolves within the decision timeout: to Redis' answer, or to the
-    /// failure policy's. Dropping it abandons the round trip; a reservation
-    /// Redis already made stays made (the tokens are spent), as with any
-    /// request that leaves the process.
+    /// failure policy's. The script carries a deadline (half the timeout
+    /// after sending, in Redis `TIME`): run later, it refuses without
+    /// spending, so a decision answered by the policy never also spends a
+    /// token in Redis. Dropping the future abandons the round trip; a
+    /// reservation Redis already made stays made (the tokens are spent),
+    /// as with any request that leaves the process.
     #[must_use = "futures do nothing unless polled"]
     pub struct DecisionFuture {
         #[pin]
@@ -50,10 +69,7 @@ pin_project! {
             #[pin]
             deadline: Sleep,
             inner: Arc<Inner>,
-            cost: u32,
-            max_wait: Duration,
-            // Only kept when the failure policy needs the key.
-            key: Option<String>,
+            pending: Pending,
         },
     }
 }
@@ -67,22 +83,13 @@ impl DecisionFuture {
         }
     }
 
-    pub(crate) fn remote(
-        call: Call,
-        timeout: Duration,
-        inner: Arc<Inner>,
-        cost: u32,
-        max_wait: Duration,
-        key: Option<String>,
-    ) -> Self {
+    pub(crate) fn remote(call: Call, inner: Arc<Inner>, pending: Pending) -> Self {
         Self {
             state: State::Remote {
                 call,
-                deadline: tokio::time::sleep(timeout),
+                deadline: tokio::time::sleep(pending.timeout),
                 inner,
-                cost,
-                max_wait,
-                key,
+                pending,
             },
         }
     }
@@ -101,19 +108,18 @@ impl Future for DecisionFuture {
                 call,
                 deadline,
                 inner,
-                cost,
-                max_wait,
-                key,
+                pending,
             } => {
                 if let Poll::Ready(reply) = call.as_mut().poll(cx) {
-                    inner.on_reply(reply, key.as_deref(), *cost, *max_wait)
+                    inner.on_reply(reply, pending)
                 } else if deadline.poll(cx).is_ready() {
-                    inner.on_failure(Failure::Timeout, key.as_deref(), *cost, *max_wait)
+                    inner.on_miss(Failure::Timeout, pending)
                 } else {
                     return Poll::Pending;
                 }
             }
         };
+        record(&decision);
         // Drop the round trip and the timer now, and make a second poll panic
         // like any finished future's would.
         state.set(State::Ready { decision: None });

@@ -123,6 +123,7 @@
 
 pub mod error;
 pub mod future;
+mod health;
 mod key;
 mod lease;
 mod limiter;
@@ -134,9 +135,13 @@ mod warn;
 
 pub use error::BuildError;
 pub use key::RedisKey;
+pub use health::{
+    DEFAULT_PROBE_EVERY, DEFAULT_TIMEOUT_CEILING, DEFAULT_TIMEOUT_FLOOR, FAILURES_TO_LEAVE, Health,
+    Mode,
+};
 pub use limiter::{
-    DEFAULT_PREFIX, DEFAULT_RETRY_REDIS_AFTER, DEFAULT_TIMEOUT, DecidedBy, Decision, RedisLimiter,
-    RedisLimiterBuilder, connection_manager_config,
+    DEFAULT_PREFIX, DecidedBy, Decision, HEARTBEAT_EVERY, INSTANCE_LIVE_FOR, INSTANCES_SUFFIX,
+    RedisLimiter, RedisLimiterBuilder, connection_manager_config,
 };
 pub use local::LOCAL_MAX_KEYS;
 pub use policy::FailurePolicy;

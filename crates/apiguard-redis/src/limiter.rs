@@ -1,37 +1,42 @@
 //! The Redis-backed GCRA limiter.
 
 use std::fmt;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use apiguard_core::clock::duration_to_nanos;
-use apiguard_core::{Clock, InvalidConfig, Nanos, Quota, RateLimited};
+use apiguard_core::{Clock, InvalidConfig, Quota, RateLimited};
 use apiguard_ratelimit::Limiter;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, ErrorKind, RedisError, Script, ServerErrorKind};
 
 use crate::error::BuildError;
 use crate::future::{Call, DecisionFuture, ReserveFuture};
+use crate::health::{
+    DEFAULT_PROBE_EVERY, DEFAULT_TIMEOUT_CEILING, DEFAULT_TIMEOUT_FLOOR, Health, Miss, Monitor,
+    TimeoutRule,
+};
 use crate::key::RedisKey;
 use crate::lease::Leases;
 use crate::local::LocalBuckets;
 use crate::policy::FailurePolicy;
-use crate::script::{GCRA_LUA, Units};
+use crate::script::{GCRA_LUA, HEARTBEAT_LUA, Units};
 use crate::warn::WarnGate;
 
 /// The prefix of every bucket key unless [`RedisLimiterBuilder::prefix`]
 /// says otherwise.
 pub const DEFAULT_PREFIX: &str = "apiguard:rl:";
 
-/// The per-decision timeout unless [`RedisLimiterBuilder::timeout`] says
-/// otherwise. A loopback or same-zone Redis answers in well under a
-/// millisecond; past a few, the fallback policy serves better than waiting.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(5);
+/// The register of live instances is the Redis key `prefix` followed by
+/// this (so no bucket may be named `~instances`).
+pub const INSTANCES_SUFFIX: &str = "~instances";
 
-/// How long decisions skip Redis after it failed, unless
-/// [`RedisLimiterBuilder::retry_redis_after`] says otherwise.
-pub const DEFAULT_RETRY_REDIS_AFTER: Duration = Duration::from_millis(100);
+/// How often each limiter tells Redis' register it is alive.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+
+/// An instance counts as live for this long after its last heartbeat.
+pub const INSTANCE_LIVE_FOR: Duration = Duration::from_secs(3);
 
 /// The connection settings [`RedisLimiterBuilder::connect`] uses: reconnect
 /// attempts back off from 10 ms to at most 1 s, connecting times out after
@@ -45,27 +50,43 @@ pub fn connection_manager_config() -> ConnectionManagerConfig {
         .set_response_timeout(Some(Duration::from_secs(1)))
 }
 
-/// Who made a [`Decision`].
+/// Who made a [`Decision`]. The `decided_by` label of the metric
+/// `apiguard_redis_decisions_total` is [`label`](Self::label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum DecidedBy {
-    /// The shared bucket in Redis.
+    /// The shared bucket in Redis (`redis`).
     Redis,
-    /// [`FailurePolicy::FailOpen`]: Redis did not answer in time, failed,
-    /// or is in the back-off after a failure.
-    FailOpen,
-    /// [`FailurePolicy::FailClosed`]: Redis did not answer in time, failed,
-    /// or is in the back-off after a failure.
+    /// [`FailurePolicy::LocalShare`] while Redis is away: this instance's
+    /// share, in a local bucket (`fallback`).
+    LocalShare,
+    /// [`FailurePolicy::AdmitAll`]: admitted without Redis, a single miss
+    /// or while away (`open`).
+    AdmitAll,
+    /// Refused without Redis (`closed`): [`FailurePolicy::FailClosed`]
+    /// while Redis is away, or a single miss under any policy but
+    /// [`AdmitAll`](FailurePolicy::AdmitAll).
     FailClosed,
-    /// [`FailurePolicy::LocalBucket`]: Redis did not answer in time, failed,
-    /// or is in the back-off after a failure.
-    LocalBucket,
     /// The limiter itself: the request costs more than the burst, so no
-    /// bucket could ever admit it.
+    /// bucket could ever admit it (`over_burst`).
     OverBurst,
     /// Tokens this instance leased from Redis earlier
-    /// ([`RedisLimiterBuilder::lease`]).
+    /// ([`RedisLimiterBuilder::lease`]) (`lease`).
     Lease,
+}
+
+impl DecidedBy {
+    /// The name metrics and traces use.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Redis => "redis",
+            Self::LocalShare => "fallback",
+            Self::AdmitAll => "open",
+            Self::FailClosed => "closed",
+            Self::OverBurst => "over_burst",
+            Self::Lease => "lease",
+        }
+    }
 }
 
 /// One rate-limit decision, with everything the `RateLimit` fields need.
@@ -120,14 +141,12 @@ pub(crate) struct Inner {
     burst: u64,
     quota: Quota,
     prefix: String,
-    timeout: Duration,
-    retry_redis_after: Nanos,
     policy: FailurePolicy,
+    /// The injected clock: local buckets, probes, the miss count.
     clock: Clock,
-    /// Local time until which decisions skip Redis (0: Redis is in use).
-    skip_until: AtomicU64,
-    /// Set on a failure, cleared (with a log line) on the next answer.
-    degraded: AtomicBool,
+    /// Always the system clock: round trips and deadlines are real time.
+    real: Clock,
+    monitor: Monitor,
     warn: WarnGate,
     local: Option<LocalBuckets>,
     leases: Option<Leases>,
@@ -140,8 +159,8 @@ impl fmt::Debug for RedisLimiter {
             .field("quota", &i.quota)
             .field("burst", &i.burst)
             .field("prefix", &i.prefix)
-            .field("timeout", &i.timeout)
             .field("policy", &i.policy)
+            .field("health", &i.monitor.health())
             .finish_non_exhaustive()
     }
 }
@@ -156,11 +175,15 @@ impl RedisLimiter {
             window,
             burst: None,
             prefix: DEFAULT_PREFIX.to_owned(),
-            timeout: DEFAULT_TIMEOUT,
-            retry_redis_after: DEFAULT_RETRY_REDIS_AFTER,
+            timeout: TimeoutRule::Adaptive {
+                floor: duration_to_nanos(DEFAULT_TIMEOUT_FLOOR),
+                ceiling: duration_to_nanos(DEFAULT_TIMEOUT_CEILING),
+            },
+            probe_every: DEFAULT_PROBE_EVERY,
             policy: FailurePolicy::default(),
             clock: Clock::system(),
             lease: None,
+            instances: 0,
         }
     }
 
@@ -196,13 +219,20 @@ impl RedisLimiter {
             });
         }
 
-        let skip_until = inner.skip_until.load(Ordering::Relaxed);
-        if skip_until != 0 && inner.clock.now() < skip_until {
+        let monitor = &inner.monitor;
+        if monitor.is_away() && !monitor.take_probe(inner.clock.now()) {
             return DecisionFuture::ready(inner.fallback(&redis_key, cost, max_wait));
         }
+        let debit = monitor.take_debit();
+        let timeout = monitor.timeout();
+        let sent = inner.real.now();
+        // The script must run within the first half of the timeout, so an
+        // admission has the other half to reach us; later, it refuses
+        // without spending (the caller has been answered without it).
+        let deadline = monitor.to_redis_us(sent.saturating_add(timeout / 2));
 
         let u = inner.units;
-        let mut cmd = Cmd::with_capacity(9, 96 + redis_key.len());
+        let mut cmd = Cmd::with_capacity(11, 128 + redis_key.len());
         cmd.arg("EVALSHA")
             .arg(inner.script.get_hash())
             .arg(1)
@@ -212,7 +242,9 @@ impl RedisLimiter {
             .arg(u.tol)
             .arg(cost)
             .arg(u.max_wait_us(max_wait))
-            .arg(inner.leases.as_ref().map_or(0, Leases::size));
+            .arg(inner.leases.as_ref().map_or(0, Leases::size))
+            .arg(deadline.unwrap_or(0))
+            .arg(debit);
         let keep_key = inner.local.is_some() || inner.leases.is_some();
         let fallback_key = keep_key.then_some(redis_key);
         let call_inner = Arc::clone(inner);
@@ -231,12 +263,22 @@ impl RedisLimiter {
         });
         DecisionFuture::remote(
             call,
-            inner.timeout,
             Arc::clone(inner),
-            cost,
-            max_wait,
-            fallback_key,
+            crate::future::Pending {
+                timeout: apiguard_core::clock::nanos_to_duration(timeout),
+                cost,
+                max_wait,
+                key: fallback_key,
+                sent,
+                debit,
+            },
         )
+    }
+
+    /// How this limiter sees Redis now: [`Mode`](crate::Mode), the current
+    /// timeout and round trip, the instance count the local share uses.
+    pub fn health(&self) -> Health {
+        self.inner.monitor.health()
     }
 
     /// The quota this limiter enforces (as advertised in `RateLimit-Policy`).
@@ -265,9 +307,9 @@ impl<K: RedisKey + ?Sized> Limiter<K> for RedisLimiter {
     }
 }
 
-/// The reply of the script: allowed, remaining, wait (µs), reset (µs),
-/// leased tokens.
-pub(crate) type Reply = (i64, i64, i64, i64, i64);
+/// The reply of the script: allowed (-1: too late, nothing done),
+/// remaining, wait (µs), reset (µs), leased tokens, Redis time (µs).
+pub(crate) type Reply = (i64, i64, i64, i64, i64, i64);
 
 impl Inner {
     fn over_burst(&self) -> Decision {
@@ -286,98 +328,128 @@ impl Inner {
     pub(crate) fn on_reply(
         &self,
         reply: Result<Reply, RedisError>,
-        key: Option<&str>,
-        cost: u32,
-        max_wait: Duration,
+        pending: &crate::future::Pending,
     ) -> Decision {
-        match reply {
-            Ok((allowed, remaining, wait_us, reset_us, leased)) => {
-                if self.degraded.load(Ordering::Relaxed)
-                    && self.degraded.swap(false, Ordering::AcqRel)
-                {
-                    self.skip_until.store(0, Ordering::Relaxed);
-                    if let Some(local) = &self.local {
-                        local.clear();
-                    }
-                    tracing::info!(prefix = %self.prefix, "redis answers again; shared rate limit restored");
-                }
-                let remaining = u64::try_from(remaining).unwrap_or(0);
-                let reset = micros(reset_us);
-                if leased > 0
-                    && let (Some(leases), Some(key)) = (&self.leases, key)
-                {
-                    leases.add(key, leased as u64, remaining, reset, self.clock.now());
-                }
-                Decision {
-                    allowed: allowed == 1,
-                    wait: micros(wait_us),
-                    remaining: remaining + u64::try_from(leased).unwrap_or(0),
-                    reset,
-                    quota: self.quota,
-                    decided_by: DecidedBy::Redis,
-                }
-            }
-            Err(err) => self.on_failure(Failure::Error(&err), key, cost, max_wait),
+        let (allowed, remaining, wait_us, reset_us, leased, now_us) = match reply {
+            Ok(reply) => reply,
+            Err(err) => return self.on_miss(Failure::Error(&err), pending),
+        };
+        self.monitor.sample(pending.sent, self.real.now(), now_us);
+        if allowed < 0 {
+            return self.on_miss(Failure::Late, pending);
         }
-    }
-
-    pub(crate) fn on_failure(
-        &self,
-        failure: Failure<'_>,
-        key: Option<&str>,
-        cost: u32,
-        max_wait: Duration,
-    ) -> Decision {
-        let now = self.clock.now();
-        if self.retry_redis_after > 0 {
-            self.skip_until.store(
-                now.saturating_add(self.retry_redis_after).max(1),
-                Ordering::Relaxed,
+        if self.monitor.answered() {
+            metrics::gauge!("apiguard_redis_fallback").set(0.0);
+            metrics::counter!("apiguard_redis_mode_changes_total", "to" => "redis").increment(1);
+            tracing::info!(
+                prefix = %self.prefix,
+                debit = pending.debit,
+                "redis answers again; the shared rate limit decides again"
             );
         }
-        self.degraded.store(true, Ordering::Relaxed);
-        let reason = match failure {
-            Failure::Timeout => "timeout",
-            Failure::Error(_) => "error",
-        };
-        metrics::counter!(
-            "apiguard_redis_fallback_total",
-            "policy" => self.policy.label(),
-            "reason" => reason,
-        )
-        .increment(1);
-        if let Some(suppressed) = self.warn.check(now) {
-            match failure {
-                Failure::Timeout => tracing::warn!(
-                    prefix = %self.prefix,
-                    timeout = ?self.timeout,
-                    policy = self.policy.label(),
-                    suppressed,
-                    "redis rate limit: no answer in time; applying the failure policy"
-                ),
-                Failure::Error(err) => tracing::warn!(
-                    prefix = %self.prefix,
-                    error = %err,
-                    policy = self.policy.label(),
-                    suppressed,
-                    "redis rate limit: redis failed; applying the failure policy"
-                ),
-            }
+        let remaining = u64::try_from(remaining).unwrap_or(0);
+        let reset = micros(reset_us);
+        if leased > 0
+            && let (Some(leases), Some(key)) = (&self.leases, pending.key.as_deref())
+        {
+            leases.add(key, leased as u64, remaining, reset, self.clock.now());
         }
-        self.fallback(key.unwrap_or(""), cost, max_wait)
+        Decision {
+            allowed: allowed == 1,
+            wait: micros(wait_us),
+            remaining: remaining + u64::try_from(leased).unwrap_or(0),
+            reset,
+            quota: self.quota,
+            decided_by: DecidedBy::Redis,
+        }
     }
 
+    pub(crate) fn on_miss(&self, failure: Failure<'_>, pending: &crate::future::Pending) -> Decision {
+        // The debit did not reach Redis (or a late script dropped it).
+        self.monitor.return_debit(pending.debit);
+        let reason = failure.label();
+        metrics::counter!("apiguard_redis_failures_total", "reason" => reason).increment(1);
+        let key = pending.key.as_deref().unwrap_or("");
+        let now = self.clock.now();
+        match self.monitor.missed(now) {
+            Miss::Left => {
+                if let Some(local) = &self.local {
+                    local.reset(self.monitor.instances());
+                }
+                metrics::gauge!("apiguard_redis_fallback").set(1.0);
+                metrics::counter!("apiguard_redis_mode_changes_total", "to" => "fallback")
+                    .increment(1);
+                let health = self.monitor.health();
+                match failure {
+                    Failure::Error(err) => tracing::warn!(
+                        prefix = %self.prefix,
+                        error = %err,
+                        policy = self.policy.label(),
+                        instances = ?health.instances,
+                        "redis rate limit: redis failed {} times in a row; the failure policy decides until it answers again",
+                        health.failures_in_a_row,
+                    ),
+                    _ => tracing::warn!(
+                        prefix = %self.prefix,
+                        reason,
+                        timeout = ?health.timeout,
+                        policy = self.policy.label(),
+                        instances = ?health.instances,
+                        "redis rate limit: no answer in time {} times in a row; the failure policy decides until redis answers again",
+                        health.failures_in_a_row,
+                    ),
+                }
+                self.fallback(key, pending.cost, pending.max_wait)
+            }
+            Miss::Away => self.fallback(key, pending.cost, pending.max_wait),
+            Miss::Stay => {
+                if let Some(suppressed) = self.warn.check(now) {
+                    tracing::warn!(
+                        prefix = %self.prefix,
+                        reason,
+                        timeout = ?pending.timeout,
+                        suppressed,
+                        "redis rate limit: one decision missed; decided alone, redis stays in charge"
+                    );
+                }
+                self.single_miss(pending.cost, pending.timeout)
+            }
+        }
+    }
+
+    /// A miss while Redis is still in charge: only [`FailurePolicy::AdmitAll`]
+    /// admits it (Redis cannot have counted it).
+    fn single_miss(&self, cost: u32, timeout: Duration) -> Decision {
+        match self.policy {
+            FailurePolicy::AdmitAll => self.admit_all(cost),
+            _ => Decision {
+                allowed: false,
+                wait: timeout,
+                remaining: 0,
+                reset: timeout,
+                quota: self.quota,
+                decided_by: DecidedBy::FailClosed,
+            },
+        }
+    }
+
+    fn admit_all(&self, cost: u32) -> Decision {
+        self.monitor.add_admitted_away(u64::from(cost));
+        Decision {
+            allowed: true,
+            wait: Duration::ZERO,
+            // What a fresh bucket would say: the real count is unknown.
+            remaining: self.burst.saturating_sub(u64::from(cost)),
+            reset: Duration::ZERO,
+            quota: self.quota,
+            decided_by: DecidedBy::AdmitAll,
+        }
+    }
+
+    /// The decision while Redis is away.
     fn fallback(&self, key: &str, cost: u32, max_wait: Duration) -> Decision {
         match self.policy {
-            FailurePolicy::FailOpen => Decision {
-                allowed: true,
-                wait: Duration::ZERO,
-                // What a fresh bucket would say: the real count is unknown.
-                remaining: self.burst.saturating_sub(u64::from(cost)),
-                reset: Duration::ZERO,
-                quota: self.quota,
-                decided_by: DecidedBy::FailOpen,
-            },
+            FailurePolicy::AdmitAll => self.admit_all(cost),
             FailurePolicy::FailClosed { retry_after } => Decision {
                 allowed: false,
                 wait: retry_after,
@@ -386,27 +458,64 @@ impl Inner {
                 quota: self.quota,
                 decided_by: DecidedBy::FailClosed,
             },
-            FailurePolicy::LocalBucket { .. } => match &self.local {
-                Some(local) => local.decide(key, cost, max_wait, self.quota),
-                // `build` always makes the buckets for this policy.
-                None => Decision {
-                    allowed: true,
-                    wait: Duration::ZERO,
-                    remaining: 0,
-                    reset: Duration::ZERO,
-                    quota: self.quota,
-                    decided_by: DecidedBy::LocalBucket,
-                },
-            },
+            FailurePolicy::LocalShare => {
+                let d = match &self.local {
+                    Some(local) => local.decide(key, cost, max_wait, self.quota),
+                    // `build` always makes the buckets for this policy.
+                    None => Decision {
+                        allowed: false,
+                        wait: self.quota.window,
+                        remaining: 0,
+                        reset: self.quota.window,
+                        quota: self.quota,
+                        decided_by: DecidedBy::LocalShare,
+                    },
+                };
+                if d.allowed {
+                    self.monitor.add_admitted_away(u64::from(cost));
+                }
+                d
+            }
         }
     }
+}
+
+/// Counts and traces one decision.
+pub(crate) fn record(d: &Decision) {
+    let outcome = if d.allowed { "admitted" } else { "refused" };
+    metrics::counter!(
+        "apiguard_redis_decisions_total",
+        "decided_by" => d.decided_by.label(),
+        "outcome" => outcome,
+    )
+    .increment(1);
+    tracing::trace!(
+        decided_by = d.decided_by.label(),
+        allowed = d.allowed,
+        wait = ?d.wait,
+        remaining = d.remaining,
+        "redis rate limit decision"
+    );
 }
 
 /// Why Redis did not decide.
 #[derive(Debug)]
 pub(crate) enum Failure<'a> {
+    /// No answer within the timeout.
     Timeout,
+    /// An answer, but the script ran after the caller's deadline.
+    Late,
     Error(&'a RedisError),
+}
+
+impl Failure<'_> {
+    fn label(&self) -> &'static str {
+        match self {
+            Self::Timeout => "timeout",
+            Self::Late => "late",
+            Self::Error(_) => "error",
+        }
+    }
 }
 
 fn micros(us: i64) -> Duration {
@@ -420,11 +529,12 @@ pub struct RedisLimiterBuilder {
     window: Duration,
     burst: Option<u64>,
     prefix: String,
-    timeout: Duration,
-    retry_redis_after: Duration,
+    timeout: TimeoutRule,
+    probe_every: Duration,
     policy: FailurePolicy,
     clock: Clock,
     lease: Option<(u32, Duration)>,
+    instances: u32,
 }
 
 impl RedisLimiterBuilder {
@@ -437,33 +547,58 @@ impl RedisLimiterBuilder {
 
     /// The prefix of every bucket's key (default [`DEFAULT_PREFIX`]). Give
     /// each distinct limit its own prefix: two limiters with different
-    /// quotas must not share buckets.
+    /// quotas must not share buckets (nor their register of instances).
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
         self
     }
 
-    /// How long one decision may wait for Redis before the failure policy
-    /// decides instead (default [`DEFAULT_TIMEOUT`]).
+    /// A fixed decision timeout instead of the measured one.
+    ///
+    /// By default the timeout follows the round trips Redis answers in:
+    /// `srtt + 4 × rttvar` (the smoothed round trip and its mean deviation,
+    /// as TCP sets its retransmission timeout), within
+    /// [`DEFAULT_TIMEOUT_FLOOR`](crate::DEFAULT_TIMEOUT_FLOOR) (20 ms) and
+    /// [`DEFAULT_TIMEOUT_CEILING`](crate::DEFAULT_TIMEOUT_CEILING) (200 ms,
+    /// also the timeout before the first round trip).
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+        self.timeout = TimeoutRule::Fixed(duration_to_nanos(timeout));
         self
     }
 
-    /// What to decide when Redis does not answer in time or fails (default
-    /// [`FailurePolicy::FailOpen`]).
+    /// The measured timeout, within other bounds than the defaults.
+    pub fn timeout_bounds(mut self, floor: Duration, ceiling: Duration) -> Self {
+        self.timeout = TimeoutRule::Adaptive {
+            floor: duration_to_nanos(floor),
+            ceiling: duration_to_nanos(ceiling),
+        };
+        self
+    }
+
+    /// What to decide when Redis misses decisions (default
+    /// [`FailurePolicy::LocalShare`]).
     pub fn on_redis_failure(mut self, policy: FailurePolicy) -> Self {
         self.policy = policy;
         self
     }
 
-    /// After a failure, decisions apply the failure policy at once, without
-    /// asking Redis, for this long; then Redis is asked again (default
-    /// [`DEFAULT_RETRY_REDIS_AFTER`]). This keeps a dead Redis from adding
-    /// the full timeout to every request. `Duration::ZERO` asks Redis every
-    /// time.
-    pub fn retry_redis_after(mut self, after: Duration) -> Self {
-        self.retry_redis_after = after;
+    /// How many instances share this limit, at least: the local share of
+    /// [`FailurePolicy::LocalShare`] is `1 / n` of it. Optional: every
+    /// limiter also registers in Redis (a sorted set at `prefix` +
+    /// [`INSTANCES_SUFFIX`], one heartbeat per [`HEARTBEAT_EVERY`]) and the
+    /// share uses the larger of this hint and the live count it last read.
+    /// Give it when instances may start while Redis is away.
+    pub fn instances(mut self, n: u32) -> Self {
+        self.instances = n;
+        self
+    }
+
+    /// While Redis is away, one decision this often asks it again (default
+    /// [`DEFAULT_PROBE_EVERY`](crate::DEFAULT_PROBE_EVERY), 10 ms); the
+    /// others are decided by the failure policy at once. The first answer
+    /// brings the limiter back.
+    pub fn probe_every(mut self, every: Duration) -> Self {
+        self.probe_every = every;
         self
     }
 
@@ -480,15 +615,18 @@ impl RedisLimiterBuilder {
     /// allows (`capacity + rate × t`); tokens not spent within `max_age` are
     /// lost, so the limit may also be under-used by as much. Keep `tokens`
     /// small next to the burst, and `max_age` short. Leased tokens are
-    /// handed out even while Redis is away (they are real tokens).
+    /// handed out even while Redis is away (they are real tokens). A lease
+    /// is only taken by a script that ran within the caller's deadline.
     pub fn lease(mut self, tokens: u32, max_age: Duration) -> Self {
         self.lease = Some((tokens, max_age));
         self
     }
 
-    /// The local clock, which times the back-off after failures, the
-    /// warnings, and the local buckets of [`FailurePolicy::LocalBucket`].
-    /// The shared decision never reads it: it uses Redis `TIME`.
+    /// The local clock, which times probes, the misses that make the limiter
+    /// leave Redis, the warnings, and the local buckets of
+    /// [`FailurePolicy::LocalShare`]. The shared decision never reads it
+    /// (it uses Redis `TIME`), nor do round trips and deadlines, which are
+    /// real time whatever this says.
     pub fn clock(mut self, clock: Clock) -> Self {
         self.clock = clock;
         self
@@ -505,63 +643,81 @@ impl RedisLimiterBuilder {
         self.build(con).await
     }
 
-    /// Builds the limiter on an existing connection and loads the script,
-    /// so the first decision does not pay the `NOSCRIPT` round trips.
+    /// Builds the limiter on an existing connection, loads the script (so
+    /// the first decision does not pay the `NOSCRIPT` round trips) and
+    /// reads Redis `TIME` once (so the first decision already carries its
+    /// deadline).
     pub async fn build(self, mut con: ConnectionManager) -> Result<RedisLimiter, BuildError> {
         let limiter = self.build_lazy(con.clone())?;
-        limiter.inner.script.load_async(&mut con).await?;
+        let inner = &limiter.inner;
+        inner.script.load_async(&mut con).await?;
+        let sent = inner.real.now();
+        let (s, us): (i64, i64) = redis::cmd("TIME").query_async(&mut con).await?;
+        inner
+            .monitor
+            .sample(sent, inner.real.now(), s.saturating_mul(1_000_000) + us);
         Ok(limiter)
     }
 
     /// Builds the limiter without talking to Redis: for services that must
     /// start while Redis is away (pair it with
-    /// `ConnectionManager::new_lazy_with_config`). The first decisions may
-    /// fall to the failure policy while the connection is made and the
-    /// script loaded.
+    /// `ConnectionManager::new_lazy_with_config`). Until Redis first
+    /// answers, decisions carry no deadline, and the local share is only
+    /// known from [`instances`](Self::instances).
+    ///
+    /// Called within a tokio runtime, it starts the heartbeat that keeps
+    /// this instance in Redis' register (a task that ends when the last
+    /// clone of the limiter is dropped); elsewhere there is none, and only
+    /// the hint sizes the local share.
     pub fn build_lazy(self, con: ConnectionManager) -> Result<RedisLimiter, InvalidConfig> {
         let (units, burst) = self.validate()?;
-        let local = match self.policy {
-            FailurePolicy::LocalBucket { expected_instances } => Some(LocalBuckets::new(
-                self.limit,
-                self.window,
-                burst,
-                expected_instances,
-                self.clock.clone(),
-            )?),
-            _ => None,
-        };
-        Ok(RedisLimiter {
-            inner: Arc::new(Inner {
-                con,
-                script: Script::new(GCRA_LUA),
-                units,
-                burst,
-                quota: Quota {
-                    limit: self.limit,
-                    window: self.window,
-                },
-                prefix: self.prefix,
-                timeout: self.timeout,
-                retry_redis_after: duration_to_nanos(self.retry_redis_after),
-                policy: self.policy,
-                clock: self.clock,
-                skip_until: AtomicU64::new(0),
-                degraded: AtomicBool::new(false),
-                warn: WarnGate::default(),
-                local,
-                leases: self
-                    .lease
-                    .filter(|(n, _)| *n > 0)
-                    .map(|(n, age)| Leases::new(n, duration_to_nanos(age))),
-            }),
-        })
+        let local = matches!(self.policy, FailurePolicy::LocalShare).then(|| {
+            LocalBuckets::new(self.limit, self.window, burst, self.clock.clone())
+        });
+        let inner = Arc::new(Inner {
+            con,
+            script: Script::new(GCRA_LUA),
+            units,
+            burst,
+            quota: Quota {
+                limit: self.limit,
+                window: self.window,
+            },
+            prefix: self.prefix,
+            policy: self.policy,
+            clock: self.clock,
+            real: Clock::system(),
+            monitor: Monitor::new(self.timeout, self.probe_every, self.instances),
+            warn: WarnGate::default(),
+            local,
+            leases: self
+                .lease
+                .filter(|(n, _)| *n > 0)
+                .map(|(n, age)| Leases::new(n, duration_to_nanos(age))),
+        });
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(heartbeat(Arc::downgrade(&inner)));
+        }
+        Ok(RedisLimiter { inner })
     }
 
     fn validate(&self) -> Result<(Units, u64), InvalidConfig> {
         let burst = self.burst.unwrap_or(self.limit);
         let units = Units::new(self.limit, self.window, burst)?;
-        if self.timeout.is_zero() {
-            return Err(InvalidConfig::new("timeout", "must be more than zero"));
+        match self.timeout {
+            TimeoutRule::Fixed(0) => {
+                return Err(InvalidConfig::new("timeout", "must be more than zero"));
+            }
+            TimeoutRule::Adaptive { floor, ceiling } if floor == 0 || ceiling < floor => {
+                return Err(InvalidConfig::new(
+                    "timeout_bounds",
+                    "the floor must be more than zero and the ceiling at least the floor",
+                ));
+            }
+            _ => {}
+        }
+        if self.probe_every.is_zero() {
+            return Err(InvalidConfig::new("probe_every", "must be more than zero"));
         }
         if let Some((tokens, max_age)) = self.lease {
             if u64::from(tokens) >= burst {
@@ -577,15 +733,40 @@ impl RedisLimiterBuilder {
                 ));
             }
         }
-        if let FailurePolicy::LocalBucket {
-            expected_instances: 0,
-        } = self.policy
-        {
-            return Err(InvalidConfig::new(
-                "expected_instances",
-                "must be at least 1",
-            ));
-        }
         Ok((units, burst))
+    }
+}
+
+/// Keeps this instance in Redis' register of live instances and reads how
+/// many there are, until the limiter is dropped.
+async fn heartbeat(inner: Weak<Inner>) {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let since_epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let id = format!(
+        "{}:{since_epoch}:{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    );
+    let script = Script::new(HEARTBEAT_LUA);
+    let live_us = INSTANCE_LIVE_FOR.as_micros() as u64;
+    let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        let mut con = inner.con.clone();
+        let mut register = inner.prefix.clone();
+        register.push_str(INSTANCES_SUFFIX);
+        let mut call = script.key(register);
+        call.arg(&id).arg(live_us);
+        let beat = tokio::time::timeout(HEARTBEAT_EVERY, call.invoke_async::<u32>(&mut con));
+        match beat.await {
+            Ok(Ok(n)) => inner.monitor.set_learned_instances(n),
+            Ok(Err(err)) => tracing::debug!(error = %err, "redis rate limit: heartbeat failed"),
+            Err(_) => tracing::debug!("redis rate limit: heartbeat timed out"),
+        }
     }
 }

@@ -1,47 +1,67 @@
-//! The local buckets of [`FailurePolicy::LocalBucket`](crate::FailurePolicy).
+//! The local buckets of [`FailurePolicy::LocalShare`](crate::FailurePolicy).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use apiguard_core::{Clock, InvalidConfig, Quota};
+use apiguard_core::{Clock, Quota};
 use apiguard_ratelimit::TokenBucket;
 
 use crate::limiter::{DecidedBy, Decision};
 
-/// The most keys [`FailurePolicy::LocalBucket`](crate::FailurePolicy) keeps
-/// a local bucket for. Past it, full buckets (which are the same as no
-/// bucket) are dropped first, then all of them: a key that loses its bucket
-/// starts again from a full local share.
+/// The most keys [`FailurePolicy::LocalShare`](crate::FailurePolicy) keeps
+/// a local bucket for. Past it, full buckets are dropped first, then all of
+/// them: a key that loses its bucket starts again from an empty one.
 pub const LOCAL_MAX_KEYS: usize = 10_000;
 
 /// One in-process bucket per key, each holding this instance's share of the
 /// limit. Only used while Redis is away, so a mutex is fine here: it is
 /// never on the path of a healthy decision.
 pub(crate) struct LocalBuckets {
-    template: TokenBucket,
+    limit: u64,
+    window: Duration,
+    burst: u64,
     clock: Clock,
-    buckets: Mutex<HashMap<String, TokenBucket>>,
+    state: Mutex<State>,
+}
+
+struct State {
+    /// The bucket new keys copy (`None`: the share is not known).
+    template: Option<TokenBucket>,
+    buckets: HashMap<String, TokenBucket>,
 }
 
 impl LocalBuckets {
-    pub(crate) fn new(
-        limit: u64,
-        window: Duration,
-        burst: u64,
-        expected_instances: u32,
-        clock: Clock,
-    ) -> Result<Self, InvalidConfig> {
-        let n = u64::from(expected_instances.max(1));
-        let capacity = u32::try_from((burst / n).max(1)).unwrap_or(u32::MAX);
-        let per_sec = limit as f64 / window.as_secs_f64() / n as f64;
-        let template = TokenBucket::new(capacity, per_sec)
-            .map_err(|e| InvalidConfig::new("expected_instances", e.to_string()))?;
-        Ok(Self {
-            template,
+    pub(crate) fn new(limit: u64, window: Duration, burst: u64, clock: Clock) -> Self {
+        Self {
+            limit,
+            window,
+            burst,
             clock,
-            buckets: Mutex::new(HashMap::new()),
-        })
+            state: Mutex::new(State {
+                template: None,
+                buckets: HashMap::new(),
+            }),
+        }
+    }
+
+    /// Forgets every local bucket and sizes new ones for `instances`
+    /// instances (0: unknown, so the local share refuses everything).
+    pub(crate) fn reset(&self, instances: u32) {
+        let template = (instances > 0)
+            .then(|| {
+                let n = u64::from(instances);
+                let capacity = u32::try_from((self.burst / n).max(1)).unwrap_or(u32::MAX);
+                let per_sec = self.limit as f64 / self.window.as_secs_f64() / n as f64;
+                // A rate this small or large was refused for the shared
+                // quota already; should the division still fall outside
+                // what a bucket takes, refusing is the safe answer.
+                TokenBucket::new(capacity, per_sec).ok()
+            })
+            .flatten();
+        let mut state = self.lock();
+        state.template = template;
+        state.buckets.clear();
     }
 
     pub(crate) fn decide(
@@ -51,7 +71,16 @@ impl LocalBuckets {
         max_wait: Duration,
         quota: Quota,
     ) -> Decision {
-        let bucket = self.bucket(key);
+        let Some(bucket) = self.bucket(key) else {
+            return Decision {
+                allowed: false,
+                wait: quota.window,
+                remaining: 0,
+                reset: quota.window,
+                quota,
+                decided_by: DecidedBy::LocalShare,
+            };
+        };
         let capacity = u64::from(bucket.capacity());
         match bucket.reserve(cost, max_wait) {
             Ok(reservation) => {
@@ -62,7 +91,7 @@ impl LocalBuckets {
                     remaining: grant.remaining,
                     reset: reset(&bucket, capacity),
                     quota,
-                    decided_by: DecidedBy::LocalBucket,
+                    decided_by: DecidedBy::LocalShare,
                 }
             }
             Err(refused) => Decision {
@@ -71,40 +100,43 @@ impl LocalBuckets {
                 remaining: bucket.available() as u64,
                 reset: reset(&bucket, capacity),
                 quota,
-                decided_by: DecidedBy::LocalBucket,
+                decided_by: DecidedBy::LocalShare,
             },
         }
     }
 
-    fn bucket(&self, key: &str) -> TokenBucket {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A poisoned map only means another thread panicked mid-insert; the
         // buckets in it are still valid.
-        let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(b) = map.get(key) {
-            return b.clone();
-        }
-        if map.len() >= LOCAL_MAX_KEYS {
-            map.retain(|_, b| b.available() < f64::from(b.capacity()));
-            if map.len() >= LOCAL_MAX_KEYS {
-                map.clear();
-            }
-        }
-        let b = self.template.clone().with_clock(self.clock.clone());
-        map.insert(key.to_owned(), b.clone());
-        b
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Forgets every local bucket (Redis is back and holds the truth).
-    pub(crate) fn clear(&self) {
-        self.buckets
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+    fn bucket(&self, key: &str) -> Option<TokenBucket> {
+        let mut state = self.lock();
+        if let Some(b) = state.buckets.get(key) {
+            return Some(b.clone());
+        }
+        let template = state.template.clone()?;
+        if state.buckets.len() >= LOCAL_MAX_KEYS {
+            state
+                .buckets
+                .retain(|_, b| b.available() < f64::from(b.capacity()));
+            if state.buckets.len() >= LOCAL_MAX_KEYS {
+                state.buckets.clear();
+            }
+        }
+        let b = template.with_clock(self.clock.clone());
+        // The shared bucket was most likely being drained when Redis went
+        // away: start empty, so the share grows from the rate alone and
+        // the fleet's burst is not spent twice.
+        let _ = b.try_acquire(b.capacity());
+        state.buckets.insert(key.to_owned(), b.clone());
+        Some(b)
     }
 
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        self.buckets.lock().unwrap().len()
+        self.lock().buckets.len()
     }
 }
 
@@ -125,39 +157,58 @@ mod tests {
         }
     }
 
-    #[test]
-    fn each_instance_gets_its_share_of_the_burst() {
-        let clock = ManualClock::new();
-        let local = LocalBuckets::new(100, Duration::from_secs(1), 100, 4, clock.clock()).unwrap();
-        let admitted = (0..100)
-            .filter(|_| local.decide("k", 1, Duration::ZERO, quota()).allowed)
-            .count();
-        assert_eq!(admitted, 25);
-        // The share refills at limit / instances: 25 per second.
-        clock.advance(Duration::from_millis(400));
-        let admitted = (0..100)
-            .filter(|_| local.decide("k", 1, Duration::ZERO, quota()).allowed)
-            .count();
-        assert_eq!(admitted, 10);
+    fn admitted(local: &LocalBuckets, key: &str) -> usize {
+        (0..100)
+            .filter(|_| local.decide(key, 1, Duration::ZERO, quota()).allowed)
+            .count()
     }
 
     #[test]
-    fn keys_have_their_own_local_buckets_and_clear_forgets_them() {
+    fn each_instance_gets_its_share_of_the_rate_starting_empty() {
         let clock = ManualClock::new();
-        let local = LocalBuckets::new(10, Duration::from_secs(1), 10, 10, clock.clock()).unwrap();
+        let local = LocalBuckets::new(100, Duration::from_secs(1), 100, clock.clock());
+        local.reset(4);
+        assert_eq!(admitted(&local, "k"), 0, "a new local bucket starts empty");
+        // The share refills at limit / instances: 25 per second.
+        clock.advance(Duration::from_millis(400));
+        assert_eq!(admitted(&local, "k"), 10);
+        // And holds at most burst / instances.
+        clock.advance(Duration::from_secs(10));
+        assert_eq!(admitted(&local, "k"), 25);
+    }
+
+    #[test]
+    fn an_unknown_share_refuses() {
+        let clock = ManualClock::new();
+        let local = LocalBuckets::new(100, Duration::from_secs(1), 100, clock.clock());
+        assert_eq!(admitted(&local, "k"), 0);
+        local.reset(0);
+        clock.advance(Duration::from_secs(10));
+        assert_eq!(admitted(&local, "k"), 0);
+    }
+
+    #[test]
+    fn keys_have_their_own_local_buckets_and_reset_forgets_them() {
+        let clock = ManualClock::new();
+        let local = LocalBuckets::new(10, Duration::from_secs(1), 10, clock.clock());
+        local.reset(10);
+        clock.advance(Duration::from_secs(1));
+        // "a" was made before the second passed: one token since.
+        local.decide("a", 1, Duration::ZERO, quota());
+        clock.advance(Duration::from_secs(1));
         assert!(local.decide("a", 1, Duration::ZERO, quota()).allowed);
         assert!(!local.decide("a", 1, Duration::ZERO, quota()).allowed);
-        assert!(local.decide("b", 1, Duration::ZERO, quota()).allowed);
+        assert!(!local.decide("b", 1, Duration::ZERO, quota()).allowed);
         assert_eq!(local.len(), 2);
-        local.clear();
+        local.reset(10);
         assert_eq!(local.len(), 0);
-        assert!(local.decide("a", 1, Duration::ZERO, quota()).allowed);
     }
 
     #[test]
     fn the_map_stays_bounded() {
         let clock = ManualClock::new();
-        let local = LocalBuckets::new(10, Duration::from_secs(1), 10, 1, clock.clock()).unwrap();
+        let local = LocalBuckets::new(10, Duration::from_secs(1), 10, clock.clock());
+        local.reset(1);
         for i in 0..LOCAL_MAX_KEYS + 10 {
             local.decide(&i.to_string(), 1, Duration::ZERO, quota());
         }

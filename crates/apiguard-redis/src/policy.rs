@@ -2,21 +2,52 @@
 
 use std::time::Duration;
 
-/// What [`RedisLimiter`](crate::RedisLimiter) decides when Redis is slow
-/// (no answer within the decision timeout), down, or answers with an error.
+/// What [`RedisLimiter`](crate::RedisLimiter) decides when Redis does not
+/// answer a decision in time, fails, or answers after the caller's
+/// deadline.
 ///
-/// Whatever the policy, a decision never waits longer than the timeout, and
-/// Redis is tried again on its own once the back-off after a failure has
-/// passed ([`RedisLimiterBuilder::retry_redis_after`]), so service returns to
-/// the shared limit without anyone's help.
+/// # One miss, and Redis away
 ///
-/// [`RedisLimiterBuilder::retry_redis_after`]: crate::RedisLimiterBuilder::retry_redis_after
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A limiter leaves Redis only after [`FAILURES_TO_LEAVE`] misses in a row
+/// spread over at least one decision timeout (so one stall of a busy
+/// process, which times out every decision in flight at once, is one miss).
+/// Until then each miss is decided on its own: [`AdmitAll`](Self::AdmitAll)
+/// admits it, the other policies refuse it with a wait of one timeout —
+/// a refusal costs the caller a retry, an admission Redis did not count
+/// could put the fleet over its limit. Once away ([`Mode::Fallback`]), the
+/// policy decides every request, and one decision per
+/// [`probe_every`](crate::RedisLimiterBuilder::probe_every) asks Redis
+/// again; the first answer brings the limiter back to Redis.
+///
+/// # Documented shares while Redis is away
+///
+/// | policy | one instance admits, over `t` away | the fleet of `n` |
+/// |---|---|---|
+/// | [`LocalShare`](Self::LocalShare) (default) | at most `limit / n` per window, starting empty, never more than `burst / n` at once | at most `limit` per window |
+/// | [`FailClosed`](Self::FailClosed) | nothing | nothing |
+/// | [`AdmitAll`](Self::AdmitAll) | everything | everything |
+///
+/// Tokens admitted without Redis are taken from the shared bucket by the
+/// answer that brings an instance back (never below empty), so the burst
+/// Redis saved up meanwhile is not granted on top of them.
+///
+/// [`FAILURES_TO_LEAVE`]: crate::FAILURES_TO_LEAVE
+/// [`Mode::Fallback`]: crate::Mode::Fallback
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum FailurePolicy {
-    /// Admit every request. The limit is not enforced while Redis is away:
-    /// the choice for limits that protect a budget, not a fragile backend.
-    FailOpen,
+    /// Enforce this instance's share of the limit locally: each key gets an
+    /// in-process [`TokenBucket`](apiguard_ratelimit::TokenBucket) of
+    /// `burst / n` tokens (at least one), refilled at `limit / n` per
+    /// window and starting empty, where `n` is the number of instances
+    /// sharing the limit: the larger of
+    /// [`instances`](crate::RedisLimiterBuilder::instances) and the count
+    /// of live instances Redis' register gave last. While `n` is not known
+    /// (Redis never answered and no hint was given), it refuses.
+    ///
+    /// The default: the fleet together stays within the limit.
+    #[default]
+    LocalShare,
     /// Refuse every request with [`RateLimited`](apiguard_core::RateLimited)
     /// carrying `retry_after`: the choice when going over the limit costs
     /// more than refusing (a paid upstream quota, say).
@@ -24,17 +55,11 @@ pub enum FailurePolicy {
         /// The wait the refusals ask callers to respect.
         retry_after: Duration,
     },
-    /// Enforce a local share of the limit: each key gets an in-process
-    /// [`TokenBucket`](apiguard_ratelimit::TokenBucket) with
-    /// `burst / expected_instances` tokens (at least one) refilled at
-    /// `limit / expected_instances` per window, so all instances together
-    /// stay near the shared limit. Local buckets are kept for at most
-    /// [`LOCAL_MAX_KEYS`](crate::LOCAL_MAX_KEYS) keys and dropped once Redis
-    /// answers again.
-    LocalBucket {
-        /// How many instances share the limit (at least 1).
-        expected_instances: u32,
-    },
+    /// Fail open: admit every request, so the limit is not enforced at all
+    /// while Redis is away (and a single missed answer admits too). For
+    /// limits that protect a budget rather than a fragile backend, where an
+    /// outage of Redis must never refuse anyone.
+    AdmitAll,
 }
 
 impl FailurePolicy {
@@ -45,24 +70,22 @@ impl FailurePolicy {
         }
     }
 
-    /// [`LocalBucket`](Self::LocalBucket) for `expected_instances` instances.
-    pub const fn local_bucket(expected_instances: u32) -> Self {
-        Self::LocalBucket { expected_instances }
+    /// [`AdmitAll`](Self::AdmitAll): fail open, the limit unenforced while
+    /// Redis is away.
+    pub const fn admit_all() -> Self {
+        Self::AdmitAll
+    }
+
+    /// [`LocalShare`](Self::LocalShare), the default.
+    pub const fn local_share() -> Self {
+        Self::LocalShare
     }
 
     pub(crate) const fn label(&self) -> &'static str {
         match self {
-            Self::FailOpen => "fail_open",
+            Self::AdmitAll => "admit_all",
             Self::FailClosed { .. } => "fail_closed",
-            Self::LocalBucket { .. } => "local_bucket",
+            Self::LocalShare => "local_share",
         }
-    }
-}
-
-impl Default for FailurePolicy {
-    /// [`FailOpen`](Self::FailOpen): a rate limiter should not take the
-    /// service down with Redis.
-    fn default() -> Self {
-        Self::FailOpen
     }
 }

@@ -26,15 +26,21 @@ use apiguard_core::InvalidConfig;
 
 /// The decision script. `KEYS[1]` is the bucket; `ARGV` is `w` (ticks per
 /// token), `l` (ticks per microsecond), `tol` (burst tolerance in ticks:
-/// capacity × `w`), `cost` (tokens), `max_wait` (microseconds) and `lease`
+/// capacity × `w`), `cost` (tokens), `max_wait` (microseconds), `lease`
 /// (extra tokens to take, if they are there now, for the caller to hand out
-/// locally).
+/// locally), `deadline` (Redis time in microseconds after which the caller
+/// no longer waits for the answer; 0 for none) and `debit` (tokens the
+/// caller admitted on its own while Redis was away, to take from the
+/// bucket now, never below empty).
 ///
-/// Returns `{allowed, remaining, wait_us, reset_us, leased}`: on admission
-/// `wait_us` is how long the caller must wait for its (reserved) tokens; on
-/// refusal it is how long until they would be there, and nothing was
-/// written. `reset_us` is the time until the bucket is full again; `leased`
-/// the extra tokens taken (only when `cost` was available now).
+/// Returns `{allowed, remaining, wait_us, reset_us, leased, now_us}`: on
+/// admission `wait_us` is how long the caller must wait for its (reserved)
+/// tokens; on refusal it is how long until they would be there, and
+/// nothing but the debit was written. `reset_us` is the time until the
+/// bucket is full again; `leased` the extra tokens taken (only when `cost`
+/// was available now); `now_us` Redis `TIME`. A script that runs after its
+/// deadline answers `allowed = -1` and touches nothing: the caller has
+/// already decided without it, so it must not spend a token.
 pub(crate) const GCRA_LUA: &str = r#"
 local w = tonumber(ARGV[1])
 local l = tonumber(ARGV[2])
@@ -42,11 +48,16 @@ local tol = tonumber(ARGV[3])
 local cost = tonumber(ARGV[4])
 local max_wait = tonumber(ARGV[5]) * l
 local lease = tonumber(ARGV[6]) or 0
+local deadline = tonumber(ARGV[7]) or 0
+local debit = tonumber(ARGV[8]) or 0
 -- Before Redis 5 a script must opt in to effect replication to write after
 -- reading TIME; from Redis 7 on this is a no-op.
 if redis.replicate_commands ~= nil then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+if deadline > 0 and now > deadline then
+  return {-1, 0, 0, 0, 0, now}
+end
 -- d: the stored TAT relative to now, in ticks (0 when the bucket is full).
 local d = 0
 local v = redis.call('GET', KEYS[1])
@@ -65,21 +76,7 @@ if v then
     end
   end
 end
-local new_d = d + cost * w
-local wait = new_d - tol
-if wait < 0 then wait = 0 end
-if wait > max_wait then
-  local remaining = 0
-  if tol > d then remaining = math.floor((tol - d) / w) end
-  return {0, remaining, math.ceil(wait / l), math.ceil(d / l), 0}
-end
-local leased = 0
-if lease > 0 and cost > 0 and wait == 0 then
-  leased = math.floor((tol - new_d) / w)
-  if leased > lease then leased = lease end
-  if leased > 0 then new_d = new_d + leased * w else leased = 0 end
-end
-if new_d > d then
+local function store(new_d)
   local us = math.floor(new_d / l)
   local fr = new_d - us * l
   if fr < 0 then us = us - 1; fr = fr + l end
@@ -89,9 +86,48 @@ if new_d > d then
   redis.call('SET', KEYS[1], string.format('%.0f:%.0f', now + us, fr),
     'PX', string.format('%.0f', ttl))
 end
+local debited = false
+if debit > 0 and d < tol then
+  local nd = d + debit * w
+  if nd > tol then nd = tol end
+  d = nd
+  debited = true
+end
+local new_d = d + cost * w
+local wait = new_d - tol
+if wait < 0 then wait = 0 end
+if wait > max_wait then
+  if debited then store(d) end
+  local remaining = 0
+  if tol > d then remaining = math.floor((tol - d) / w) end
+  return {0, remaining, math.ceil(wait / l), math.ceil(d / l), 0, now}
+end
+local leased = 0
+if lease > 0 and cost > 0 and wait == 0 then
+  leased = math.floor((tol - new_d) / w)
+  if leased > lease then leased = lease end
+  if leased > 0 then new_d = new_d + leased * w else leased = 0 end
+end
+if new_d > d or debited then store(new_d) end
 local remaining = 0
 if tol > new_d then remaining = math.floor((tol - new_d) / w) end
-return {1, remaining, math.ceil(wait / l), math.ceil(new_d / l), leased}
+return {1, remaining, math.ceil(wait / l), math.ceil(new_d / l), leased, now}
+"#;
+
+/// The script that keeps the register of live instances: `KEYS[1]` is a
+/// sorted set of instance ids scored by the Redis time of their last
+/// heartbeat; `ARGV` is this instance's id and how long (µs) an instance
+/// counts as live after its last heartbeat. Returns how many are live,
+/// this one included.
+pub(crate) const HEARTBEAT_LUA: &str = r#"
+if redis.replicate_commands ~= nil then redis.replicate_commands() end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local live = tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - live)
+redis.call('PEXPIRE', KEYS[1], math.ceil(live / 1000) * 2)
+return redis.call('ZCARD', KEYS[1])
 "#;
 
 /// Every quantity the script multiplies stays below this (2^50), so sums of

@@ -276,7 +276,7 @@ async fn bad_configuration_is_refused_before_connecting() {
         .unwrap_err();
     assert!(err.is_config());
     let err = RedisLimiter::builder(1, Duration::from_secs(1))
-        .on_redis_failure(FailurePolicy::local_bucket(0))
+        .timeout_bounds(Duration::from_millis(5), Duration::from_millis(1))
         .connect(url)
         .await
         .unwrap_err();
