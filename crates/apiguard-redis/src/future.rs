@@ -33,8 +33,8 @@ pub(crate) struct Pending {
     pub(crate) timeout: Duration,
     pub(crate) cost: u32,
     pub(crate) max_wait: Duration,
-    /// Only kept when the failure policy or a lease needs the key.
-    pub(crate) key: Option<String>,
+    /// The bucket's Redis key.
+    pub(crate) key: String,
     /// When it was sent (system clock).
     pub(crate) sent: Nanos,
     /// Tokens admitted without Redis that this call takes from the bucket.

@@ -17,9 +17,11 @@ pub enum Mode {
     /// by the failure policy, one at a time).
     Redis,
     /// Redis missed [`FAILURES_TO_LEAVE`] answers in a row over at least
-    /// one timeout: the failure policy decides, and one decision per
-    /// [`probe_every`](crate::RedisLimiterBuilder::probe_every) asks Redis
-    /// again. The first answer brings the limiter back.
+    /// one timeout: the failure policy decides every request at once, and
+    /// a probe in the background (one at a time,
+    /// [`probe_every`](crate::RedisLimiterBuilder::probe_every) after the
+    /// last one failed) asks Redis again. The first answer brings the
+    /// limiter back.
     Fallback,
 }
 
@@ -57,7 +59,8 @@ pub const DEFAULT_TIMEOUT_FLOOR: Duration = Duration::from_millis(20);
 /// trip is measured.
 pub const DEFAULT_TIMEOUT_CEILING: Duration = Duration::from_millis(200);
 
-/// How often, while in [`Mode::Fallback`], one decision asks Redis again.
+/// While in [`Mode::Fallback`], how long after a failed probe the next one
+/// goes.
 pub const DEFAULT_PROBE_EVERY: Duration = Duration::from_millis(10);
 
 /// The Redis-to-local clock offset is the best (largest) sample of the
@@ -95,9 +98,8 @@ pub(crate) struct Monitor {
     first_failure: AtomicU64,
     /// Local time from which the next probe may go (while away).
     next_probe: AtomicU64,
-    /// Tokens admitted without Redis since the limiter left it: the next
-    /// probe takes them from the shared bucket.
-    admitted_away: AtomicU64,
+    /// A probe is in flight.
+    probing: AtomicBool,
     /// Instances Redis' register counted last (0: not known).
     learned_instances: AtomicU32,
     hint_instances: u32,
@@ -135,7 +137,7 @@ impl Monitor {
             failures: AtomicU32::new(0),
             first_failure: AtomicU64::new(0),
             next_probe: AtomicU64::new(0),
-            admitted_away: AtomicU64::new(0),
+            probing: AtomicBool::new(false),
             learned_instances: AtomicU32::new(0),
             hint_instances,
         }
@@ -149,19 +151,20 @@ impl Monitor {
         self.away.load(Ordering::Relaxed)
     }
 
-    /// Whether this decision, while away, is the one that asks Redis.
+    /// Whether a probe should go now (while away): one at a time, the
+    /// next one `probe_every` after the last one failed.
     pub(crate) fn take_probe(&self, now: Nanos) -> bool {
-        let due = self.next_probe.load(Ordering::Relaxed);
-        now >= due
-            && self
-                .next_probe
-                .compare_exchange(
-                    due,
-                    now.saturating_add(self.probe_every),
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
+        now >= self.next_probe.load(Ordering::Relaxed)
+            && !self.probing.load(Ordering::Relaxed)
+            && !self.probing.swap(true, Ordering::Acquire)
+    }
+
+    /// The probe in flight ended (its answer, if any, already went through
+    /// [`answered`](Self::answered) or [`missed`](Self::missed)).
+    pub(crate) fn probe_done(&self, now: Nanos) {
+        self.next_probe
+            .store(now.saturating_add(self.probe_every), Ordering::Relaxed);
+        self.probing.store(false, Ordering::Release);
     }
 
     /// The Redis time (µs) matching local time `local` (ns of the system
@@ -267,22 +270,6 @@ impl Monitor {
         self.failures.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn add_admitted_away(&self, tokens: u64) {
-        self.admitted_away.fetch_add(tokens, Ordering::Relaxed);
-    }
-
-    /// The tokens the next probe takes from the shared bucket.
-    pub(crate) fn take_debit(&self) -> u64 {
-        self.admitted_away.swap(0, Ordering::Relaxed)
-    }
-
-    /// A probe's debit did not reach Redis: keep it for the next one.
-    pub(crate) fn return_debit(&self, tokens: u64) {
-        if tokens > 0 {
-            self.admitted_away.fetch_add(tokens, Ordering::Relaxed);
-        }
-    }
-
     pub(crate) fn set_learned_instances(&self, n: u32) {
         self.learned_instances.store(n, Ordering::Relaxed);
     }
@@ -361,12 +348,17 @@ mod tests {
         assert_eq!(m.missed(200 * MS + t), Miss::Left);
         assert_eq!(m.missed(200 * MS + t + 1), Miss::Away);
         assert_eq!(m.health().mode, Mode::Fallback);
-        // One probe per interval; the first answer brings it back.
+        // One probe at a time, the next one an interval after a failure;
+        // the first answer brings it back.
         let now = 200 * MS + t;
         assert!(!m.take_probe(now), "the first probe waits one interval");
         assert!(m.take_probe(now + 10 * MS));
-        assert!(!m.take_probe(now + 11 * MS));
+        assert!(!m.take_probe(now + 50 * MS), "one probe in flight");
+        m.probe_done(now + 60 * MS);
+        assert!(!m.take_probe(now + 65 * MS));
+        assert!(m.take_probe(now + 70 * MS));
         assert!(m.answered());
+        m.probe_done(now + 71 * MS);
         assert_eq!(m.health().mode, Mode::Redis);
         assert_eq!(m.failures_in_a_row(), 0);
     }
@@ -383,17 +375,6 @@ mod tests {
         // A faster sample tightens the bound.
         m.sample(30 * MS, 30 * MS + 100_000, 1_018_500);
         assert_eq!(m.to_redis_us(30 * MS + 100_000), Some(1_018_500));
-    }
-
-    #[test]
-    fn a_debit_not_delivered_is_kept_for_the_next_probe() {
-        let m = adaptive();
-        m.add_admitted_away(3);
-        m.add_admitted_away(2);
-        assert_eq!(m.take_debit(), 5);
-        assert_eq!(m.take_debit(), 0);
-        m.return_debit(5);
-        assert_eq!(m.take_debit(), 5);
     }
 
     #[test]

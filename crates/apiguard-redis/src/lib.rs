@@ -123,6 +123,7 @@
 
 pub mod error;
 pub mod future;
+mod debit;
 mod health;
 mod key;
 mod lease;

@@ -5,12 +5,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use apiguard_core::clock::duration_to_nanos;
-use apiguard_core::{Clock, InvalidConfig, Quota, RateLimited};
+use apiguard_core::clock::{duration_to_nanos, nanos_to_duration};
+use apiguard_core::{Clock, InvalidConfig, Nanos, Quota, RateLimited};
 use apiguard_ratelimit::Limiter;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, ErrorKind, RedisError, Script, ServerErrorKind};
 
+use crate::debit::Debits;
 use crate::error::BuildError;
 use crate::future::{Call, DecisionFuture, ReserveFuture};
 use crate::health::{
@@ -147,6 +148,7 @@ pub(crate) struct Inner {
     /// Always the system clock: round trips and deadlines are real time.
     real: Clock,
     monitor: Monitor,
+    debits: Debits,
     warn: WarnGate,
     local: Option<LocalBuckets>,
     leases: Option<Leases>,
@@ -220,55 +222,25 @@ impl RedisLimiter {
         }
 
         let monitor = &inner.monitor;
-        if monitor.is_away() && !monitor.take_probe(inner.clock.now()) {
+        if monitor.is_away() {
+            if monitor.take_probe(inner.clock.now()) {
+                tokio::spawn(probe(Arc::clone(inner), redis_key.clone()));
+            }
             return DecisionFuture::ready(inner.fallback(&redis_key, cost, max_wait));
         }
-        let debit = monitor.take_debit();
+        let debit = inner.debits.take(&redis_key);
         let timeout = monitor.timeout();
         let sent = inner.real.now();
-        // The script must run within the first half of the timeout, so an
-        // admission has the other half to reach us; later, it refuses
-        // without spending (the caller has been answered without it).
-        let deadline = monitor.to_redis_us(sent.saturating_add(timeout / 2));
-
-        let u = inner.units;
-        let mut cmd = Cmd::with_capacity(11, 128 + redis_key.len());
-        cmd.arg("EVALSHA")
-            .arg(inner.script.get_hash())
-            .arg(1)
-            .arg(&redis_key)
-            .arg(u.w)
-            .arg(u.l)
-            .arg(u.tol)
-            .arg(cost)
-            .arg(u.max_wait_us(max_wait))
-            .arg(inner.leases.as_ref().map_or(0, Leases::size))
-            .arg(deadline.unwrap_or(0))
-            .arg(debit);
-        let keep_key = inner.local.is_some() || inner.leases.is_some();
-        let fallback_key = keep_key.then_some(redis_key);
-        let call_inner = Arc::clone(inner);
-        let call: Call = Box::pin(async move {
-            let mut con = call_inner.con.clone();
-            match cmd.query_async(&mut con).await {
-                // A restarted or flushed Redis forgot the script: load it
-                // and ask again (what redis-rs' `Script::invoke_async` does,
-                // without its per-call argument vectors).
-                Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                    call_inner.script.load_async(&mut con).await?;
-                    cmd.query_async(&mut con).await
-                }
-                reply => reply,
-            }
-        });
+        let cmd = inner.script_cmd(&redis_key, cost, max_wait, sent, timeout, debit);
+        let call: Call = Box::pin(run_script(Arc::clone(inner), cmd));
         DecisionFuture::remote(
             call,
             Arc::clone(inner),
             crate::future::Pending {
-                timeout: apiguard_core::clock::nanos_to_duration(timeout),
+                timeout: nanos_to_duration(timeout),
                 cost,
                 max_wait,
-                key: fallback_key,
+                key: redis_key,
                 sent,
                 debit,
             },
@@ -311,7 +283,83 @@ impl<K: RedisKey + ?Sized> Limiter<K> for RedisLimiter {
 /// remaining, wait (µs), reset (µs), leased tokens, Redis time (µs).
 pub(crate) type Reply = (i64, i64, i64, i64, i64, i64);
 
+/// Runs the decision script once, loading it again if Redis forgot it.
+async fn run_script(inner: Arc<Inner>, cmd: Cmd) -> Result<Reply, RedisError> {
+    let mut con = inner.con.clone();
+    match cmd.query_async(&mut con).await {
+        // A restarted or flushed Redis forgot the script: load it and ask
+        // again (what redis-rs' `Script::invoke_async` does, without its
+        // per-call argument vectors).
+        Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+            inner.script.load_async(&mut con).await?;
+            cmd.query_async(&mut con).await
+        }
+        reply => reply,
+    }
+}
+
+/// While away: asks Redis, in the background, a decision that costs nothing
+/// (it reads `TIME`, writes nothing) on `key`'s bucket; an answer in time
+/// brings the limiter back to Redis.
+async fn probe(inner: Arc<Inner>, key: String) {
+    let timeout = inner.monitor.timeout();
+    let sent = inner.real.now();
+    let cmd = inner.script_cmd(&key, 0, Duration::ZERO, sent, timeout, 0);
+    let reply = tokio::time::timeout(nanos_to_duration(timeout), run_script(Arc::clone(&inner), cmd)).await;
+    match reply {
+        Ok(Ok(reply)) => {
+            inner.monitor.sample(sent, inner.real.now(), reply.5);
+            if reply.0 >= 0 && inner.monitor.answered() {
+                inner.came_back();
+            }
+        }
+        Ok(Err(err)) => tracing::debug!(error = %err, "redis rate limit: probe failed"),
+        Err(_) => tracing::debug!("redis rate limit: probe timed out"),
+    }
+    inner.monitor.probe_done(inner.clock.now());
+}
+
 impl Inner {
+    /// The decision script for `key`, with a deadline half the timeout
+    /// after `sent`: the script must run within the first half, so an
+    /// admission has the other half to reach us; later, it refuses without
+    /// spending (the caller has been answered without it).
+    fn script_cmd(
+        &self,
+        key: &str,
+        cost: u32,
+        max_wait: Duration,
+        sent: Nanos,
+        timeout: Nanos,
+        debit: u64,
+    ) -> Cmd {
+        let deadline = self.monitor.to_redis_us(sent.saturating_add(timeout / 2));
+        let u = self.units;
+        let mut cmd = Cmd::with_capacity(12, 128 + key.len());
+        cmd.arg("EVALSHA")
+            .arg(self.script.get_hash())
+            .arg(1)
+            .arg(key)
+            .arg(u.w)
+            .arg(u.l)
+            .arg(u.tol)
+            .arg(cost)
+            .arg(u.max_wait_us(max_wait))
+            .arg(self.leases.as_ref().map_or(0, Leases::size))
+            .arg(deadline.unwrap_or(0))
+            .arg(debit);
+        cmd
+    }
+
+    fn came_back(&self) {
+        metrics::gauge!("apiguard_redis_fallback").set(0.0);
+        metrics::counter!("apiguard_redis_mode_changes_total", "to" => "redis").increment(1);
+        tracing::info!(
+            prefix = %self.prefix,
+            "redis answers again; the shared rate limit decides again"
+        );
+    }
+
     fn over_burst(&self) -> Decision {
         // No bucket ever holds this many tokens: "never", as the in-memory
         // buckets say it.
@@ -339,20 +387,14 @@ impl Inner {
             return self.on_miss(Failure::Late, pending);
         }
         if self.monitor.answered() {
-            metrics::gauge!("apiguard_redis_fallback").set(0.0);
-            metrics::counter!("apiguard_redis_mode_changes_total", "to" => "redis").increment(1);
-            tracing::info!(
-                prefix = %self.prefix,
-                debit = pending.debit,
-                "redis answers again; the shared rate limit decides again"
-            );
+            self.came_back();
         }
         let remaining = u64::try_from(remaining).unwrap_or(0);
         let reset = micros(reset_us);
         if leased > 0
-            && let (Some(leases), Some(key)) = (&self.leases, pending.key.as_deref())
+            && let Some(leases) = &self.leases
         {
-            leases.add(key, leased as u64, remaining, reset, self.clock.now());
+            leases.add(&pending.key, leased as u64, remaining, reset, self.clock.now());
         }
         Decision {
             allowed: allowed == 1,
@@ -366,10 +408,10 @@ impl Inner {
 
     pub(crate) fn on_miss(&self, failure: Failure<'_>, pending: &crate::future::Pending) -> Decision {
         // The debit did not reach Redis (or a late script dropped it).
-        self.monitor.return_debit(pending.debit);
+        self.debits.add(&pending.key, pending.debit);
         let reason = failure.label();
         metrics::counter!("apiguard_redis_failures_total", "reason" => reason).increment(1);
-        let key = pending.key.as_deref().unwrap_or("");
+        let key = pending.key.as_str();
         let now = self.clock.now();
         match self.monitor.missed(now) {
             Miss::Left => {
@@ -412,16 +454,16 @@ impl Inner {
                         "redis rate limit: one decision missed; decided alone, redis stays in charge"
                     );
                 }
-                self.single_miss(pending.cost, pending.timeout)
+                self.single_miss(key, pending.cost, pending.timeout)
             }
         }
     }
 
     /// A miss while Redis is still in charge: only [`FailurePolicy::AdmitAll`]
     /// admits it (Redis cannot have counted it).
-    fn single_miss(&self, cost: u32, timeout: Duration) -> Decision {
+    fn single_miss(&self, key: &str, cost: u32, timeout: Duration) -> Decision {
         match self.policy {
-            FailurePolicy::AdmitAll => self.admit_all(cost),
+            FailurePolicy::AdmitAll => self.admit_all(key, cost),
             _ => Decision {
                 allowed: false,
                 wait: timeout,
@@ -433,8 +475,8 @@ impl Inner {
         }
     }
 
-    fn admit_all(&self, cost: u32) -> Decision {
-        self.monitor.add_admitted_away(u64::from(cost));
+    fn admit_all(&self, key: &str, cost: u32) -> Decision {
+        self.debits.add(key, u64::from(cost));
         Decision {
             allowed: true,
             wait: Duration::ZERO,
@@ -449,7 +491,7 @@ impl Inner {
     /// The decision while Redis is away.
     fn fallback(&self, key: &str, cost: u32, max_wait: Duration) -> Decision {
         match self.policy {
-            FailurePolicy::AdmitAll => self.admit_all(cost),
+            FailurePolicy::AdmitAll => self.admit_all(key, cost),
             FailurePolicy::FailClosed { retry_after } => Decision {
                 allowed: false,
                 wait: retry_after,
@@ -472,7 +514,7 @@ impl Inner {
                     },
                 };
                 if d.allowed {
-                    self.monitor.add_admitted_away(u64::from(cost));
+                    self.debits.add(key, u64::from(cost));
                 }
                 d
             }
@@ -688,6 +730,7 @@ impl RedisLimiterBuilder {
             clock: self.clock,
             real: Clock::system(),
             monitor: Monitor::new(self.timeout, self.probe_every, self.instances),
+            debits: Debits::default(),
             warn: WarnGate::default(),
             local,
             leases: self
