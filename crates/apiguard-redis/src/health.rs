@@ -217,7 +217,8 @@ impl Monitor {
         self.rttvar.store(rttvar, Ordering::Relaxed);
         if let TimeoutRule::Adaptive { floor, ceiling } = self.rule {
             let t = srtt.saturating_add(rttvar.saturating_mul(4));
-            self.timeout.store(t.clamp(floor, ceiling), Ordering::Relaxed);
+            self.timeout
+                .store(t.clamp(floor, ceiling), Ordering::Relaxed);
         }
         metrics::histogram!("apiguard_redis_rtt_seconds").record(nanos_to_duration(rtt));
     }

@@ -10,14 +10,15 @@
 //! use tower::{ServiceBuilder, service_fn};
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! // 100 requests per second per API key, shared by every instance; if
-//! // Redis does not answer within 5 ms, each of the 4 instances enforces a
-//! // quarter of the limit on its own.
+//! // 100 requests per second per API key, shared by every instance. If
+//! // Redis goes away, each instance enforces its share of the limit on its
+//! // own (the default policy, spelled out here); `instances(4)` says how
+//! // many share it at least, for instances that start while Redis is away.
 //! let limiter = RedisLimiter::builder(100, Duration::from_secs(1))
 //!     .burst(20)
 //!     .prefix("myapp:rl:")
-//!     .timeout(Duration::from_millis(5))
-//!     .on_redis_failure(FailurePolicy::local_bucket(4))
+//!     .on_redis_failure(FailurePolicy::local_share())
+//!     .instances(4)
 //!     .connect("redis://127.0.0.1:6379/")
 //!     .await?;
 //!
@@ -69,17 +70,52 @@
 //!
 //! # When Redis is slow or away
 //!
-//! Every decision waits at most the timeout ([`DEFAULT_TIMEOUT`], 5 ms).
-//! Past it, or on any Redis error, the [`FailurePolicy`] decides: admit,
-//! refuse, or enforce this instance's share of the limit in local buckets.
-//! Each such decision increments the `metrics` counter
-//! `apiguard_redis_fallback_total` (labels `policy`, `reason` =
-//! `timeout`/`error`) and logs a `tracing` warning, at most one every ten
-//! seconds per limiter. For [`retry_redis_after`] (100 ms) after a failure
-//! the policy decides without asking Redis, so a dead Redis does not add the
-//! timeout to every request; then Redis is asked again, and once it answers
-//! the shared limit applies again by itself (the connection manager
-//! reconnects in the background).
+//! The defaults keep a fleet within its limit when Redis hiccups:
+//!
+//! - **A measured timeout.** Each decision waits for Redis at most
+//!   `srtt + 4 × rttvar` of the round trips it measures, within 20 ms
+//!   ([`DEFAULT_TIMEOUT_FLOOR`]) and 200 ms ([`DEFAULT_TIMEOUT_CEILING`]);
+//!   [`RedisLimiterBuilder::timeout`] fixes it instead.
+//! - **No late spending.** The script carries the caller's deadline in
+//!   Redis `TIME` (half the timeout after sending, through an offset
+//!   between our clock and Redis' that is never overestimated); a script
+//!   that runs later answers "too late" and spends nothing, leases
+//!   included. So a decision the policy answered never also spends a
+//!   token in Redis, and a paused Redis does not spend the burst it saved
+//!   on the scripts queued meanwhile.
+//! - **Hysteresis.** One missed answer does not change who decides: it is
+//!   refused (admitted under [`FailurePolicy::AdmitAll`]) and Redis stays
+//!   in charge. The limiter leaves Redis for the [`FailurePolicy`] only
+//!   after [`FAILURES_TO_LEAVE`] (3) misses in a row spread over at least
+//!   one timeout, so a stall of this process, which times out every
+//!   decision in flight at once, does not count as an outage. Away, every
+//!   decision is the policy's at once, and a probe in the background (one
+//!   at a time, [`DEFAULT_PROBE_EVERY`] after the last failed) asks Redis
+//!   again; its first answer in time brings the limiter back.
+//! - **The local share.** The default policy,
+//!   [`FailurePolicy::LocalShare`], enforces `1 / n` of the limit in local
+//!   buckets that start empty, `n` being the instances sharing the limit:
+//!   each limiter registers in Redis (a heartbeat per second to the sorted
+//!   set `prefix` + [`INSTANCES_SUFFIX`]) and reads how many are live;
+//!   [`RedisLimiterBuilder::instances`] sets a lower bound. Tokens admitted
+//!   without Redis are taken from the shared bucket by the key's next
+//!   decision Redis runs. [`FailurePolicy::FailClosed`] refuses and
+//!   [`FailurePolicy::AdmitAll`] (fail open) admits; see [`FailurePolicy`]
+//!   for each one's documented share.
+//! - **Visible.** [`RedisLimiter::health`] reports the [`Mode`], the
+//!   timeout, the round trip and the instance count. The `metrics` crate
+//!   gets `apiguard_redis_decisions_total` (labels `decided_by` =
+//!   `redis`/`fallback`/`open`/`closed`/`lease`/`over_burst`, `outcome` =
+//!   `admitted`/`refused`), `apiguard_redis_rtt_seconds` (a histogram of
+//!   round trips), `apiguard_redis_failures_total` (`reason` =
+//!   `timeout`/`error`/`late`), the gauge `apiguard_redis_fallback` (1
+//!   while away) and `apiguard_redis_mode_changes_total` (`to`). `tracing`
+//!   logs a warning when the limiter leaves Redis, an info line when it
+//!   returns, a warning for single misses at most every ten seconds, and
+//!   each decision at `trace` level.
+//!
+//! The connection manager reconnects in the background; decisions never
+//! wait for it beyond the timeout.
 //!
 //! # Shared breaker signal
 //!
@@ -108,9 +144,8 @@
 //!
 //! Dropping a decision's future abandons it. If the script already ran, its
 //! reservation stands (the tokens are spent), as for a request that already
-//! left.
+//! left; if it runs after the deadline it was sent with, it spends nothing.
 //!
-//! [`retry_redis_after`]: RedisLimiterBuilder::retry_redis_after
 
 #![warn(
     missing_docs,
@@ -121,9 +156,9 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod debit;
 pub mod error;
 pub mod future;
-mod debit;
 mod health;
 mod key;
 mod lease;
@@ -135,11 +170,11 @@ mod signal;
 mod warn;
 
 pub use error::BuildError;
-pub use key::RedisKey;
 pub use health::{
     DEFAULT_PROBE_EVERY, DEFAULT_TIMEOUT_CEILING, DEFAULT_TIMEOUT_FLOOR, FAILURES_TO_LEAVE, Health,
     Mode,
 };
+pub use key::RedisKey;
 pub use limiter::{
     DEFAULT_PREFIX, DecidedBy, Decision, HEARTBEAT_EVERY, INSTANCE_LIVE_FOR, INSTANCES_SUFFIX,
     RedisLimiter, RedisLimiterBuilder, connection_manager_config,

@@ -305,7 +305,11 @@ async fn probe(inner: Arc<Inner>, key: String) {
     let timeout = inner.monitor.timeout();
     let sent = inner.real.now();
     let cmd = inner.script_cmd(&key, 0, Duration::ZERO, sent, timeout, 0);
-    let reply = tokio::time::timeout(nanos_to_duration(timeout), run_script(Arc::clone(&inner), cmd)).await;
+    let reply = tokio::time::timeout(
+        nanos_to_duration(timeout),
+        run_script(Arc::clone(&inner), cmd),
+    )
+    .await;
     match reply {
         Ok(Ok(reply)) => {
             inner.monitor.sample(sent, inner.real.now(), reply.5);
@@ -394,7 +398,13 @@ impl Inner {
         if leased > 0
             && let Some(leases) = &self.leases
         {
-            leases.add(&pending.key, leased as u64, remaining, reset, self.clock.now());
+            leases.add(
+                &pending.key,
+                leased as u64,
+                remaining,
+                reset,
+                self.clock.now(),
+            );
         }
         Decision {
             allowed: allowed == 1,
@@ -406,7 +416,11 @@ impl Inner {
         }
     }
 
-    pub(crate) fn on_miss(&self, failure: Failure<'_>, pending: &crate::future::Pending) -> Decision {
+    pub(crate) fn on_miss(
+        &self,
+        failure: Failure<'_>,
+        pending: &crate::future::Pending,
+    ) -> Decision {
         // The debit did not reach Redis (or a late script dropped it).
         self.debits.add(&pending.key, pending.debit);
         let reason = failure.label();
@@ -635,10 +649,12 @@ impl RedisLimiterBuilder {
         self
     }
 
-    /// While Redis is away, one decision this often asks it again (default
-    /// [`DEFAULT_PROBE_EVERY`](crate::DEFAULT_PROBE_EVERY), 10 ms); the
-    /// others are decided by the failure policy at once. The first answer
-    /// brings the limiter back.
+    /// While Redis is away, how long after a failed probe the next one goes
+    /// (default [`DEFAULT_PROBE_EVERY`](crate::DEFAULT_PROBE_EVERY), 10 ms).
+    /// A probe is a decision that costs nothing, sent in the background by
+    /// the first request after this wait (requests themselves are decided
+    /// by the failure policy at once); its first answer in time brings the
+    /// limiter back.
     pub fn probe_every(mut self, every: Duration) -> Self {
         self.probe_every = every;
         self
@@ -713,9 +729,8 @@ impl RedisLimiterBuilder {
     /// the hint sizes the local share.
     pub fn build_lazy(self, con: ConnectionManager) -> Result<RedisLimiter, InvalidConfig> {
         let (units, burst) = self.validate()?;
-        let local = matches!(self.policy, FailurePolicy::LocalShare).then(|| {
-            LocalBuckets::new(self.limit, self.window, burst, self.clock.clone())
-        });
+        let local = matches!(self.policy, FailurePolicy::LocalShare)
+            .then(|| LocalBuckets::new(self.limit, self.window, burst, self.clock.clone()));
         let inner = Arc::new(Inner {
             con,
             script: Script::new(GCRA_LUA),

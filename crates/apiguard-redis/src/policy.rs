@@ -15,9 +15,10 @@ use std::time::Duration;
 /// admits it, the other policies refuse it with a wait of one timeout —
 /// a refusal costs the caller a retry, an admission Redis did not count
 /// could put the fleet over its limit. Once away ([`Mode::Fallback`]), the
-/// policy decides every request, and one decision per
-/// [`probe_every`](crate::RedisLimiterBuilder::probe_every) asks Redis
-/// again; the first answer brings the limiter back to Redis.
+/// policy decides every request at once, and a probe in the background
+/// (one at a time, [`probe_every`](crate::RedisLimiterBuilder::probe_every)
+/// after the last one failed) asks Redis again; its first answer brings the
+/// limiter back to Redis.
 ///
 /// # Documented shares while Redis is away
 ///
@@ -27,9 +28,9 @@ use std::time::Duration;
 /// | [`FailClosed`](Self::FailClosed) | nothing | nothing |
 /// | [`AdmitAll`](Self::AdmitAll) | everything | everything |
 ///
-/// Tokens admitted without Redis are taken from the shared bucket by the
-/// answer that brings an instance back (never below empty), so the burst
-/// Redis saved up meanwhile is not granted on top of them.
+/// Tokens admitted without Redis are taken from the shared bucket (never
+/// below empty) by the key's next decision Redis runs, so the burst Redis
+/// saved up meanwhile is not granted on top of them.
 ///
 /// [`FAILURES_TO_LEAVE`]: crate::FAILURES_TO_LEAVE
 /// [`Mode::Fallback`]: crate::Mode::Fallback

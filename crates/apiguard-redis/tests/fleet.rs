@@ -51,7 +51,9 @@ impl Load {
                 std::thread::spawn(move || {
                     let mut x = 0u64;
                     while !stop.load(Ordering::Relaxed) {
-                        x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                        x = std::hint::black_box(
+                            x.wrapping_mul(6364136223846793005).wrapping_add(1),
+                        );
                     }
                 })
             })
@@ -101,7 +103,11 @@ fn spawn(url: &str, prefix: &str, run_ms: u64, start_at: u64, extra: &[String]) 
 
 fn collect(child: Child) -> Report {
     let out = child.wait_with_output().expect("the fleet member ends");
-    assert!(out.status.success(), "a fleet member failed: {:?}", out.status);
+    assert!(
+        out.status.success(),
+        "a fleet member failed: {:?}",
+        out.status
+    );
     let mut r = Report::default();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let p: Vec<&str> = line.split_whitespace().collect();
@@ -109,8 +115,10 @@ fn collect(child: Child) -> Report {
             ["A", t, by] => r.admitted.push((t.parse().unwrap(), (*by).to_owned())),
             ["R", t] => r.returns.push(t.parse().unwrap()),
             ["N", by, yes, no] => {
-                r.counts
-                    .insert((*by).to_owned(), (yes.parse().unwrap(), no.parse().unwrap()));
+                r.counts.insert(
+                    (*by).to_owned(),
+                    (yes.parse().unwrap(), no.parse().unwrap()),
+                );
             }
             ["SPAN", a, b] => {
                 r.first = a.parse().unwrap();
@@ -206,7 +214,10 @@ fn paused(server: &common::RedisServer, policy: &str) -> (Vec<Report>, u64, u64)
         eprintln!(
             "policy {policy}, process {i}: {:?}; back on redis {} after SIGCONT",
             r.counts,
-            back.map_or("never".to_owned(), |t| format!("{:.1} ms", (t - continued) as f64 / 1e3)),
+            back.map_or("never".to_owned(), |t| format!(
+                "{:.1} ms",
+                (t - continued) as f64 / 1e3
+            )),
         );
         // Every process comes back to Redis by itself, and stays there.
         assert!(back.is_some(), "process {i} never came back to redis");
@@ -234,10 +245,16 @@ fn local_share_admits_at_most_the_rate_while_redis_is_paused() {
     // starting empty, so the two together at most the rate over the pause
     // (plus one token each for the time a probe takes to come back).
     let share = LIMIT as f64 * pause_s + 2.0;
-    eprintln!("local share: {} admitted without redis, share {share:.1}", away.len());
+    eprintln!(
+        "local share: {} admitted without redis, share {share:.1}",
+        away.len()
+    );
     assert!(away.iter().all(|(_, by)| by == "fallback"), "{away:?}");
     assert!(away.len() as f64 <= share, "{} > {share:.1}", away.len());
-    assert!(!away.is_empty(), "the local share admitted nothing while redis was away");
+    assert!(
+        !away.is_empty(),
+        "the local share admitted nothing while redis was away"
+    );
     // Tokens admitted locally are taken from the shared bucket on return,
     // so over the whole run the fleet stays within burst + rate × span,
     // give or take 1% and one token per process.

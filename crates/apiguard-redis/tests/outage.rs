@@ -38,7 +38,10 @@ async fn until_away(l: &RedisLimiter, key: &str) -> Vec<Decision> {
     let mut seen = Vec::new();
     while l.health().mode != Mode::Fallback {
         seen.push(timed(l, key).await);
-        assert!(start.elapsed() < Duration::from_secs(10), "never left redis");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "never left redis"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     seen
@@ -263,8 +266,7 @@ async fn late_scripts_spend_nothing(lease: bool) {
     assert!(d.allowed);
     let leased = if lease { 3 } else { 0 };
     assert_eq!(
-        d.remaining,
-        9,
+        d.remaining, 9,
         "{sent} decisions were queued in the stopped redis (lease {leased})"
     );
 }
