@@ -160,9 +160,15 @@ fn shared_key_under_load(processes: usize) {
         .filter(|(_, by)| by == "redis")
         .count();
     let bound = bound(&reports);
+    let mut decided: HashMap<&str, u64> = HashMap::new();
+    for r in &reports {
+        for (by, (yes, no)) in &r.counts {
+            *decided.entry(by.as_str()).or_default() += yes + no;
+        }
+    }
     eprintln!(
         "{processes} processes, {run_ms} ms, cores busy: admitted {total} ({by_redis} by redis) \
-         of burst + rate × span = {bound:.1} ({:.2}%)",
+         of burst + rate × span = {bound:.1} ({:.2}%); decisions by {decided:?}",
         100.0 * total as f64 / bound
     );
     // Tolerance: 1% of the bound. Admissions without Redis only happen
