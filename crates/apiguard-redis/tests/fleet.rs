@@ -82,6 +82,8 @@ struct Report {
     counts: HashMap<String, (u64, u64)>,
     first: u64,
     last: u64,
+    /// The health line at the end.
+    health: String,
 }
 
 fn spawn(url: &str, prefix: &str, run_ms: u64, start_at: u64, extra: &[String]) -> Child {
@@ -124,6 +126,7 @@ fn collect(child: Child) -> Report {
                 r.first = a.parse().unwrap();
                 r.last = b.parse().unwrap();
             }
+            ["H", ..] => r.health = line[2..].to_owned(),
             _ => panic!("unexpected line {line:?}"),
         }
     }
@@ -168,8 +171,12 @@ fn shared_key_under_load(processes: usize) {
     }
     eprintln!(
         "{processes} processes, {run_ms} ms, cores busy: admitted {total} ({by_redis} by redis) \
-         of burst + rate × span = {bound:.1} ({:.2}%); decisions by {decided:?}",
-        100.0 * total as f64 / bound
+         of burst + rate × span = {bound:.1} ({:.2}%); decisions by {decided:?}; health {:?}",
+        100.0 * total as f64 / bound,
+        reports
+            .iter()
+            .map(|r| r.health.as_str())
+            .collect::<Vec<_>>()
     );
     // Tolerance: 1% of the bound. Admissions without Redis only happen
     // after Redis missed three decisions in a row over a whole timeout,

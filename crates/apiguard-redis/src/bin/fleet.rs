@@ -16,7 +16,9 @@
 //! - `R <unix µs>` when a decision is Redis' again after one that was not;
 //! - `N <label> <admitted> <refused>` per `decided_by` at the end;
 //! - `SPAN <first µs> <last µs>`: when the first decision started and the
-//!   last one ended.
+//!   last one ended;
+//! - `H timeout_us=… rtt_us=… instances=…`: its [`RedisLimiter::health`]
+//!   at the end.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -137,6 +139,14 @@ async fn run(a: Args) -> Result<String, String> {
         let _ = writeln!(out, "N {label} {yes} {no}");
     }
     let _ = writeln!(out, "SPAN {first} {last}");
+    let h = l.health();
+    let _ = writeln!(
+        out,
+        "H timeout_us={} rtt_us={} instances={}",
+        h.timeout.as_micros(),
+        h.rtt.map_or(0, |d| d.as_micros()),
+        h.instances.unwrap_or(0)
+    );
     Ok(out)
 }
 
