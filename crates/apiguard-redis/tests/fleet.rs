@@ -280,9 +280,25 @@ fn local_share_admits_at_most_the_rate_while_redis_is_paused() {
 #[test]
 fn fail_closed_admits_nothing_while_redis_is_paused() {
     let server = redis_or_skip!();
-    let (reports, _, _) = paused(&server, "closed");
+    let (reports, _, continued) = paused(&server, "closed");
     let away = admitted_without_redis(&reports);
     assert!(away.is_empty(), "{away:?}");
+    // The scripts queued in the stopped Redis ran after their deadlines and
+    // spent nothing: the burst saved up during the pause is all there for
+    // the first 100 ms back (10 tokens, plus 5 the rate adds).
+    let back = reports
+        .iter()
+        .filter_map(|r| r.returns.iter().find(|&&t| t >= continued))
+        .min()
+        .copied()
+        .expect("back on redis");
+    let first_100ms = reports
+        .iter()
+        .flat_map(|r| &r.admitted)
+        .filter(|(t, by)| by == "redis" && *t >= back && *t < back + 100_000)
+        .count();
+    eprintln!("fail closed: {first_100ms} admitted by redis in the first 100 ms back");
+    assert!(first_100ms as u64 >= BURST, "{first_100ms}");
     let refused: u64 = reports
         .iter()
         .map(|r| r.counts.get("closed").map_or(0, |c| c.1))
