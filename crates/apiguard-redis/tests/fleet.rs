@@ -203,11 +203,12 @@ fn four_processes_with_default_settings_stay_within_the_limit_under_load() {
     shared_key_under_load(4);
 }
 
-/// Two processes; Redis is stopped a moment after they start and continued
-/// `pause` later.
+/// Two processes, both cores busy; Redis is stopped a moment after they
+/// start and continued `pause` later.
 fn paused(server: &common::RedisServer, policy: &str) -> (Vec<Report>, u64, u64) {
     let pause_ms = env_ms("APIGUARD_FLEET_PAUSE_MS", 1000);
     let run_ms = pause_ms + 1500;
+    let _load = Load::both_cores();
     let at = start_at();
     let extra = [format!("policy={policy}")];
     let children: Vec<Child> = (0..2)
