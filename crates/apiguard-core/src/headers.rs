@@ -1,4 +1,5 @@
-//! HTTP header codecs: `Retry-After` and the IETF `RateLimit` fields.
+//! HTTP header codecs: `Retry-After`, the IETF `RateLimit` fields and the
+//! older `X-RateLimit-*` family.
 //!
 //! Parsers never panic and never fail loudly: a value they cannot read is
 //! `None` (or an empty list), as if the header were absent.
@@ -171,6 +172,103 @@ pub fn ratelimit_reset(headers: &HeaderMap) -> Option<Duration> {
         .max()
 }
 
+/// The `X-RateLimit-Limit` / `-Remaining` / `-Reset` fields (GitHub,
+/// Twitter/X and many others), or the same names without the `X-` prefix
+/// (early drafts of the IETF fields).
+///
+/// Each is read on its own; a field that is absent, repeated with a
+/// different value, negative, fractional where a count is expected, or
+/// longer than 19 digits is `None`. `Reset` is read as a number of seconds
+/// (fractions allowed) until the quota is restored, unless it is large
+/// enough to be a Unix time (at least 10⁹, i.e. after September 2001), in
+/// which case it is read as the instant of the reset, measured from `now`
+/// (an instant in the past gives zero).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct XRateLimit {
+    /// Requests allowed per window (`-Limit`).
+    pub limit: Option<u64>,
+    /// Requests left in this window (`-Remaining`).
+    pub remaining: Option<u64>,
+    /// Time until the window resets (`-Reset`).
+    pub reset: Option<Duration>,
+}
+
+/// Names of the `X-RateLimit-*` family, and of their unprefixed twins.
+pub const X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+/// See [`X_RATELIMIT_LIMIT`].
+pub const X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+/// See [`X_RATELIMIT_LIMIT`].
+pub const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+
+/// Unix times at or above this are read as instants, below as delays.
+const EPOCH_THRESHOLD: u64 = 1_000_000_000;
+
+/// Reads the `X-RateLimit-*` fields (or their unprefixed twins) of a
+/// response; `None` when none of the three is there in a readable form.
+pub fn parse_x_ratelimit(headers: &HeaderMap, now: SystemTime) -> Option<XRateLimit> {
+    let pick = |x: &HeaderName, plain: &HeaderName| {
+        one_value(headers, x).or_else(|| one_value(headers, plain))
+    };
+    let limit = pick(&X_RATELIMIT_LIMIT, &RATELIMIT_LIMIT).and_then(parse_count);
+    let remaining = pick(&X_RATELIMIT_REMAINING, &RATELIMIT_REMAINING).and_then(parse_count);
+    let reset = pick(&X_RATELIMIT_RESET, &RATELIMIT_RESET).and_then(|v| parse_reset(v, now));
+    if limit.is_none() && remaining.is_none() && reset.is_none() {
+        return None;
+    }
+    Some(XRateLimit {
+        limit,
+        remaining,
+        reset,
+    })
+}
+
+/// The field's value when it has exactly one, or several that agree.
+fn one_value<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next()?.to_str().ok()?.trim();
+    for other in values {
+        if other.to_str().ok()?.trim() != first {
+            return None;
+        }
+    }
+    Some(first)
+}
+
+/// A non-negative integer of at most 19 digits.
+fn parse_count(s: &str) -> Option<u64> {
+    if s.is_empty() || s.len() > 19 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// Seconds until a reset (`12`, `0.734`) or the Unix time of it.
+fn parse_reset(s: &str, now: SystemTime) -> Option<Duration> {
+    let (whole, frac) = s.split_once('.').unwrap_or((s, ""));
+    let secs = parse_count(whole)?;
+    if !frac.is_empty() && (frac.len() > 9 || !frac.bytes().all(|b| b.is_ascii_digit())) {
+        return None;
+    }
+    if s.ends_with('.') {
+        return None;
+    }
+    if secs >= EPOCH_THRESHOLD {
+        let at = SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs))?;
+        return Some(at.duration_since(now).unwrap_or(Duration::ZERO));
+    }
+    let nanos = if frac.is_empty() {
+        0
+    } else {
+        // Right-pad to nine digits: "734" is 734_000_000 ns.
+        let digits: u32 = frac.parse().ok()?;
+        digits * 10u32.pow(9 - frac.len() as u32)
+    };
+    Some(Duration::new(secs, nanos))
+}
+
 fn list_items(value: &HeaderValue) -> Vec<(String, sfv::Parameters)> {
     let Ok(list) = Parser::new(value.as_bytes()).parse::<sfv::List>() else {
         return Vec::new();
@@ -324,6 +422,69 @@ mod tests {
         assert_eq!(parse_ratelimit_policy([&p])[0].name, "we\"ird\\");
     }
 
+    fn x_headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn x_ratelimit_fields_are_read_with_delays_and_unix_times() {
+        let h = x_headers(&[
+            ("x-ratelimit-limit", "60"),
+            ("x-ratelimit-remaining", "0"),
+            ("x-ratelimit-reset", "12"),
+        ]);
+        assert_eq!(
+            parse_x_ratelimit(&h, now()),
+            Some(XRateLimit {
+                limit: Some(60),
+                remaining: Some(0),
+                reset: Some(Duration::from_secs(12)),
+            })
+        );
+        // GitHub's form: the Unix time of the reset.
+        let later = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let h = x_headers(&[("x-ratelimit-reset", "1700000030")]);
+        assert_eq!(
+            parse_x_ratelimit(&h, later).unwrap().reset,
+            Some(Duration::from_secs(30))
+        );
+        // A reset instant already past is no wait at all.
+        let h = x_headers(&[("x-ratelimit-reset", "1600000000")]);
+        assert_eq!(
+            parse_x_ratelimit(&h, later).unwrap().reset,
+            Some(Duration::ZERO)
+        );
+        let h = x_headers(&[("ratelimit-remaining", "3"), ("ratelimit-reset", "0.25")]);
+        let x = parse_x_ratelimit(&h, now()).unwrap();
+        assert_eq!(x.remaining, Some(3));
+        assert_eq!(x.reset, Some(Duration::from_millis(250)));
+    }
+
+    #[test]
+    fn x_ratelimit_garbage_is_none() {
+        for v in ["-1", "1e3", "", "abc", "99999999999999999999", "1.", ".5", "1.2.3"] {
+            let h = x_headers(&[
+                ("x-ratelimit-limit", v),
+                ("x-ratelimit-remaining", v),
+                ("x-ratelimit-reset", v),
+            ]);
+            assert_eq!(parse_x_ratelimit(&h, now()), None, "{v:?}");
+        }
+        // Disagreeing repeats are not trusted; agreeing ones are.
+        let h = x_headers(&[("x-ratelimit-remaining", "0"), ("x-ratelimit-remaining", "5")]);
+        assert_eq!(parse_x_ratelimit(&h, now()), None);
+        let h = x_headers(&[("x-ratelimit-remaining", "5"), ("x-ratelimit-remaining", "5")]);
+        assert_eq!(parse_x_ratelimit(&h, now()).unwrap().remaining, Some(5));
+        assert_eq!(parse_x_ratelimit(&HeaderMap::new(), now()), None);
+    }
+
     proptest! {
         #[test]
         fn retry_after_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
@@ -331,6 +492,10 @@ mod tests {
                 let _ = parse_retry_after(&v, now());
                 let _ = parse_ratelimit([&v]);
                 let _ = parse_ratelimit_policy([&v]);
+                let mut h = HeaderMap::new();
+                h.insert(X_RATELIMIT_RESET, v.clone());
+                h.insert(X_RATELIMIT_REMAINING, v);
+                let _ = parse_x_ratelimit(&h, now());
             }
         }
 

@@ -97,6 +97,23 @@ impl Rate {
         })
     }
 
+    /// A rate of one token per `interval_ns` nanoseconds (whole units), for
+    /// the adaptive pacer, whose interval changes and so keeps its time in
+    /// plain nanoseconds. `interval_ns` is clamped to `1..=MAX_SPAN /
+    /// capacity` so the burst tolerance cannot overflow.
+    #[inline]
+    pub(crate) fn paced(capacity: u32, interval_ns: u64) -> Self {
+        let capacity = capacity.max(1);
+        let per_token = interval_ns.clamp(1, MAX_SPAN / u64::from(capacity));
+        Self {
+            per_token,
+            scale: 1,
+            tau: u64::from(capacity) * per_token,
+            capacity,
+            refill_per_sec: 1e9 / per_token as f64,
+        }
+    }
+
     pub(crate) fn capacity(&self) -> u32 {
         self.capacity
     }

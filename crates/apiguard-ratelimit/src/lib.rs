@@ -39,6 +39,9 @@
 //!   ([`extract`]); refuses at once by default (a server). Put
 //!   [`RejectionResponseLayer`](apiguard_core::RejectionResponseLayer) above
 //!   it to answer `429` with `Retry-After` and the `RateLimit` fields.
+//! - [`Pacer`]: a bucket whose pace adapts to what a server says (`429`,
+//!   `Retry-After`, the `RateLimit` and `X-RateLimit-*` fields); the
+//!   `apiguard` facade keeps one per host that pushed back ([`pace`]).
 //! - [`Limiter`]: what the layers ask of a limiter; the Redis backend of
 //!   `apiguard-redis` implements it too.
 //!
@@ -83,6 +86,7 @@ mod gcra;
 mod keyed;
 mod layer;
 pub mod limiter;
+pub mod pace;
 mod service;
 mod sync;
 
@@ -94,4 +98,5 @@ pub use extract::{
 pub use keyed::{DEFAULT_MAX_KEYS, KeyedLimiter};
 pub use layer::{KeyedRateLimitLayer, RateLimitLayer};
 pub use limiter::{Grant, Limiter, Reservation};
+pub use pace::{PaceChange, PaceConfig, PaceHint, PaceReason, Pacer};
 pub use service::{KeyedRateLimit, RateLimit};
