@@ -469,7 +469,16 @@ mod tests {
 
     #[test]
     fn x_ratelimit_garbage_is_none() {
-        for v in ["-1", "1e3", "", "abc", "99999999999999999999", "1.", ".5", "1.2.3"] {
+        for v in [
+            "-1",
+            "1e3",
+            "",
+            "abc",
+            "99999999999999999999",
+            "1.",
+            ".5",
+            "1.2.3",
+        ] {
             let h = x_headers(&[
                 ("x-ratelimit-limit", v),
                 ("x-ratelimit-remaining", v),
@@ -478,9 +487,15 @@ mod tests {
             assert_eq!(parse_x_ratelimit(&h, now()), None, "{v:?}");
         }
         // Disagreeing repeats are not trusted; agreeing ones are.
-        let h = x_headers(&[("x-ratelimit-remaining", "0"), ("x-ratelimit-remaining", "5")]);
+        let h = x_headers(&[
+            ("x-ratelimit-remaining", "0"),
+            ("x-ratelimit-remaining", "5"),
+        ]);
         assert_eq!(parse_x_ratelimit(&h, now()), None);
-        let h = x_headers(&[("x-ratelimit-remaining", "5"), ("x-ratelimit-remaining", "5")]);
+        let h = x_headers(&[
+            ("x-ratelimit-remaining", "5"),
+            ("x-ratelimit-remaining", "5"),
+        ]);
         assert_eq!(parse_x_ratelimit(&h, now()).unwrap().remaining, Some(5));
         assert_eq!(parse_x_ratelimit(&HeaderMap::new(), now()), None);
     }

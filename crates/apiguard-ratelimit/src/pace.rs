@@ -406,6 +406,12 @@ impl Pacer {
         &self.inner.clock
     }
 
+    /// How many handles (clones) of this pacer exist, this one included:
+    /// a registry holding the only one may let it go.
+    pub fn handles(&self) -> usize {
+        Arc::strong_count(&self.inner)
+    }
+
     /// The settings.
     pub fn config(&self) -> &PaceConfig {
         &self.inner.config
@@ -458,7 +464,8 @@ impl Pacer {
         let i = &*self.inner;
         i.paused_until.fetch_max(end, Ordering::Relaxed);
         let burst = u64::from(i.config.capacity - 1).saturating_mul(interval);
-        i.tat.fetch_max(end.saturating_add(burst), Ordering::Relaxed);
+        i.tat
+            .fetch_max(end.saturating_add(burst), Ordering::Relaxed);
     }
 
     fn set_rate(&self, c: &mut Control, rate: f64) -> Nanos {
@@ -496,7 +503,8 @@ impl Pacer {
         };
         let measured = c.window.and_then(|(start, before)| {
             let span = now.saturating_sub(start);
-            (span >= MIN_WINDOW).then(|| delivered.saturating_sub(before) as f64 * 1e9 / span as f64)
+            (span >= MIN_WINDOW)
+                .then(|| delivered.saturating_sub(before) as f64 * 1e9 / span as f64)
         });
         let base = match measured {
             Some(m) if c.probing => old.min(m),
@@ -637,10 +645,7 @@ mod tests {
     fn pacer(capacity: u32, ceiling: Option<f64>) -> (Pacer, ManualClock) {
         let manual = ManualClock::new();
         manual.set(100 * SEC);
-        let p = Pacer::new(
-            PaceConfig::new(capacity, ceiling).unwrap(),
-            manual.clock(),
-        );
+        let p = Pacer::new(PaceConfig::new(capacity, ceiling).unwrap(), manual.clock());
         (p, manual)
     }
 
@@ -759,7 +764,10 @@ mod tests {
             rate: Some(5.0),
         };
         let c = p.published(&hint, now).unwrap();
-        assert_eq!((c.old_rate, c.new_rate, c.reason), (100.0, 5.0, PaceReason::Quota));
+        assert_eq!(
+            (c.old_rate, c.new_rate, c.reason),
+            (100.0, 5.0, PaceReason::Quota)
+        );
         for k in 1..100 {
             p.delivered(now + k * 200 * MS);
         }
@@ -816,7 +824,10 @@ mod tests {
         let now = SystemTime::UNIX_EPOCH;
         let h = headers(&[
             ("ratelimit", "\"a\";r=0;t=999999999999999"),
-            ("ratelimit-policy", "\"z\";q=0;w=1, \"w\";q=5;w=0, \"v\";q=1;w=999999999"),
+            (
+                "ratelimit-policy",
+                "\"z\";q=0;w=1, \"w\";q=5;w=0, \"v\";q=1;w=999999999",
+            ),
             ("x-ratelimit-remaining", "-1"),
             ("x-ratelimit-reset", "nan"),
         ]);

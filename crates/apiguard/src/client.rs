@@ -82,6 +82,7 @@ pub struct GuardedClientBuilder {
     per_host: bool,
     max_hosts: usize,
     error_for_status: bool,
+    adaptive: bool,
 }
 
 impl Default for GuardedClientBuilder {
@@ -103,6 +104,7 @@ impl Default for GuardedClientBuilder {
             per_host: true,
             max_hosts: 1024,
             error_for_status: false,
+            adaptive: true,
         }
     }
 }
@@ -211,6 +213,18 @@ impl GuardedClientBuilder {
         self
     }
 
+    /// Learns each host's pace from its `429`s, `503`s with `Retry-After`
+    /// and quota fields (default on): a throttled host is paused for every
+    /// request, then paced below what it let through, speeding back up as
+    /// requests succeed and never above [`rate_limit`](Self::rate_limit).
+    /// Works without a rate limit too. Pauses last at most the retry
+    /// policy's `Retry-After` cap (10 s, or the total timeout when
+    /// shorter). See [`pace`](crate::pace).
+    pub fn adaptive(mut self, yes: bool) -> Self {
+        self.adaptive = yes;
+        self
+    }
+
     /// Builds the client. Must be called within a tokio runtime's reach
     /// when requests are sent (the transport spawns its connections).
     pub fn build(self) -> Result<GuardedClient, InvalidConfig> {
@@ -240,7 +254,9 @@ impl GuardedClientBuilder {
             )
             .per_host(self.per_host)
             .max_hosts(self.max_hosts)
-            .max_wait(self.max_wait);
+            .max_wait(self.max_wait)
+            .adaptive(self.adaptive)
+            .max_pause(Duration::from_secs(10).min(self.total_timeout));
         let policy = match self.retry {
             Some(p) => Some(p),
             None if self.max_retries == 0 => None,

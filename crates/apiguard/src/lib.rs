@@ -82,6 +82,7 @@ pub mod hosts;
 #[cfg(feature = "metrics")]
 #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
 pub mod metrics;
+pub mod pace;
 mod recovery;
 pub mod server;
 pub mod stack;
@@ -103,4 +104,5 @@ pub use apiguard_ratelimit::{KeyedLimiter, KeyedRateLimitLayer, RateLimitLayer, 
 pub use apiguard_retry::{Jitter, RetryBudget, RetryLayer, RetryPolicy};
 pub use client::{ClientError, ClientStats, ErrorKind, GuardedClient, StatusError};
 pub use hosts::HostLimits;
+pub use pace::HostPaces;
 pub use stack::{GuardLayer, GuardLayerBuilder};

@@ -13,6 +13,7 @@
 //! | `apiguard_wait_seconds` | histogram | | time a request waited (tokens, backoff, open circuit) rather than spent on the network (client) |
 //! | `apiguard_breaker_transitions_total` | counter | `from`, `to` | breaker transitions (see [`record_transition`]) |
 //! | `apiguard_breaker_state` | gauge | | last state entered: 0 closed, 1 half-open, 2 open, 3 forced open, 4 disabled |
+//! | `apiguard_host_pace` | gauge | `host` | a paced host's current pace, requests per second (see [`pace`](crate::pace): at most 32 host labels, then `other`) |
 //!
 //! Recording costs a few atomic operations per request once a recorder is
 //! installed, and almost nothing without one.
@@ -198,4 +199,9 @@ pub fn record_transition(t: &Transition) {
     )
     .increment(1);
     metrics::gauge!("apiguard_breaker_state").set(state_level(t.to));
+}
+
+/// Sets a paced host's gauge.
+pub(crate) fn record_pace(host: &str, rate: f64) {
+    metrics::gauge!("apiguard_host_pace", "host" => host.to_owned()).set(rate);
 }

@@ -65,6 +65,7 @@ use apiguard_core::{
 use apiguard_ratelimit::{Reservation, TokenBucket};
 
 use crate::hosts::HostLimits;
+use crate::pace::{HostPaces, PaceSlot};
 use crate::recovery::BreakerWait;
 use apiguard_retry::future::Wait;
 use apiguard_retry::{RetryPolicy, RetryState, TryCloneBody};
@@ -128,6 +129,8 @@ pub struct GuardLayerBuilder {
     attempt_timeout: Option<Duration>,
     per_host: bool,
     max_hosts: usize,
+    adaptive: bool,
+    max_pause: Duration,
 }
 
 impl Default for GuardLayerBuilder {
@@ -141,6 +144,8 @@ impl Default for GuardLayerBuilder {
             attempt_timeout: None,
             per_host: true,
             max_hosts: 1024,
+            adaptive: true,
+            max_pause: crate::pace::DEFAULT_MAX_PAUSE,
         }
     }
 }
@@ -199,6 +204,28 @@ impl GuardLayerBuilder {
         self
     }
 
+    /// Learns each host's pace from its pushback (default on): a `429`,
+    /// a `503` with `Retry-After`, or quota fields saying nothing is left
+    /// pause every request to that host and slow it down; requests that go
+    /// through speed it back up, never above [`rate_limit`](Self::rate_limit).
+    /// Works with no rate limit set. See [`pace`](crate::pace).
+    ///
+    /// On by default, here as in `GuardedClient`: this stack sits in
+    /// front of an upstream, and a `429` from it is that upstream's limit
+    /// whoever wrote the stack; off, the stack keeps sending at the rate it
+    /// was told while the upstream refuses. A host that never pushes back
+    /// costs one atomic load per request and a status check per response.
+    pub fn adaptive(mut self, yes: bool) -> Self {
+        self.adaptive = yes;
+        self
+    }
+
+    /// The longest a host is paused, whatever it asks (default 60 s).
+    pub fn max_pause(mut self, d: Duration) -> Self {
+        self.max_pause = d;
+        self
+    }
+
     /// Checks the combination and builds the layer.
     ///
     /// Refused: an attempt timeout longer than the total timeout (no attempt
@@ -248,7 +275,19 @@ impl GuardLayerBuilder {
             Some((capacity, rate)) => Some(HostLimits::new(capacity, rate, self.max_hosts)?),
             None => None,
         };
-        let needs_key = per_host_needs_key(self.per_host, &breakers, &limiter);
+        let paces = if self.adaptive {
+            let (capacity, ceiling) = match self.limit {
+                Some((c, r)) => (c, Some(r)),
+                None => (1, None),
+            };
+            let config =
+                apiguard_ratelimit::PaceConfig::new(capacity, ceiling)?.max_pause(self.max_pause);
+            Some(HostPaces::new(config, self.max_hosts))
+        } else {
+            None
+        };
+        let needs_key = per_host_needs_key(self.per_host, &breakers, &limiter)
+            || (self.per_host && paces.is_some());
         // The policy and the buckets read the same clock unless a test gave
         // the policy its own: then one reading per request serves both.
         let one_clock =
@@ -261,6 +300,7 @@ impl GuardLayerBuilder {
                 retry: self.retry,
                 breakers,
                 limiter,
+                paces,
                 max_wait: self.max_wait,
                 scope: Scope::new(needs_key),
             }),
@@ -286,6 +326,7 @@ struct Shared {
     retry: Option<RetryPolicy>,
     breakers: Option<KeyedBreakers<HostScope>>,
     limiter: Option<HostLimits>,
+    paces: Option<HostPaces>,
     max_wait: Duration,
     scope: Scope,
 }
@@ -307,6 +348,7 @@ impl fmt::Debug for GuardLayer {
             .field("retry", &s.retry)
             .field("breakers", &s.breakers)
             .field("limiter", &s.limiter)
+            .field("paces", &s.paces)
             .field("max_wait", &s.max_wait)
             .field("attempt_timeout", &s.attempt_timeout)
             .field("scope", &s.scope)
@@ -328,6 +370,11 @@ impl GuardLayer {
     /// The per-host buckets, for inspection.
     pub fn limiter(&self) -> Option<&HostLimits> {
         self.shared.limiter.as_ref()
+    }
+
+    /// The per-host pacers, for inspection (`None` when not adaptive).
+    pub fn paces(&self) -> Option<&HostPaces> {
+        self.shared.paces.as_ref()
     }
 
     /// The retry policy.
@@ -376,6 +423,7 @@ struct HostCache {
     key: HostScope,
     breaker: Option<CircuitBreaker>,
     bucket: Option<TokenBucket>,
+    pace: Option<PaceSlot>,
 }
 
 /// The host part of `req`, as [`HostKey`](apiguard_breaker::HostKey) finds
@@ -427,6 +475,7 @@ impl Shared {
         HostCache {
             breaker: self.breakers.as_ref().map(|b| b.get(key.clone())),
             bucket: self.limiter.as_ref().map(|l| l.bucket(&key)),
+            pace: self.paces.as_ref().map(|p| PaceSlot::new(p, &key)),
             key,
         }
     }
@@ -452,6 +501,9 @@ impl Call {
     /// holds it open as asked.
     #[inline]
     fn record<R>(mut self, result: &Result<http::Response<R>, BoxError>) {
+        if let Some(pace) = &self.host.pace {
+            pace.observe(&self.host.key, result);
+        }
         let Some(ticket) = self.ticket.take() else {
             return;
         };
@@ -485,7 +537,10 @@ impl<S> Guard<S> {
     /// Keeps handles on the breaker and bucket of `req`'s host, as if the
     /// service had just called it.
     pub(crate) fn prime<B>(&mut self, req: &Request<B>) {
-        if self.shared.breakers.is_some() || self.shared.limiter.is_some() {
+        if self.shared.breakers.is_some()
+            || self.shared.limiter.is_some()
+            || self.shared.paces.is_some()
+        {
             self.shared.host_of(&mut self.last_host, req);
         }
     }
@@ -526,16 +581,33 @@ impl Shared {
                 }
             }
         }
-        if let Some(bucket) = &host.bucket {
-            let reserved = match now {
-                Some(now) => bucket.reserve_at(1, self.max_wait, now),
-                None => bucket.reserve(1, self.max_wait),
+        // A host that pushed back is paced instead of bucketed (its pace
+        // never exceeds the bucket's rate); its responses are recorded.
+        let pacer = host.pace.as_ref().and_then(|p| p.pacer(&host.key));
+        if permit.is_none() && host.pace.is_some() {
+            *permit = Some(Call {
+                host: host.clone(),
+                ticket: None,
+            });
+        }
+        if pacer.is_some() || host.bucket.is_some() {
+            let reserved = match (pacer, &host.bucket, now) {
+                // Waiting for the pace is bounded by the total timeout,
+                // not by `max_wait`: it is the price of not being refused.
+                (Some(p), _, now) => p.reserve_at(
+                    1,
+                    self.total_timeout.unwrap_or(self.max_wait),
+                    now.unwrap_or_else(|| p.clock().now()),
+                ),
+                (None, Some(bucket), Some(now)) => bucket.reserve_at(1, self.max_wait, now),
+                (None, Some(bucket), None) => bucket.reserve(1, self.max_wait),
+                (None, None, _) => unreachable!("checked above"),
             };
             match reserved {
                 Ok(r) => {
                     let wait = r.grant().wait;
                     if !wait.is_zero() {
-                        return Admission::Wait(wait, Hold::new(bucket, r));
+                        return Admission::Wait(wait, Hold::new(host, pacer, r));
                     }
                 }
                 Err(limited) => {
@@ -579,12 +651,13 @@ where
             (None, _) => RetryState::default(),
         };
         let mut permit = None;
-        let admission = if shared.breakers.is_none() && shared.limiter.is_none() {
-            Admission::Go
-        } else {
-            let host = shared.host_of(&mut self.last_host, &req);
-            shared.admit(host, now, &mut permit)
-        };
+        let admission =
+            if shared.breakers.is_none() && shared.limiter.is_none() && shared.paces.is_none() {
+                Admission::Go
+            } else {
+                let host = shared.host_of(&mut self.last_host, &req);
+                shared.admit(host, now, &mut permit)
+            };
         // Only a request that may be retried needs the shared state later.
         let stored = copy_for_retry(shared, &req);
         let later = stored.as_ref().map(|_| self.shared.clone());
@@ -800,28 +873,52 @@ fn elapsed() -> BoxError {
     Box::new(tower::timeout::error::Elapsed::new())
 }
 
-/// A token reserved for an attempt that waits for it: given back if the
-/// request is dropped before the wait ends.
+/// A token (or a paced slot) reserved for an attempt that waits for it:
+/// given back if the request is dropped before the wait ends.
 struct Hold {
-    bucket: TokenBucket,
+    host: Arc<HostCache>,
+    pacer: Option<apiguard_ratelimit::Pacer>,
     reservation: Reservation,
     spent: bool,
 }
 
 impl Hold {
-    fn new(bucket: &TokenBucket, reservation: Reservation) -> Self {
+    fn new(
+        host: &Arc<HostCache>,
+        pacer: Option<&apiguard_ratelimit::Pacer>,
+        reservation: Reservation,
+    ) -> Self {
         Self {
-            bucket: bucket.clone(),
+            host: host.clone(),
+            pacer: pacer.cloned(),
             reservation,
             spent: false,
         }
+    }
+
+    /// Whether the host was paused while this slot was waited for: the
+    /// attempt must then be admitted again, after the pause.
+    fn host_paused(&self) -> bool {
+        self.host
+            .pace
+            .as_ref()
+            .is_some_and(|p| p.is_paused(&self.host.key))
     }
 }
 
 impl Drop for Hold {
     fn drop(&mut self) {
-        if !self.spent {
-            self.bucket.cancel(&self.reservation);
+        if self.spent {
+            return;
+        }
+        match (&self.pacer, &self.host.bucket) {
+            (Some(p), _) => {
+                p.cancel(&self.reservation);
+            }
+            (None, Some(b)) => {
+                b.cancel(&self.reservation);
+            }
+            (None, None) => {}
         }
     }
 }
@@ -1061,6 +1158,15 @@ where
                     let slow = slow_of(this.slow);
                     slow.token = None;
                     if let Some(mut hold) = slow.hold.take() {
+                        if hold.host_paused() {
+                            // Held by a pause that began while it waited:
+                            // admitted again (the slot goes back, the
+                            // breaker's ticket unrecorded).
+                            drop(hold);
+                            *this.permit = None;
+                            this.step.set(Step::Admit);
+                            continue;
+                        }
                         hold.spent = true;
                     }
                     this.step.set(Step::Calling);

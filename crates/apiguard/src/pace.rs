@@ -1,0 +1,340 @@
+//! [`HostPaces`]: each host's adaptive pace, learned from its `429`s and
+//! quota fields (see [`apiguard_ratelimit::pace`] for the control law).
+//!
+//! A host gets a [`Pacer`] the first time it pushes back — a `429`, a `503`
+//! with `Retry-After`, or quota fields saying nothing is left — and from
+//! then on every request to it waits for the pacer's slot (and out its
+//! pauses) instead of the configured bucket's; the pace never exceeds the
+//! configured rate limit. A host that never pushed back has no pacer:
+//! its requests pay one atomic load to learn that, and each response a
+//! status comparison and a look for the quota fields.
+//!
+//! # Observability
+//!
+//! Every change of a host's pace emits a `tracing` event under the target
+//! `apiguard::pace` — `INFO` for a throttle, a published quota or an
+//! exhausted one, `DEBUG` for growth — with the fields `host`, `old_rate`,
+//! `new_rate` (requests per second), `pause_ms` and `reason`. With the
+//! `metrics` feature the gauge `apiguard_host_pace{host}` holds each
+//! host's pace; the first [`MAX_LABELLED_HOSTS`] hosts paced are labelled
+//! by name, later ones share the label `other`, so the number of series
+//! stays bounded.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use apiguard_core::headers::{
+    RATELIMIT, X_RATELIMIT_REMAINING, X_RATELIMIT_RESET, parse_retry_after,
+};
+use apiguard_core::{BoxError, Clock};
+use apiguard_ratelimit::{PaceChange, PaceConfig, PaceHint, PaceReason, Pacer};
+use dashmap::DashMap;
+use http::{HeaderMap, Response, StatusCode};
+
+use crate::stack::HostScope;
+
+type Hasher = foldhash::fast::RandomState;
+
+/// Hosts beyond this many share the metrics label `other`.
+pub const MAX_LABELLED_HOSTS: usize = 32;
+
+/// The pacers of a [`GuardLayer`](crate::GuardLayer), one per host that
+/// pushed back (see the [module docs](self)).
+///
+/// At most `max_hosts` are kept; when a new host finds no room, pacers no
+/// service holds and whose host is not paused are let go. A host that
+/// still finds no room is not paced (its requests go at the configured
+/// limit, if any) until room is made.
+///
+/// Clones share the pacers.
+#[derive(Clone)]
+pub struct HostPaces {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    map: DashMap<HostScope, Paced, Hasher>,
+    /// Bumped whenever a host gets a pacer: a service's cached view of a
+    /// host without one is stale when this moved.
+    epoch: AtomicU64,
+    config: PaceConfig,
+    max_hosts: usize,
+    labelled: AtomicUsize,
+    clock: Clock,
+}
+
+/// A host's pacer and its metrics label.
+#[derive(Clone)]
+pub(crate) struct Paced {
+    pacer: Pacer,
+    label: Arc<str>,
+}
+
+impl fmt::Debug for HostPaces {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HostPaces")
+            .field("config", &self.inner.config)
+            .field("max_hosts", &self.inner.max_hosts)
+            .field("paced", &self.len())
+            .finish()
+    }
+}
+
+impl HostPaces {
+    pub(crate) fn new(config: PaceConfig, max_hosts: usize) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                map: DashMap::with_hasher(Hasher::default()),
+                epoch: AtomicU64::new(0),
+                config,
+                max_hosts,
+                labelled: AtomicUsize::new(0),
+                clock: Clock::system(),
+            }),
+        }
+    }
+
+    /// The pacer of `host`, if it has one.
+    pub fn pacer(&self, host: &HostScope) -> Option<Pacer> {
+        self.inner.map.get(host).map(|p| p.pacer.clone())
+    }
+
+    /// The current pace of `host` (requests per second), if it is paced.
+    pub fn rate(&self, host: &HostScope) -> Option<f64> {
+        self.inner.map.get(host).map(|p| p.pacer.rate())
+    }
+
+    /// Whether `host` is paused now.
+    pub fn is_paused(&self, host: &HostScope) -> bool {
+        self.inner
+            .map
+            .get(host)
+            .is_some_and(|p| p.pacer.is_paused_at(self.inner.clock.now()))
+    }
+
+    /// How many hosts are paced.
+    pub fn len(&self) -> usize {
+        self.inner.map.len()
+    }
+
+    /// Whether no host is.
+    pub fn is_empty(&self) -> bool {
+        self.inner.map.is_empty()
+    }
+
+    /// The settings every host's pacer starts from.
+    pub fn config(&self) -> &PaceConfig {
+        &self.inner.config
+    }
+
+    fn label(&self, host: &HostScope) -> Arc<str> {
+        let n = self.inner.labelled.fetch_add(1, Ordering::Relaxed);
+        if n >= MAX_LABELLED_HOSTS {
+            return Arc::from("other");
+        }
+        match host {
+            Some(a) => Arc::from(a.as_str()),
+            None => Arc::from("*"),
+        }
+    }
+
+    /// The pacer of `host`, made if need be (and if there is room).
+    #[cold]
+    fn get_or_create(&self, host: &HostScope) -> Option<Paced> {
+        let inner = &*self.inner;
+        if let Some(p) = inner.map.get(host) {
+            return Some(p.clone());
+        }
+        if inner.map.len() >= inner.max_hosts && !self.sweep() {
+            return None;
+        }
+        let paced = inner
+            .map
+            .entry(host.clone())
+            .or_insert_with(|| Paced {
+                pacer: Pacer::new(inner.config, inner.clock.clone()),
+                label: self.label(host),
+            })
+            .clone();
+        inner.epoch.fetch_add(1, Ordering::Release);
+        Some(paced)
+    }
+
+    /// Lets go of pacers no one holds whose host is not paused; says
+    /// whether room was made.
+    fn sweep(&self) -> bool {
+        let inner = &*self.inner;
+        let now = inner.clock.now();
+        inner
+            .map
+            .retain(|_, p| p.pacer.handles() > 1 || p.pacer.is_paused_at(now));
+        inner.map.len() < inner.max_hosts
+    }
+}
+
+/// A service's view of one host's pacer: found once, then read with one
+/// atomic load per request.
+pub(crate) struct PaceSlot {
+    paces: HostPaces,
+    paced: OnceLock<Paced>,
+    /// The registry's epoch when this slot last found no pacer.
+    epoch: AtomicU64,
+}
+
+impl PaceSlot {
+    pub(crate) fn new(paces: &HostPaces, host: &HostScope) -> Self {
+        // The epoch is read before the map: a pacer made in between is
+        // found on the next request.
+        let epoch = paces.inner.epoch.load(Ordering::Acquire);
+        let paced = OnceLock::new();
+        if let Some(p) = paces.inner.map.get(host) {
+            let _ = paced.set(p.clone());
+        }
+        Self {
+            paces: paces.clone(),
+            paced,
+            epoch: AtomicU64::new(epoch),
+        }
+    }
+
+    /// The host's pacer, if it has one.
+    #[inline]
+    fn paced(&self, host: &HostScope) -> Option<&Paced> {
+        if let Some(p) = self.paced.get() {
+            return Some(p);
+        }
+        let now = self.paces.inner.epoch.load(Ordering::Acquire);
+        if now == self.epoch.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.refresh(host, now)
+    }
+
+    #[cold]
+    fn refresh(&self, host: &HostScope, epoch: u64) -> Option<&Paced> {
+        match self.paces.inner.map.get(host) {
+            Some(p) => {
+                let _ = self.paced.set(p.clone());
+                self.paced.get()
+            }
+            None => {
+                self.epoch.store(epoch, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    /// The host's pacer, if it has one.
+    #[inline]
+    pub(crate) fn pacer(&self, host: &HostScope) -> Option<&Pacer> {
+        self.paced(host).map(|p| &p.pacer)
+    }
+
+    /// Whether the host is paused now.
+    pub(crate) fn is_paused(&self, host: &HostScope) -> bool {
+        self.paced(host)
+            .is_some_and(|p| p.pacer.is_paused_at(self.paces.inner.clock.now()))
+    }
+
+    /// Learns from the response to a request to `host`.
+    #[inline]
+    pub(crate) fn observe<R>(&self, host: &HostScope, result: &Result<Response<R>, BoxError>) {
+        let Ok(res) = result else {
+            return;
+        };
+        let throttled = is_throttle(res);
+        let paced = self.paced(host);
+        if paced.is_none() && !throttled && !may_be_exhausted(res.headers()) {
+            return;
+        }
+        self.learn(host, paced.cloned(), throttled, res.headers());
+    }
+
+    #[cold]
+    fn learn(&self, host: &HostScope, paced: Option<Paced>, throttled: bool, headers: &HeaderMap) {
+        let inner = &*self.paces.inner;
+        let wall = SystemTime::now();
+        let hint = PaceHint::from_headers(headers, wall, &inner.config);
+        let paced = match paced {
+            Some(p) => p,
+            None if throttled || hint.pause.is_some() => {
+                let Some(p) = self.paces.get_or_create(host) else {
+                    return;
+                };
+                let _ = self.paced.set(p.clone());
+                p
+            }
+            None => return,
+        };
+        let now = inner.clock.now();
+        if throttled {
+            let retry_after = headers
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| parse_retry_after(v, wall));
+            let wait = retry_after.max(hint.pause);
+            report(&paced, paced.pacer.throttled(wait, now));
+            let quota = PaceHint {
+                pause: None,
+                rate: hint.rate,
+            };
+            report(&paced, paced.pacer.published(&quota, now));
+        } else {
+            report(&paced, paced.pacer.published(&hint, now));
+            report(&paced, paced.pacer.delivered(now));
+        }
+    }
+}
+
+/// `429`, or `503` with `Retry-After`.
+#[inline]
+fn is_throttle<R>(res: &Response<R>) -> bool {
+    let s = res.status();
+    s == StatusCode::TOO_MANY_REQUESTS
+        || (s == StatusCode::SERVICE_UNAVAILABLE
+            && res.headers().contains_key(http::header::RETRY_AFTER))
+}
+
+/// Whether a response may say its quota is used up (a host without a
+/// pacer looks no further unless it does).
+#[inline]
+fn may_be_exhausted(headers: &HeaderMap) -> bool {
+    !headers.is_empty()
+        && (headers.contains_key(RATELIMIT)
+            || (headers.contains_key(X_RATELIMIT_REMAINING)
+                && headers.contains_key(X_RATELIMIT_RESET)))
+}
+
+fn report(paced: &Paced, change: Option<PaceChange>) {
+    let Some(c) = change else {
+        return;
+    };
+    let pause_ms = u64::try_from(c.pause.as_millis()).unwrap_or(u64::MAX);
+    if c.reason == PaceReason::Recovering {
+        tracing::debug!(
+            target: "apiguard::pace",
+            host = %paced.label,
+            old_rate = c.old_rate,
+            new_rate = c.new_rate,
+            pause_ms,
+            reason = c.reason.as_str(),
+            "host pace changed"
+        );
+    } else {
+        tracing::info!(
+            target: "apiguard::pace",
+            host = %paced.label,
+            old_rate = c.old_rate,
+            new_rate = c.new_rate,
+            pause_ms,
+            reason = c.reason.as_str(),
+            "host pace changed"
+        );
+    }
+    #[cfg(feature = "metrics")]
+    crate::metrics::record_pace(&paced.label, c.new_rate);
+}
+
+/// The default longest pause.
+pub(crate) const DEFAULT_MAX_PAUSE: Duration = apiguard_ratelimit::pace::DEFAULT_MAX_PAUSE;
