@@ -1,10 +1,12 @@
 //! Support code shared by the workspace's examples and end-to-end tests:
-//! small local servers that misbehave on command.
+//! small local servers that misbehave on command, and a real nginx with a
+//! rate limit.
 
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 #![forbid(unsafe_code)]
 
 pub mod demo;
+pub mod nginx;
 pub mod plot;
 pub mod upstream;
 

@@ -46,9 +46,11 @@
 //!   [`START_RATE`], which doubles every second until the next throttle
 //!   measures the server.
 //!
-//! A throttle that arrives while the host is paused answers a request sent
-//! before the pause began: it may lengthen the pause to its own hint, but it
-//! does not cut the pace again.
+//! A throttle that answers a request admitted before the last cut says
+//! nothing new (TCP cuts once per window for the same reason): it may
+//! lengthen the pause to its own hint, but it does not cut the pace again.
+//! Without this rule the requests already queued at the old pace would
+//! cut it again and again after one refusal.
 //!
 //! [`TokenBucket`]: crate::TokenBucket
 
@@ -89,6 +91,13 @@ const MIN_PAUSE: Nanos = 50_000_000;
 const MAX_UNHINTED_PAUSE: Nanos = 1_000_000_000;
 /// A measurement window shorter than this says too little.
 const MIN_WINDOW: Nanos = 200_000_000;
+/// Delivery is measured over about the last second: long enough to hold a
+/// few requests, short enough to describe the server now rather than the
+/// client's quieter past.
+const TRAIL: Nanos = 1_000_000_000;
+/// Marks of the delivered count are kept this far apart.
+const MARK_EVERY: Nanos = 250_000_000;
+const MARKS: usize = 6;
 /// Growth is recomputed at most this often.
 const STEP_EVERY: Nanos = 100_000_000;
 /// Pace changes smaller than this fraction are not applied.
@@ -333,6 +342,42 @@ struct Control {
     window: Option<(Nanos, u64)>,
     /// Throttles in a row with no success between them.
     strikes: u32,
+    /// `(time, delivered)` marks of the last second or so, a ring.
+    marks: [(Nanos, u64); MARKS],
+    next_mark: usize,
+}
+
+impl Control {
+    fn mark(&mut self, now: Nanos, delivered: u64) {
+        let last = self.marks[(self.next_mark + MARKS - 1) % MARKS];
+        if last.1 != u64::MAX && now.saturating_sub(last.0) < MARK_EVERY {
+            return;
+        }
+        self.marks[self.next_mark] = (now, delivered);
+        self.next_mark = (self.next_mark + 1) % MARKS;
+    }
+
+    /// Requests per second the server let through lately: since the
+    /// oldest mark of the last [`TRAIL`] (or the newest older one), but
+    /// never from before the last throttle, when its bucket was empty.
+    fn delivery(&self, now: Nanos, delivered: u64) -> Option<f64> {
+        let floor = self.window.map_or(0, |(t, _)| t);
+        let mut best: Option<(Nanos, u64)> = self.window;
+        for &(t, d) in &self.marks {
+            if d == u64::MAX || t < floor || t > now {
+                continue;
+            }
+            best = match best {
+                None => Some((t, d)),
+                Some((bt, _)) if bt < now.saturating_sub(TRAIL) && t > bt => Some((t, d)),
+                Some((bt, _)) if t < bt && t >= now.saturating_sub(TRAIL) => Some((t, d)),
+                keep => keep,
+            };
+        }
+        let (start, before) = best?;
+        let span = now.saturating_sub(start);
+        (span >= MIN_WINDOW).then(|| delivered.saturating_sub(before) as f64 * 1e9 / span as f64)
+    }
 }
 
 impl fmt::Debug for Pacer {
@@ -381,6 +426,8 @@ impl Pacer {
                     published: f64::INFINITY,
                     window: None,
                     strikes: 0,
+                    marks: [(0, u64::MAX); MARKS],
+                    next_mark: 0,
                 }),
             }),
         }
@@ -415,6 +462,20 @@ impl Pacer {
     /// The settings.
     pub fn config(&self) -> &PaceConfig {
         &self.inner.config
+    }
+
+    /// The time between two requests at the current pace.
+    pub fn interval(&self) -> Duration {
+        nanos_to_duration(self.inner.interval.load(Ordering::Relaxed))
+    }
+
+    /// Whether a slot due at `due` and taken up at `now` was missed: its
+    /// waiter woke more than one interval late (a busy runtime). Sent now,
+    /// it would go out together with the requests of the slots after it,
+    /// as a burst; it should take a new slot instead.
+    #[inline]
+    pub fn missed(&self, due: Nanos, now: Nanos) -> bool {
+        now.saturating_sub(due) > self.inner.interval.load(Ordering::Relaxed)
     }
 
     /// The current pace, requests per second.
@@ -475,15 +536,21 @@ impl Pacer {
         interval
     }
 
-    /// The server refused a request at `now`, with a wait `hint` if it
-    /// gave one: pause, and cut the pace (see the module docs).
-    pub fn throttled(&self, hint: Option<Duration>, now: Nanos) -> Option<PaceChange> {
+    /// The server refused at `now` a request admitted at `admitted`
+    /// (zero if unknown: before any cut), with a wait `hint` if it gave
+    /// one: pause, and cut the pace (see the module docs).
+    pub fn throttled(
+        &self,
+        hint: Option<Duration>,
+        admitted: Nanos,
+        now: Nanos,
+    ) -> Option<PaceChange> {
         let cfg = &self.inner.config;
         let mut c = self.control();
         let old = c.rate;
         let delivered = self.inner.delivered.load(Ordering::Relaxed);
-        if self.is_paused_at(now) {
-            // An answer to a request sent before the pause began.
+        if c.window.is_some_and(|(cut, _)| admitted < cut) {
+            // An answer to a request admitted before the last cut.
             let end = now.saturating_add(cfg.clamp_pause(hint?));
             if end <= self.paused_until() {
                 return None;
@@ -501,13 +568,11 @@ impl Pacer {
         } else {
             0
         };
-        let measured = c.window.and_then(|(start, before)| {
-            let span = now.saturating_sub(start);
-            (span >= MIN_WINDOW)
-                .then(|| delivered.saturating_sub(before) as f64 * 1e9 / span as f64)
-        });
+        let measured = c.delivery(now, delivered);
         let base = match measured {
-            Some(m) if c.probing => old.min(m),
+            // Slow start runs ahead of what gets through: trust the
+            // measurement, unless nothing got through at all.
+            Some(m) if c.probing && m > 0.0 => old.min(m),
             Some(m) => old.min(m).max(old * 0.5),
             None => old,
         };
@@ -529,6 +594,7 @@ impl Pacer {
         c.anchor = new;
         c.grow_from = end;
         c.window = Some((now, delivered));
+        c.marks = [(0, u64::MAX); MARKS];
         Some(PaceChange {
             old_rate: old,
             new_rate: new,
@@ -561,15 +627,23 @@ impl Pacer {
         };
         i.next_step
             .store(now.saturating_add(STEP_EVERY), Ordering::Relaxed);
+        let delivered = i.delivered.load(Ordering::Relaxed);
+        c.mark(now, delivered);
         if now <= c.grow_from {
             return None;
         }
         let secs = (now - c.grow_from) as f64 / 1e9;
-        let target = if c.probing {
+        let mut target = if c.probing {
             c.anchor * secs.min(64.0).exp2()
         } else {
             c.anchor * (1.0 + INCREASE * secs)
         };
+        // Never more than twice what got through lately (the AWS SDKs'
+        // bound too): a pace that requests are not using, because they
+        // queue or because the caller is quiet, must not build up.
+        if let Some(m) = c.delivery(now, delivered) {
+            target = target.min((2.0 * m).max(c.rate));
+        }
         let new = i.config.clamp_rate(target, c.published);
         let old = c.rate;
         if (new - old).abs() <= old * EPSILON {
@@ -669,7 +743,7 @@ mod tests {
     fn a_throttle_pauses_every_request_then_paces_from_an_empty_bucket() {
         let (p, clock) = pacer(5, Some(30.0));
         let now = clock.clock().now();
-        let change = p.throttled(Some(Duration::from_secs(2)), now).unwrap();
+        let change = p.throttled(Some(Duration::from_secs(2)), now, now).unwrap();
         assert_eq!(change.reason, PaceReason::Throttled);
         assert_eq!(change.old_rate, 30.0);
         assert!((change.new_rate - 27.0).abs() < 0.01);
@@ -686,13 +760,13 @@ mod tests {
     fn one_throttle_after_a_measured_window_learns_the_servers_rate() {
         let (p, clock) = pacer(5, Some(30.0));
         let mut now = clock.clock().now();
-        p.throttled(None, now).unwrap();
+        p.throttled(None, now, now).unwrap();
         // The server let 20 requests a second through for two seconds.
         for _ in 0..40 {
             now += 50 * MS;
             p.delivered(now);
         }
-        let change = p.throttled(None, now).unwrap();
+        let change = p.throttled(None, now, now).unwrap();
         assert!(
             (change.new_rate - 18.0).abs() < 0.5,
             "0.9 x the delivered 20/s, got {}",
@@ -701,14 +775,17 @@ mod tests {
     }
 
     #[test]
-    fn throttles_during_a_pause_do_not_cut_again() {
+    fn throttles_of_requests_admitted_before_the_cut_do_not_cut_again() {
         let (p, clock) = pacer(1, Some(10.0));
         let now = clock.clock().now();
-        p.throttled(Some(Duration::from_secs(1)), now).unwrap();
+        p.throttled(Some(Duration::from_secs(1)), now, now).unwrap();
         let rate = p.rate();
-        assert!(p.throttled(None, now + MS).is_none());
+        assert!(p.throttled(None, now - MS, now + MS).is_none());
+        assert!(p.throttled(None, 0, now + 2 * SEC).is_none());
         // A longer hint lengthens the pause, at the same pace.
-        let c = p.throttled(Some(Duration::from_secs(3)), now + MS).unwrap();
+        let c = p
+            .throttled(Some(Duration::from_secs(3)), now - MS, now + MS)
+            .unwrap();
         assert_eq!(c.new_rate, c.old_rate);
         assert_eq!(p.rate(), rate);
         assert!(p.is_paused_at(now + 3 * SEC));
@@ -720,7 +797,7 @@ mod tests {
         let mut now = clock.clock().now();
         let mut pauses = Vec::new();
         for _ in 0..4 {
-            let c = p.throttled(None, now).unwrap();
+            let c = p.throttled(None, now, now).unwrap();
             pauses.push(c.pause);
             now += duration_to_nanos(c.pause);
         }
@@ -733,7 +810,7 @@ mod tests {
     fn successes_raise_the_pace_back_but_never_above_the_ceiling() {
         let (p, clock) = pacer(1, Some(20.0));
         let mut now = clock.clock().now();
-        p.throttled(None, now).unwrap();
+        p.throttled(None, now, now).unwrap();
         let low = p.rate();
         for _ in 0..600 {
             now += 50 * MS;
@@ -747,7 +824,7 @@ mod tests {
     fn without_a_ceiling_the_pace_starts_low_and_doubles() {
         let (p, clock) = pacer(1, None);
         let now = clock.clock().now();
-        p.throttled(None, now).unwrap();
+        p.throttled(None, now, now).unwrap();
         let start = p.rate();
         assert!((start - START_RATE * DECREASE).abs() < 0.01);
         let later = now + 3 * SEC;

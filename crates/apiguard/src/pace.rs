@@ -28,7 +28,7 @@ use std::time::{Duration, SystemTime};
 use apiguard_core::headers::{
     RATELIMIT, X_RATELIMIT_REMAINING, X_RATELIMIT_RESET, parse_retry_after,
 };
-use apiguard_core::{BoxError, Clock};
+use apiguard_core::{BoxError, Clock, Nanos};
 use apiguard_ratelimit::{PaceChange, PaceConfig, PaceHint, PaceReason, Pacer};
 use dashmap::DashMap;
 use http::{HeaderMap, Response, StatusCode};
@@ -238,9 +238,26 @@ impl PaceSlot {
             .is_some_and(|p| p.pacer.is_paused_at(self.paces.inner.clock.now()))
     }
 
-    /// Learns from the response to a request to `host`.
+    /// When a request to a paced host is admitted: the pacer's clock now;
+    /// zero for a host without a pacer (its request went out before any
+    /// cut), which spares those requests a clock reading.
     #[inline]
-    pub(crate) fn observe<R>(&self, host: &HostScope, result: &Result<Response<R>, BoxError>) {
+    pub(crate) fn stamp(&self, host: &HostScope, now: Option<Nanos>) -> Nanos {
+        match self.paced(host) {
+            Some(p) => now.unwrap_or_else(|| p.pacer.clock().now()),
+            None => 0,
+        }
+    }
+
+    /// Learns from the response to a request to `host` admitted at
+    /// `admitted` (see [`stamp`](Self::stamp)).
+    #[inline]
+    pub(crate) fn observe<R>(
+        &self,
+        host: &HostScope,
+        admitted: Nanos,
+        result: &Result<Response<R>, BoxError>,
+    ) {
         let Ok(res) = result else {
             return;
         };
@@ -249,11 +266,18 @@ impl PaceSlot {
         if paced.is_none() && !throttled && !may_be_exhausted(res.headers()) {
             return;
         }
-        self.learn(host, paced.cloned(), throttled, res.headers());
+        self.learn(host, paced.cloned(), throttled, admitted, res.headers());
     }
 
     #[cold]
-    fn learn(&self, host: &HostScope, paced: Option<Paced>, throttled: bool, headers: &HeaderMap) {
+    fn learn(
+        &self,
+        host: &HostScope,
+        paced: Option<Paced>,
+        throttled: bool,
+        admitted: Nanos,
+        headers: &HeaderMap,
+    ) {
         let inner = &*self.paces.inner;
         let wall = SystemTime::now();
         let hint = PaceHint::from_headers(headers, wall, &inner.config);
@@ -274,7 +298,7 @@ impl PaceSlot {
                 .get(http::header::RETRY_AFTER)
                 .and_then(|v| parse_retry_after(v, wall));
             let wait = retry_after.max(hint.pause);
-            report(&paced, paced.pacer.throttled(wait, now));
+            report(&paced, paced.pacer.throttled(wait, admitted, now));
             let quota = PaceHint {
                 pause: None,
                 rate: hint.rate,

@@ -487,6 +487,8 @@ impl Shared {
 struct Call {
     host: Arc<HostCache>,
     ticket: Option<Ticket>,
+    /// When a paced host admitted it (see `PaceSlot::stamp`).
+    admitted: Nanos,
 }
 
 impl Call {
@@ -502,7 +504,7 @@ impl Call {
     #[inline]
     fn record<R>(mut self, result: &Result<http::Response<R>, BoxError>) {
         if let Some(pace) = &self.host.pace {
-            pace.observe(&self.host.key, result);
+            pace.observe(&self.host.key, self.admitted, result);
         }
         let Some(ticket) = self.ticket.take() else {
             return;
@@ -573,6 +575,7 @@ impl Shared {
                     *permit = Some(Call {
                         host: host.clone(),
                         ticket: Some(ticket),
+                        admitted: 0,
                     })
                 }
                 Err(open) => {
@@ -584,21 +587,28 @@ impl Shared {
         // A host that pushed back is paced instead of bucketed (its pace
         // never exceeds the bucket's rate); its responses are recorded.
         let pacer = host.pace.as_ref().and_then(|p| p.pacer(&host.key));
-        if permit.is_none() && host.pace.is_some() {
-            *permit = Some(Call {
-                host: host.clone(),
-                ticket: None,
-            });
+        if let Some(pace) = &host.pace {
+            let admitted = pace.stamp(&host.key, now);
+            match permit {
+                Some(call) => call.admitted = admitted,
+                None => {
+                    *permit = Some(Call {
+                        host: host.clone(),
+                        ticket: None,
+                        admitted,
+                    })
+                }
+            }
         }
         if pacer.is_some() || host.bucket.is_some() {
+            let mut at = 0;
             let reserved = match (pacer, &host.bucket, now) {
                 // Waiting for the pace is bounded by the total timeout,
                 // not by `max_wait`: it is the price of not being refused.
-                (Some(p), _, now) => p.reserve_at(
-                    1,
-                    self.total_timeout.unwrap_or(self.max_wait),
-                    now.unwrap_or_else(|| p.clock().now()),
-                ),
+                (Some(p), _, now) => {
+                    at = now.unwrap_or_else(|| p.clock().now());
+                    p.reserve_at(1, self.total_timeout.unwrap_or(self.max_wait), at)
+                }
                 (None, Some(bucket), Some(now)) => bucket.reserve_at(1, self.max_wait, now),
                 (None, Some(bucket), None) => bucket.reserve(1, self.max_wait),
                 (None, None, _) => unreachable!("checked above"),
@@ -607,7 +617,8 @@ impl Shared {
                 Ok(r) => {
                     let wait = r.grant().wait;
                     if !wait.is_zero() {
-                        return Admission::Wait(wait, Hold::new(host, pacer, r));
+                        let due = at.saturating_add(apiguard_core::clock::duration_to_nanos(wait));
+                        return Admission::Wait(wait, Hold::new(host, pacer, r, due));
                     }
                 }
                 Err(limited) => {
@@ -879,6 +890,8 @@ struct Hold {
     host: Arc<HostCache>,
     pacer: Option<apiguard_ratelimit::Pacer>,
     reservation: Reservation,
+    /// When a paced slot is due.
+    due: Nanos,
     spent: bool,
 }
 
@@ -887,18 +900,25 @@ impl Hold {
         host: &Arc<HostCache>,
         pacer: Option<&apiguard_ratelimit::Pacer>,
         reservation: Reservation,
+        due: Nanos,
     ) -> Self {
         Self {
             host: host.clone(),
             pacer: pacer.cloned(),
             reservation,
+            due,
             spent: false,
         }
     }
 
-    /// Whether the host was paused while this slot was waited for: the
-    /// attempt must then be admitted again, after the pause.
-    fn host_paused(&self) -> bool {
+    /// Whether the attempt must be admitted again: its host was paused
+    /// while it waited, or it woke too late for its paced slot.
+    fn stale(&self) -> bool {
+        if let Some(p) = &self.pacer
+            && p.missed(self.due, p.clock().now())
+        {
+            return true;
+        }
         self.host
             .pace
             .as_ref()
@@ -1158,10 +1178,11 @@ where
                     let slow = slow_of(this.slow);
                     slow.token = None;
                     if let Some(mut hold) = slow.hold.take() {
-                        if hold.host_paused() {
-                            // Held by a pause that began while it waited:
-                            // admitted again (the slot goes back, the
-                            // breaker's ticket unrecorded).
+                        if hold.stale() {
+                            // Held by a pause that began while it waited,
+                            // or late for its slot: admitted again (the
+                            // slot goes back, the breaker's ticket
+                            // unrecorded).
                             drop(hold);
                             *this.permit = None;
                             this.step.set(Step::Admit);
