@@ -393,7 +393,7 @@ impl fmt::Debug for Pacer {
 fn interval_of(rate: f64) -> Nanos {
     let ns = 1e9 / rate;
     if ns.is_finite() && ns >= 1.0 {
-        ns.min(u64::MAX as f64 / 4.0) as Nanos
+        ns.ceil().min(u64::MAX as f64 / 4.0) as Nanos
     } else {
         1
     }
@@ -913,5 +913,64 @@ mod tests {
         assert_eq!(hint.rate, Some(DEFAULT_FLOOR));
         let h = headers(&[("ratelimit-policy", "\"a\";q=999999999999999;w=1")]);
         assert!(PaceHint::from_headers(&h, now, &cfg).is_empty());
+    }
+
+    fn field() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            // Plausible values, hostile numbers, and noise.
+            "[0-9]{1,22}",
+            "-[0-9]{1,5}",
+            "[0-9]{1,3}\\.[0-9]{0,12}",
+            "\"[a-z]{0,3}\";r=-?[0-9]{1,17};t=-?[0-9]{1,17}",
+            "\"[a-z]{0,3}\";q=-?[0-9]{1,17};w=-?[0-9]{1,17}",
+            "[ -~]{0,40}",
+        ]
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_headers_give_a_bounded_hint_and_a_bounded_pace(
+            values in proptest::collection::vec(field(), 6),
+            max_pause_s in 0u64..100_000,
+            ceiling in proptest::option::of(0.01f64..1e6),
+        ) {
+            let names = [
+                "ratelimit",
+                "ratelimit-policy",
+                "x-ratelimit-limit",
+                "x-ratelimit-remaining",
+                "x-ratelimit-reset",
+                "ratelimit-reset",
+            ];
+            let mut h = HeaderMap::new();
+            for (name, v) in names.iter().zip(&values) {
+                if let Ok(v) = HeaderValue::from_str(v) {
+                    h.append(*name, v);
+                }
+            }
+            let max_pause = Duration::from_secs(max_pause_s);
+            let cfg = PaceConfig::new(3, ceiling).unwrap().max_pause(max_pause);
+            let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+            let hint = PaceHint::from_headers(&h, now, &cfg);
+            if let Some(p) = hint.pause {
+                proptest::prop_assert!(p <= max_pause);
+            }
+            if let Some(r) = hint.rate {
+                proptest::prop_assert!(r.is_finite() && r >= cfg.floor_rate() && r <= MAX_RATE);
+            }
+            // Applied to a pacer, it keeps the pace within floor and
+            // ceiling and the pause within the maximum.
+            let manual = ManualClock::new();
+            manual.set(SEC);
+            let p = Pacer::new(cfg, manual.clock());
+            p.published(&hint, SEC);
+            p.throttled(hint.pause, SEC, SEC);
+            let rate = p.rate();
+            let top = ceiling.unwrap_or(MAX_RATE);
+            proptest::prop_assert!(rate <= top * 1.000_001 + 1e-9, "{} > {}", rate, top);
+            proptest::prop_assert!(rate >= cfg.floor_rate() * 0.999_999, "{}", rate);
+            proptest::prop_assert!(p.paused_until() <= SEC + duration_to_nanos(max_pause));
+        }
     }
 }

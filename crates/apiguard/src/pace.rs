@@ -362,3 +362,170 @@ fn report(paced: &Paced, change: Option<PaceChange>) {
 
 /// The default longest pause.
 pub(crate) const DEFAULT_MAX_PAUSE: Duration = apiguard_ratelimit::pace::DEFAULT_MAX_PAUSE;
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http::{Request, Response, StatusCode};
+    use http_body_util::Full;
+    use tokio::time::Instant;
+    use tower::{Service, ServiceExt, service_fn};
+    use tower_layer::Layer;
+
+    use crate::GuardLayer;
+
+    fn get(host: &str) -> Request<Full<Bytes>> {
+        Request::get(format!("http://{host}/"))
+            .body(Full::default())
+            .unwrap()
+    }
+
+    /// An upstream whose first call answers `429` (with `Retry-After:
+    /// retry_after` seconds) after `delay`; later calls `200` at once.
+    #[allow(clippy::type_complexity)]
+    fn refusing_once(
+        retry_after: Option<u64>,
+        delay: Duration,
+    ) -> (
+        impl Service<
+            Request<Full<Bytes>>,
+            Response = Response<Full<Bytes>>,
+            Error = Infallible,
+            Future = impl Send,
+        > + Clone,
+        Arc<AtomicU32>,
+    ) {
+        let calls = Arc::new(AtomicU32::new(0));
+        let seen = calls.clone();
+        let svc = service_fn(move |_req: Request<Full<Bytes>>| {
+            let n = seen.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let mut res = Response::new(Full::default());
+                if n == 0 {
+                    tokio::time::sleep(delay).await;
+                    *res.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+                    if let Some(s) = retry_after {
+                        res.headers_mut()
+                            .insert(http::header::RETRY_AFTER, s.to_string().parse().unwrap());
+                    }
+                }
+                Ok::<_, Infallible>(res)
+            }
+        });
+        (svc, calls)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_429_pauses_every_new_request_to_its_host_until_retry_after() {
+        let layer = GuardLayer::builder().build().unwrap();
+        let (up, _) = refusing_once(Some(2), Duration::ZERO);
+        let svc = layer.layer(up);
+        let start = Instant::now();
+        let res = svc.clone().oneshot(get("a.example")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+        let res = svc.clone().oneshot(get("a.example")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+        // Another host is not held.
+        let before = Instant::now();
+        svc.oneshot(get("b.example")).await.unwrap();
+        assert_eq!(before.elapsed(), Duration::ZERO);
+        let paces = layer.paces().unwrap();
+        assert!(paces.rate(&Some("a.example".parse().unwrap())).is_some());
+        assert!(paces.rate(&Some("b.example".parse().unwrap())).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_waiting_for_its_token_is_held_by_a_pause_that_begins_meanwhile() {
+        let layer = GuardLayer::builder().rate_limit(1, 1.0).build().unwrap();
+        // The first call is refused 100 ms in, with `Retry-After: 5`.
+        let (up, calls) = refusing_once(Some(5), Duration::from_millis(100));
+        let svc = layer.layer(up);
+        let start = Instant::now();
+        let first = tokio::spawn(svc.clone().oneshot(get("a.example")));
+        tokio::task::yield_now().await;
+        // The bucket is empty: this one waits a second for its token, and
+        // the pause begins while it waits.
+        let second = svc.clone().oneshot(get("a.example")).await.unwrap();
+        assert_eq!(second.status(), StatusCode::OK);
+        assert!(
+            start.elapsed() >= Duration::from_millis(5100),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(
+            first.await.unwrap().unwrap().status(),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_one_scope_for_all_hosts_a_429_pauses_them_all() {
+        let layer = GuardLayer::builder().per_host(false).build().unwrap();
+        let (up, _) = refusing_once(Some(3), Duration::ZERO);
+        let svc = layer.layer(up);
+        svc.clone().oneshot(get("a.example")).await.unwrap();
+        let start = Instant::now();
+        svc.oneshot(get("b.example")).await.unwrap();
+        assert_eq!(start.elapsed(), Duration::from_secs(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_adaptive_a_429_holds_nothing() {
+        let layer = GuardLayer::builder().adaptive(false).build().unwrap();
+        let (up, _) = refusing_once(Some(3), Duration::ZERO);
+        let svc = layer.layer(up);
+        svc.clone().oneshot(get("a.example")).await.unwrap();
+        let start = Instant::now();
+        svc.oneshot(get("a.example")).await.unwrap();
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        assert!(layer.paces().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_is_cut_to_max_pause_and_waits_within_the_total_timeout() {
+        let layer = GuardLayer::builder()
+            .max_pause(Duration::from_secs(4))
+            .total_timeout(Duration::from_secs(10))
+            .build()
+            .unwrap();
+        let (up, _) = refusing_once(Some(86_400), Duration::ZERO);
+        let svc = layer.layer(up);
+        svc.clone().oneshot(get("a.example")).await.unwrap();
+        let start = Instant::now();
+        let res = svc.oneshot(get("a.example")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(start.elapsed(), Duration::from_secs(4));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_published_exhausted_quota_pauses_the_host_until_its_reset() {
+        let layer = GuardLayer::builder().build().unwrap();
+        let calls = Arc::new(AtomicU32::new(0));
+        let seen = calls.clone();
+        let up = service_fn(move |_req: Request<Full<Bytes>>| {
+            let n = seen.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let mut res = Response::new(Full::<Bytes>::default());
+                if n == 0 {
+                    let h = res.headers_mut();
+                    h.insert("x-ratelimit-remaining", "0".parse().unwrap());
+                    h.insert("x-ratelimit-reset", "7".parse().unwrap());
+                }
+                Ok::<_, Infallible>(res)
+            }
+        });
+        let svc = layer.layer(up);
+        let res = svc.clone().oneshot(get("a.example")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let start = Instant::now();
+        svc.oneshot(get("a.example")).await.unwrap();
+        assert_eq!(start.elapsed(), Duration::from_secs(7));
+    }
+}
