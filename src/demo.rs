@@ -76,6 +76,10 @@ pub struct ClientReport {
     pub peak_per_sec: usize,
     /// When the upstream saw each call.
     pub arrivals: Vec<Duration>,
+    /// Median latency of the requests that succeeded (waits included).
+    pub p50: Duration,
+    /// 99th-percentile latency of the requests that succeeded.
+    pub p99: Duration,
 }
 
 /// The server burst's outcome for one client address.
@@ -140,6 +144,32 @@ struct Tally {
     lost: AtomicU64,
     attempts: AtomicU64,
     waited_nanos: AtomicU64,
+    /// Latency of each request that succeeded.
+    latencies: Mutex<Vec<Duration>>,
+}
+
+impl Tally {
+    fn succeeded(&self, took: Duration) {
+        self.ok.fetch_add(1, Ordering::Relaxed);
+        self.latencies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(took);
+    }
+
+    /// The `q` quantile of the successful requests' latencies.
+    fn latency(&self, q: f64) -> Duration {
+        let mut l = self
+            .latencies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if l.is_empty() {
+            return Duration::ZERO;
+        }
+        l.sort();
+        l[((l.len() - 1) as f64 * q).round() as usize]
+    }
 }
 
 /// Runs the demo.
@@ -235,6 +265,7 @@ pub async fn run(cfg: Config) -> Result<Report, Box<dyn std::error::Error + Send
         let (client, tally) = (guarded.clone(), guarded_tally.clone());
         tasks.spawn(async move {
             tally.issued.fetch_add(1, Ordering::Relaxed);
+            let sent = Instant::now();
             let ok = match client.get("/work").await {
                 Ok(res) => {
                     let ok = res.status().is_success();
@@ -243,8 +274,11 @@ pub async fn run(cfg: Config) -> Result<Report, Box<dyn std::error::Error + Send
                 }
                 Err(_) => false,
             };
-            let counter = if ok { &tally.ok } else { &tally.lost };
-            counter.fetch_add(1, Ordering::Relaxed);
+            if ok {
+                tally.succeeded(sent.elapsed());
+            } else {
+                tally.lost.fetch_add(1, Ordering::Relaxed);
+            }
         });
     }
     while tasks.join_next().await.is_some() {}
@@ -299,6 +333,7 @@ async fn naive_request(
     tally: &Tally,
 ) {
     tally.issued.fetch_add(1, Ordering::Relaxed);
+    let sent = Instant::now();
     for attempt in 0..4 {
         if attempt > 0 {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -312,7 +347,7 @@ async fn naive_request(
             let ok = res.status().is_success();
             let _ = res.into_body().collect().await;
             if ok {
-                tally.ok.fetch_add(1, Ordering::Relaxed);
+                tally.succeeded(sent.elapsed());
                 return;
             }
         }
@@ -333,6 +368,8 @@ fn client_report(tally: &Tally, upstream: &Upstream) -> ClientReport {
         waiting: Duration::from_nanos(tally.waited_nanos.load(Ordering::Relaxed)),
         peak_per_sec: upstream.stats().peak(Duration::from_secs(1)),
         arrivals: upstream.stats().arrivals(),
+        p50: tally.latency(0.5),
+        p99: tally.latency(0.99),
     }
 }
 
@@ -425,6 +462,16 @@ impl Report {
             g.too_many.to_string(),
         );
         row("retries sent", n.retries.to_string(), g.retries.to_string());
+        row(
+            "latency of successes p50 (ms)",
+            format!("{:.0}", n.p50.as_secs_f64() * 1e3),
+            format!("{:.0}", g.p50.as_secs_f64() * 1e3),
+        );
+        row(
+            "latency of successes p99 (ms)",
+            format!("{:.0}", n.p99.as_secs_f64() * 1e3),
+            format!("{:.0}", g.p99.as_secs_f64() * 1e3),
+        );
         row(
             "time spent waiting (s, summed)",
             format!("{:.1}", n.waiting.as_secs_f64()),

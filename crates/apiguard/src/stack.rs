@@ -601,11 +601,12 @@ impl Shared {
             }
         }
         if pacer.is_some() || host.bucket.is_some() {
-            let mut at = 0;
+            let (mut at, mut cuts) = (0, 0);
             let reserved = match (pacer, &host.bucket, now) {
                 // Waiting for the pace is bounded by the total timeout,
                 // not by `max_wait`: it is the price of not being refused.
                 (Some(p), _, now) => {
+                    cuts = p.cuts();
                     at = now.unwrap_or_else(|| p.clock().now());
                     p.reserve_at(1, self.total_timeout.unwrap_or(self.max_wait), at)
                 }
@@ -618,7 +619,7 @@ impl Shared {
                     let wait = r.grant().wait;
                     if !wait.is_zero() {
                         let due = at.saturating_add(apiguard_core::clock::duration_to_nanos(wait));
-                        return Admission::Wait(wait, Hold::new(host, pacer, r, due));
+                        return Admission::Wait(wait, Hold::new(host, pacer, r, due, cuts));
                     }
                 }
                 Err(limited) => {
@@ -890,8 +891,10 @@ struct Hold {
     host: Arc<HostCache>,
     pacer: Option<apiguard_ratelimit::Pacer>,
     reservation: Reservation,
-    /// When a paced slot is due.
+    /// When a paced slot is due, and the pacer's cut count before it was
+    /// reserved.
     due: Nanos,
+    cuts: u64,
     spent: bool,
 }
 
@@ -901,21 +904,24 @@ impl Hold {
         pacer: Option<&apiguard_ratelimit::Pacer>,
         reservation: Reservation,
         due: Nanos,
+        cuts: u64,
     ) -> Self {
         Self {
             host: host.clone(),
             pacer: pacer.cloned(),
             reservation,
             due,
+            cuts,
             spent: false,
         }
     }
 
     /// Whether the attempt must be admitted again: its host was paused
-    /// while it waited, or it woke too late for its paced slot.
+    /// while it waited, its paced slot was voided by a cut, or it woke too
+    /// late for that slot.
     fn stale(&self) -> bool {
         if let Some(p) = &self.pacer
-            && p.missed(self.due, p.clock().now())
+            && (p.cuts() != self.cuts || p.missed(self.due, p.clock().now()))
         {
             return true;
         }
