@@ -49,8 +49,8 @@
 //!   limit on average.
 //! - **Slow start** when no limit is known (no rate limit configured, no
 //!   quota published): the first throttle creates the pacer at
-//!   [`START_RATE`], which doubles every second until the next throttle
-//!   measures the server.
+//!   [`START_RATE`], which grows fourfold a second (bounded by twice what
+//!   gets through) until the next throttle measures the server.
 //!
 //! A throttle that answers a request admitted before the last cut says
 //! nothing new (TCP cuts once per window for the same reason): it may
@@ -80,7 +80,7 @@ pub const DECREASE: f64 = 0.9;
 /// CUBIC's scale, as a fraction of `w_max` per second cubed.
 pub const CUBIC_C: f64 = 0.03;
 /// The pace a pacer starts at when no limit is known, in requests per
-/// second; it doubles every second until the server's next throttle.
+/// second; it grows fourfold a second until the server's next throttle.
 pub const START_RATE: f64 = 10.0;
 /// The slowest pace by default: one request every two seconds (the AWS
 /// SDKs' minimum fill rate too).
@@ -661,7 +661,7 @@ impl Pacer {
         }
         let secs = (now - c.grow_from) as f64 / 1e9;
         let mut target = if c.probing {
-            c.anchor * secs.min(64.0).exp2()
+            c.anchor * (2.0 * secs.min(32.0)).exp2()
         } else {
             // K = ∛((1 − β) / C): the curve starts at the cut pace.
             let k = ((1.0 - DECREASE) / CUBIC_C).cbrt();
