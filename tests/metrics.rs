@@ -126,3 +126,44 @@ fn metrics_layer_labels_outcomes() {
         1
     );
 }
+
+#[test]
+fn a_throttled_host_gets_a_pace_gauge_labelled_by_host() {
+    let recorder = DebuggingRecorder::new();
+    let snap = recorder.snapshotter();
+    let host = metrics::with_local_recorder(&recorder, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let up = Upstream::start(Behavior::Status(429)).await.unwrap();
+            let client = GuardedClient::builder()
+                .base_url(up.url())
+                .max_retries(0)
+                .build()
+                .unwrap();
+            let res = client.get("/").await.unwrap();
+            assert_eq!(res.status(), 429);
+            up.url().trim_start_matches("http://").to_owned()
+        })
+    });
+    let snap = snap.snapshot().into_vec();
+    let gauge = snap.iter().find_map(|(key, _, _, value)| {
+        let labelled = key
+            .key()
+            .labels()
+            .any(|l| l.key() == "host" && l.value() == host);
+        match value {
+            DebugValue::Gauge(g) if key.key().name() == "apiguard_host_pace" && labelled => {
+                Some(g.into_inner())
+            }
+            _ => None,
+        }
+    });
+    let rate = gauge.expect("a pace gauge for the throttled host");
+    assert!(
+        rate > 0.0 && rate <= apiguard::ratelimit::pace::START_RATE,
+        "{rate}"
+    );
+}

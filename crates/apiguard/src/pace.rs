@@ -238,19 +238,9 @@ impl PaceSlot {
             .is_some_and(|p| p.pacer.is_paused_at(self.paces.inner.clock.now()))
     }
 
-    /// When a request to a paced host is admitted: the pacer's clock now;
-    /// zero for a host without a pacer (its request went out before any
-    /// cut), which spares those requests a clock reading.
-    #[inline]
-    pub(crate) fn stamp(&self, host: &HostScope, now: Option<Nanos>) -> Nanos {
-        match self.paced(host) {
-            Some(p) => now.unwrap_or_else(|| p.pacer.clock().now()),
-            None => 0,
-        }
-    }
-
     /// Learns from the response to a request to `host` admitted at
-    /// `admitted` (see [`stamp`](Self::stamp)).
+    /// `admitted` (the pacer's clock then; zero when the host had no
+    /// pacer).
     #[inline]
     pub(crate) fn observe<R>(
         &self,
