@@ -631,7 +631,7 @@ impl Pacer {
     }
 
     /// A request went through at `now`: counts it, and every
-    /// [`STEP_EVERY`] lets the pace grow back. Lock-free unless it is time
+    /// tenth of a second lets the pace grow back. Lock-free unless it is time
     /// to grow, and then it skips the step if another thread holds the
     /// lock.
     #[inline]
