@@ -301,13 +301,18 @@ impl PaceSlot {
     }
 }
 
-/// `429`, or `503` with `Retry-After`.
+/// `429`, or `503` with a `Retry-After` that parses (one that does not is
+/// as if absent: a plain outage, the breaker's business).
 #[inline]
 fn is_throttle<R>(res: &Response<R>) -> bool {
     let s = res.status();
     s == StatusCode::TOO_MANY_REQUESTS
         || (s == StatusCode::SERVICE_UNAVAILABLE
-            && res.headers().contains_key(http::header::RETRY_AFTER))
+            && res
+                .headers()
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| parse_retry_after(v, SystemTime::now()))
+                .is_some())
 }
 
 /// Whether a response may say its quota is used up (a host without a
