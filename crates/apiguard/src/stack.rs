@@ -24,6 +24,11 @@
 //! URI's authority, or the `Host` header): one failing host does not open
 //! the circuit for another, and each host's quota is its own.
 //!
+//! Adaptive pacing is on by default ([`GuardLayerBuilder::adaptive`]): a
+//! host that answers `429` (or `503` with `Retry-After`, or quota fields
+//! saying nothing is left) is paused for every request and then paced at
+//! what it lets through, in place of its bucket; see [`pace`](crate::pace).
+//!
 //! # How it runs
 //!
 //! The parts are not stacked as separate tower layers: [`Guard`] runs them
