@@ -87,6 +87,11 @@ pub const START_RATE: f64 = 10.0;
 pub const DEFAULT_FLOOR: f64 = 0.5;
 /// The longest pause by default.
 pub const DEFAULT_MAX_PAUSE: Duration = Duration::from_secs(60);
+/// Lateness a paced waiter may have without losing its slot (see
+/// [`Pacer::missed`]).
+pub const MISSED_SLACK: Duration = Duration::from_millis(10);
+const MISSED_SLACK_NS: Nanos = 10_000_000;
+
 /// A published quota faster than this (requests per second) is not
 /// believed.
 pub const MAX_RATE: f64 = 1e7;
@@ -490,12 +495,15 @@ impl Pacer {
     }
 
     /// Whether a slot due at `due` and taken up at `now` was missed: its
-    /// waiter woke more than one interval late (a busy runtime). Sent now,
-    /// it would go out together with the requests of the slots after it,
-    /// as a burst; it should take a new slot instead.
+    /// waiter woke more than one interval late, and more than
+    /// [`MISSED_SLACK`] (timers fire on a millisecond wheel), because the
+    /// runtime was busy. Sent now, it would go out together with the
+    /// requests of the slots after it, as a burst; it should take a new
+    /// slot instead.
     #[inline]
     pub fn missed(&self, due: Nanos, now: Nanos) -> bool {
-        now.saturating_sub(due) > self.inner.interval.load(Ordering::Relaxed)
+        let late = now.saturating_sub(due);
+        late > MISSED_SLACK_NS && late > self.inner.interval.load(Ordering::Relaxed)
     }
 
     /// The current pace, requests per second.
@@ -755,6 +763,18 @@ mod tests {
 
     fn wait(p: &Pacer, now: Nanos) -> Duration {
         p.reserve_at(1, Duration::MAX, now).unwrap().grant().wait
+    }
+
+    #[test]
+    fn a_slot_is_missed_only_beyond_an_interval_and_the_timer_slack() {
+        let (p, clock) = pacer(1, Some(1000.0));
+        let now = clock.clock().now();
+        // 1 ms interval: lateness under the 10 ms slack keeps the slot.
+        assert!(!p.missed(now, now + 5 * MS));
+        assert!(p.missed(now, now + 11 * MS));
+        let (slow, _) = pacer(1, Some(20.0));
+        assert!(!slow.missed(now, now + 40 * MS));
+        assert!(slow.missed(now, now + 60 * MS));
     }
 
     #[test]

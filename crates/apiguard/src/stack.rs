@@ -719,6 +719,7 @@ where
                         backoff: None,
                         breaker: None,
                         queued_at: None,
+                        relaid: false,
                     })),
                 }
             }
@@ -752,6 +753,7 @@ where
                         backoff: None,
                         breaker: Some(wait),
                         queued_at,
+                        relaid: false,
                     })),
                 }
             }
@@ -924,11 +926,11 @@ impl Hold {
     }
 
     /// Whether the attempt must be admitted again: its host was paused
-    /// while it waited, its paced slot was voided by a cut, or it woke too
-    /// late for that slot.
-    fn stale(&self) -> bool {
+    /// while it waited, its paced slot was voided by a cut, or (when
+    /// `late_counts`) it woke too late for that slot.
+    fn stale(&self, late_counts: bool) -> bool {
         if let Some(p) = &self.pacer
-            && (p.cuts() != self.cuts || p.missed(self.due, p.clock().now()))
+            && (p.cuts() != self.cuts || (late_counts && p.missed(self.due, p.clock().now())))
         {
             return true;
         }
@@ -969,6 +971,10 @@ struct Slow<B> {
     /// When the request first waited for a breaker: its place in the
     /// breaker's backlog.
     queued_at: Option<Nanos>,
+    /// The attempt already took a new slot once for waking late: it keeps
+    /// the next one however late it wakes, so a starved runtime cannot
+    /// starve the request.
+    relaid: bool,
 }
 
 pin_project! {
@@ -1089,6 +1095,7 @@ fn slow_of<B>(slow: &mut Option<Box<Slow<B>>>) -> &mut Slow<B> {
             backoff: None,
             breaker: None,
             queued_at: None,
+            relaid: false,
         })
     })
 }
@@ -1191,7 +1198,8 @@ where
                     let slow = slow_of(this.slow);
                     slow.token = None;
                     if let Some(mut hold) = slow.hold.take() {
-                        if hold.stale() {
+                        if hold.stale(!slow.relaid) {
+                            slow.relaid = true;
                             // Held by a pause that began while it waited,
                             // or late for its slot: admitted again (the
                             // slot goes back, the breaker's ticket
