@@ -25,11 +25,27 @@ fn assert_adds_up(s: &ClientStats) {
     assert_eq!(s.failed, parts, "{s:?}");
 }
 
+/// The names of the errors down `err`'s `source()` chain, until one is `T`
+/// (`None` when none is).
+fn chain_to<T: Error + 'static>(err: &(dyn Error + 'static)) -> Result<Vec<String>, Vec<String>> {
+    let mut link = Some(err);
+    let mut chain = Vec::new();
+    while let Some(e) = link {
+        chain.push(e.to_string());
+        if e.is::<T>() {
+            return Ok(chain);
+        }
+        link = e.source();
+    }
+    Err(chain)
+}
+
 #[tokio::test]
-async fn retries_that_end_on_an_open_circuit_answer_as_an_open_circuit() {
+async fn a_retry_the_open_circuit_refuses_answers_as_an_open_circuit() {
     let up = Upstream::start(Behavior::Status(503)).await.unwrap();
-    // Two 503s open the circuit; the last retry is refused by it, and the
-    // retries have run out there.
+    // Two 503s open the circuit for a minute; the retry that follows is
+    // refused by it before it is sent. That refusal spent no attempt, and
+    // its wait is longer than the client would sit out, so it is the answer.
     let c = client(&up)
         .max_retries(2)
         .failure_threshold(2)
@@ -37,39 +53,57 @@ async fn retries_that_end_on_an_open_circuit_answer_as_an_open_circuit() {
         .build()
         .unwrap();
     let err = c.get("/").await.unwrap_err();
-    assert!(err.retries_exhausted(), "{err:?}");
-    assert_eq!(err.attempts(), Some(3), "{err:?}");
     assert_eq!(err.kind(), ErrorKind::CircuitOpen, "{err:?}");
     assert!(err.is_circuit_open());
     assert!(!err.is_rate_limited());
+    assert!(!err.retries_exhausted(), "{err:?}");
     assert!(err.cause().is::<CircuitOpen>(), "{err:?}");
     let wait = err.retry_after().expect("the breaker's wait");
     assert!(wait > Duration::from_secs(50), "{wait:?}");
     assert!(err.to_string().contains("circuit open"), "{err}");
-    // `source()` walks down to the refusal.
-    let mut link: Option<&(dyn Error + 'static)> = Some(&err);
-    let mut chain = Vec::new();
-    while let Some(e) = link {
-        chain.push(e.to_string());
-        if e.is::<CircuitOpen>() {
-            break;
-        }
-        link = e.source();
-    }
-    assert!(link.is_some(), "no CircuitOpen down {chain:?}");
+    let chain = chain_to::<CircuitOpen>(&err);
+    assert!(chain.is_ok(), "no CircuitOpen down {chain:?}");
     assert_eq!(up.requests(), 2);
 
     let s = c.stats();
     assert_eq!((s.requests, s.failed, s.circuit_open), (1, 1, 1), "{s:?}");
-    assert_eq!(s.retries_exhausted, 1, "{s:?}");
+    assert_eq!(s.retries_exhausted, 0, "{s:?}");
     assert_adds_up(&s);
 
-    // The next request is refused before it is sent, and its wait is too
-    // long to sit out: the same answers, without retries.
+    // The next request is refused before it is sent: the same answers.
     let err = c.get("/").await.unwrap_err();
     assert!(err.is_circuit_open() && !err.retries_exhausted(), "{err:?}");
     assert!(err.retry_after().unwrap() > Duration::from_secs(50));
+    assert_eq!(up.requests(), 2);
     assert_adds_up(&c.stats());
+}
+
+#[tokio::test]
+async fn retries_that_run_out_answer_with_their_last_cause() {
+    // Every attempt hangs past its timeout; the breaker never opens.
+    let up = Upstream::start(Behavior::Slow(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    let c = client(&up)
+        .max_retries(2)
+        .failure_threshold(100)
+        .attempt_timeout(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let err = c.get("/").await.unwrap_err();
+    assert!(err.retries_exhausted(), "{err:?}");
+    assert_eq!(err.attempts(), Some(3), "{err:?}");
+    // The kind is the last attempt's, not "retries exhausted".
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err:?}");
+    assert!(err.is_timeout() && !err.is_circuit_open() && !err.is_rate_limited());
+    let chain = chain_to::<tower::timeout::error::Elapsed>(&err);
+    assert!(chain.is_ok(), "no Elapsed down {chain:?}");
+    assert_eq!(up.requests(), 3);
+
+    let s = c.stats();
+    assert_eq!((s.requests, s.failed, s.timeouts), (1, 1, 1), "{s:?}");
+    assert_eq!(s.retries_exhausted, 1, "{s:?}");
+    assert_adds_up(&s);
 }
 
 #[tokio::test]
