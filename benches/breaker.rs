@@ -11,6 +11,9 @@
 //! - `closed`: what does a healthy call pay for passing a closed breaker?
 //! - `open`: what does a refusal cost?
 //! - `contended/{2,8}`: the closed path with 2 and 8 threads on one breaker.
+//! - `permit`: the breakers alone, no tower service: our permit
+//!   (`try_acquire` + `success`) and ticket against recloser's `call` on a
+//!   closure that succeeds, both with a 100-call count window.
 //!
 //! Run: `cargo bench -p apiguard-benches --bench breaker`.
 
@@ -286,6 +289,47 @@ fn closed(c: &mut Criterion) {
     g.finish();
 }
 
+fn permit(c: &mut Criterion) {
+    let mut g = c.benchmark_group("breaker/permit");
+    configure(&mut g);
+    g.throughput(Throughput::Elements(1));
+    let ours = ours_window();
+    g.bench_function("apiguard permit", |b| {
+        b.iter(|| match std::hint::black_box(&ours).try_acquire() {
+            Ok(permit) => {
+                permit.success();
+                true
+            }
+            Err(_) => false,
+        })
+    });
+    g.bench_function("apiguard ticket", |b| {
+        b.iter(|| {
+            let ours = std::hint::black_box(&ours);
+            match ours.try_acquire_ticket() {
+                Ok(ticket) => {
+                    ours.record_ticket(ticket, apiguard_core::Outcome::Success);
+                    true
+                }
+                Err(_) => false,
+            }
+        })
+    });
+    let theirs = recloser::Recloser::custom()
+        .error_rate(0.5)
+        .closed_len(100)
+        .open_wait(Duration::from_secs(3600))
+        .build();
+    g.bench_function("recloser call", |b| {
+        b.iter(|| {
+            std::hint::black_box(&theirs)
+                .call(|| Ok::<(), ()>(()))
+                .is_ok()
+        })
+    });
+    g.finish();
+}
+
 /// Fails calls through `svc` until it refuses one.
 fn trip<S: Service<()>>(svc: &mut S) {
     for _ in 0..1_000 {
@@ -385,7 +429,7 @@ fn configure(g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallT
         .sample_size(40);
 }
 
-criterion_group!(benches, closed, open, threads);
+criterion_group!(benches, closed, open, permit, threads);
 
 fn main() {
     if std::env::var_os("BREAKER_RATIOS").is_some() {

@@ -191,7 +191,7 @@ async fn racing_failures_trip_the_breaker_exactly_once_and_probes_are_rationed()
     let probes = race(move |_| {
         let mut got = 0;
         for _ in 0..100_000 {
-            if let Ok(permit) = b.try_acquire() {
+            if let Ok(permit) = b.try_acquire_owned() {
                 got += 1;
                 keep.lock().unwrap().push(permit);
             }

@@ -665,20 +665,23 @@ enum Kind {
     Done,
 }
 
-/// The right to make one call, from [`CircuitBreaker::try_acquire`].
+/// The right to make one call, from [`CircuitBreaker::try_acquire`]:
+/// borrows its breaker, so taking and returning one touches no reference
+/// count. [`OwnedPermit`] is the same right for a call that outlives the
+/// borrow (a spawned task, a response future).
 ///
 /// Record how the call ended with [`success`](Self::success),
 /// [`failure`](Self::failure) or [`record`](Self::record). Dropping the
 /// permit unrecorded means the call was cancelled: it counts as neither, and
 /// a half-open probe slot is given back.
 #[must_use = "a permit records nothing unless told how the call ended"]
-pub struct Permit {
-    breaker: Arc<Inner>,
+pub struct Permit<'a> {
+    breaker: &'a Inner,
     kind: Kind,
     started: Nanos,
 }
 
-impl fmt::Debug for Permit {
+impl fmt::Debug for Permit<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Permit")
             .field("kind", &self.kind)
@@ -687,24 +690,86 @@ impl fmt::Debug for Permit {
     }
 }
 
-impl Permit {
+impl Permit<'_> {
     /// The call succeeded.
     #[inline]
     pub fn success(mut self) {
-        self.finish(Outcome::Success);
+        self.breaker
+            .finish(&mut self.kind, self.started, Outcome::Success);
     }
 
     /// The call failed.
     #[inline]
     pub fn failure(mut self) {
-        self.finish(Outcome::Failure);
+        self.breaker
+            .finish(&mut self.kind, self.started, Outcome::Failure);
     }
 
     /// The call ended with `outcome` ([`Outcome::Ignored`] counts as
     /// neither, like a dropped permit).
     #[inline]
     pub fn record(mut self, outcome: Outcome) {
-        self.finish(outcome);
+        self.breaker.finish(&mut self.kind, self.started, outcome);
+    }
+
+    /// Whether this permit is a half-open probe.
+    pub fn is_probe(&self) -> bool {
+        matches!(self.kind, Kind::Probe(_))
+    }
+}
+
+impl Drop for Permit<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        if !matches!(self.kind, Kind::Done) {
+            self.breaker
+                .finish(&mut self.kind, self.started, Outcome::Ignored);
+        }
+    }
+}
+
+/// The right to make one call, like a [`Permit`], but holding a handle on
+/// its breaker rather than a borrow: from
+/// [`CircuitBreaker::try_acquire_owned`], for a call that outlives the
+/// borrow. The handle is a reference count, which taking and dropping one
+/// writes.
+///
+/// Dropping it unrecorded means the call was cancelled: it counts as
+/// neither, and a half-open probe slot is given back.
+#[must_use = "a permit records nothing unless told how the call ended"]
+pub struct OwnedPermit {
+    breaker: Arc<Inner>,
+    kind: Kind,
+    started: Nanos,
+}
+
+impl fmt::Debug for OwnedPermit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OwnedPermit")
+            .field("kind", &self.kind)
+            .field("started", &self.started)
+            .finish()
+    }
+}
+
+impl OwnedPermit {
+    /// The call succeeded.
+    #[inline]
+    pub fn success(mut self) {
+        self.record_in_place(Outcome::Success);
+    }
+
+    /// The call failed.
+    #[inline]
+    pub fn failure(mut self) {
+        self.record_in_place(Outcome::Failure);
+    }
+
+    /// The call ended with `outcome` ([`Outcome::Ignored`] counts as
+    /// neither, like a dropped permit).
+    #[inline]
+    pub fn record(mut self, outcome: Outcome) {
+        self.record_in_place(outcome);
     }
 
     /// Whether this permit is a half-open probe.
@@ -715,7 +780,7 @@ impl Permit {
     /// Records `outcome`; the permit is spent and its drop records nothing.
     #[inline]
     pub(crate) fn record_in_place(&mut self, outcome: Outcome) {
-        self.finish(outcome);
+        self.breaker.finish(&mut self.kind, self.started, outcome);
     }
 
     /// The breaker this permit belongs to.
@@ -724,24 +789,13 @@ impl Permit {
             inner: self.breaker.clone(),
         }
     }
-
-    #[inline]
-    fn finish(&mut self, outcome: Outcome) {
-        let kind = std::mem::replace(&mut self.kind, Kind::Done);
-        let inner = &*self.breaker;
-        match kind {
-            Kind::Closed(word) => inner.record_closed(word, outcome, self.started),
-            Kind::Probe(epoch) => inner.record_probe(epoch, outcome),
-            Kind::Pass | Kind::Done => {}
-        }
-    }
 }
 
-impl Drop for Permit {
+impl Drop for OwnedPermit {
     #[inline]
     fn drop(&mut self) {
         if !matches!(self.kind, Kind::Done) {
-            self.finish(Outcome::Ignored);
+            self.record_in_place(Outcome::Ignored);
         }
     }
 }
@@ -788,9 +842,21 @@ impl CircuitBreaker {
     /// intervals. A caller that can wait does better with
     /// [`recovered`](Self::recovered), which the breaker wakes itself.
     #[inline]
-    pub fn try_acquire(&self) -> Result<Permit, CircuitOpen> {
+    pub fn try_acquire(&self) -> Result<Permit<'_>, CircuitOpen> {
         let Ticket { kind, started } = self.try_acquire_ticket()?;
         Ok(Permit {
+            breaker: &self.inner,
+            kind,
+            started,
+        })
+    }
+
+    /// [`try_acquire`](Self::try_acquire), for a call that outlives this
+    /// borrow of the breaker: see [`OwnedPermit`].
+    #[inline]
+    pub fn try_acquire_owned(&self) -> Result<OwnedPermit, CircuitOpen> {
+        let Ticket { kind, started } = self.try_acquire_ticket()?;
+        Ok(OwnedPermit {
             breaker: self.inner.clone(),
             kind,
             started,
@@ -822,12 +888,8 @@ impl CircuitBreaker {
     /// sensible: keep each ticket with its breaker.
     #[inline]
     pub fn record_ticket(&self, ticket: Ticket, outcome: Outcome) {
-        let inner = &*self.inner;
-        match ticket.kind {
-            Kind::Closed(word) => inner.record_closed(word, outcome, ticket.started),
-            Kind::Probe(epoch) => inner.record_probe(epoch, outcome),
-            Kind::Pass | Kind::Done => {}
-        }
+        let Ticket { mut kind, started } = ticket;
+        self.inner.finish(&mut kind, started, outcome);
     }
 
     /// Runs `fut` under the breaker: refused at once when open; an `Ok`
@@ -1018,6 +1080,17 @@ impl CircuitBreaker {
 }
 
 impl Inner {
+    /// Records `outcome` for a call admitted as `kind` at `started`, and
+    /// marks `kind` spent so nothing records it twice.
+    #[inline]
+    fn finish(&self, kind: &mut Kind, started: Nanos, outcome: Outcome) {
+        match std::mem::replace(kind, Kind::Done) {
+            Kind::Closed(word) => self.record_closed(word, outcome, started),
+            Kind::Probe(epoch) => self.record_probe(epoch, outcome),
+            Kind::Pass | Kind::Done => {}
+        }
+    }
+
     fn cas(&self, current: u64, new: u64) -> Result<(), u64> {
         self.state
             .compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire)

@@ -9,7 +9,7 @@ use std::time::Duration;
 use apiguard_core::{BoxError, CircuitOpen, Classify, Outcome};
 use pin_project_lite::pin_project;
 
-use crate::breaker::{CircuitBreaker, Permit};
+use crate::breaker::{CircuitBreaker, OwnedPermit};
 use crate::hold::HoldOpen;
 
 pub use crate::recovered::Recovered;
@@ -23,7 +23,7 @@ pin_project! {
     pub struct ResponseFuture<F, C, H> {
         #[pin]
         kind: Kind<F>,
-        permit: Option<Permit>,
+        permit: Option<OwnedPermit>,
         classifier: C,
         hold: H,
     }
@@ -51,7 +51,7 @@ pin_project! {
 }
 
 impl<F, C, H> ResponseFuture<F, C, H> {
-    pub(crate) fn called(future: F, permit: Permit, classifier: C, hold: H) -> Self {
+    pub(crate) fn called(future: F, permit: OwnedPermit, classifier: C, hold: H) -> Self {
         tracing::trace!(target: "apiguard::breaker", probe = permit.is_probe(), "call admitted");
         Self {
             kind: Kind::Called { future },
@@ -147,7 +147,7 @@ where
 /// Records the outcome, then holds the breaker open as the server asked.
 #[cold]
 #[inline(never)]
-fn record_and_hold(permit: &mut Permit, outcome: Outcome, d: Duration) {
+fn record_and_hold(permit: &mut OwnedPermit, outcome: Outcome, d: Duration) {
     permit.record_in_place(outcome);
     permit.breaker().hold_open_for(d);
 }

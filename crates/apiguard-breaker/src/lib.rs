@@ -84,7 +84,7 @@
 //!
 //! # Cancellation
 //!
-//! A call whose [`Permit`] is dropped without an outcome — a response
+//! A call whose [`Permit`] (or [`OwnedPermit`]) is dropped without an outcome — a response
 //! future dropped mid-flight, a timeout above the layer — counts as neither
 //! success nor failure, and gives back its half-open probe slot, so a
 //! cancelled probe never wedges the breaker half-open. A probe that never
@@ -124,8 +124,8 @@ mod window;
 
 pub use apiguard_core::CircuitOpen;
 pub use breaker::{
-    CircuitBreaker, CircuitBreakerBuilder, Permit, Reason, SlidingWindow, State, Stats, Ticket,
-    Transition,
+    CircuitBreaker, CircuitBreakerBuilder, OwnedPermit, Permit, Reason, SlidingWindow, State,
+    Stats, Ticket, Transition,
 };
 pub use error::CallError;
 pub use hold::{HoldOpen, NoHold, RetryAfterHold};

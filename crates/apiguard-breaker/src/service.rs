@@ -77,7 +77,7 @@ where
 
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
-        match self.breaker.try_acquire() {
+        match self.breaker.try_acquire_owned() {
             Ok(permit) => ResponseFuture::called(
                 self.inner.call(req),
                 permit,
@@ -178,7 +178,7 @@ where
         let key = self.extractor.extract(&req);
         let max_wait = self.max_wait;
         let acquired = self.breakers.with(&key, |b| {
-            b.try_acquire()
+            b.try_acquire_owned()
                 .map_err(|open| (open, (!max_wait.is_zero()).then(|| b.clone())))
         });
         match acquired {

@@ -121,6 +121,21 @@ async fn dropped_half_open_probe_frees_its_slot() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn dropped_owned_probe_frees_its_slot_from_another_task() {
+    let b = breaker(1, Duration::from_secs(1), 1);
+    fail(&b);
+    advance(Duration::from_secs(1)).await;
+    let probe = b.try_acquire_owned().unwrap();
+    assert!(probe.is_probe());
+    assert!(b.try_acquire().is_err());
+    tokio::spawn(async move { drop(probe) }).await.unwrap();
+    assert_eq!(b.state(), State::HalfOpen);
+    assert_eq!(b.stats().probes_in_flight, 0);
+    b.try_acquire_owned().expect("slot given back").success();
+    assert_eq!(b.state(), State::Closed);
+}
+
+#[tokio::test(start_paused = true)]
 async fn probe_limit_admits_exactly_n() {
     let b = CircuitBreaker::builder()
         .failure_threshold(1)

@@ -47,7 +47,7 @@ fn racing_callers_get_at_most_the_probe_limit() {
         let handles: Vec<_> = (0..2)
             .map(|_| {
                 let b = b.clone();
-                thread::spawn(move || b.try_acquire().ok())
+                thread::spawn(move || b.try_acquire_owned().ok())
             })
             .collect();
         let permits: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
@@ -118,7 +118,7 @@ fn stale_probe_cannot_release_a_slot_of_a_later_period() {
         let fresh = b.try_acquire().unwrap(); // a new half-open period
         let t1 = thread::spawn(move || drop(stale));
         let b2 = b.clone();
-        let t2 = thread::spawn(move || b2.try_acquire().ok());
+        let t2 = thread::spawn(move || b2.try_acquire_owned().ok());
         t1.join().unwrap();
         let second = t2.join().unwrap();
         assert!(second.is_some(), "the new period has two slots");
@@ -140,7 +140,7 @@ fn three_racing_callers_share_two_probe_slots_and_one_transition() {
         let handles: Vec<_> = (0..3)
             .map(|_| {
                 let b = b.clone();
-                thread::spawn(move || b.try_acquire().ok())
+                thread::spawn(move || b.try_acquire_owned().ok())
             })
             .collect();
         let permits: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
@@ -205,9 +205,9 @@ fn block_on<F: std::future::Future>(fut: F) -> F::Output {
 }
 
 /// A breaker half-open with its one probe in flight (the permit returned).
-fn probing() -> (CircuitBreaker, apiguard_breaker::Permit) {
+fn probing() -> (CircuitBreaker, apiguard_breaker::OwnedPermit) {
     let (b, _) = due_for_probing(1, 1);
-    let probe = b.try_acquire().unwrap();
+    let probe = b.try_acquire_owned().unwrap();
     (b, probe)
 }
 
