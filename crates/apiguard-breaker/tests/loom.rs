@@ -63,7 +63,7 @@ fn racing_callers_get_at_most_the_probe_limit() {
 fn a_dropped_probe_gives_its_slot_back_to_a_racing_caller() {
     loom::model(|| {
         let (b, _) = due_for_probing(1, 1);
-        let probe = b.try_acquire().unwrap();
+        let probe = b.try_acquire_owned().unwrap();
         let b2 = b.clone();
         let dropper = thread::spawn(move || drop(probe));
         let racer = thread::spawn(move || b2.try_acquire().ok().map(|p| p.success()));
@@ -85,8 +85,8 @@ fn a_dropped_probe_gives_its_slot_back_to_a_racing_caller() {
 fn a_success_and_a_failure_racing_make_one_transition_out_of_half_open() {
     loom::model(|| {
         let (b, transitions) = due_for_probing(2, 1);
-        let good = b.try_acquire().unwrap();
-        let bad = b.try_acquire().unwrap();
+        let good = b.try_acquire_owned().unwrap();
+        let bad = b.try_acquire_owned().unwrap();
         assert_eq!(transitions.load(Ordering::SeqCst), 1);
         let t1 = thread::spawn(move || good.success());
         let t2 = thread::spawn(move || bad.failure());
@@ -112,7 +112,7 @@ fn stale_probe_cannot_release_a_slot_of_a_later_period() {
             .unwrap();
         b.try_acquire().unwrap().failure();
         clock.advance(Duration::from_secs(1));
-        let stale = b.try_acquire().unwrap();
+        let stale = b.try_acquire_owned().unwrap();
         b.try_acquire().unwrap().failure(); // reopens
         clock.advance(Duration::from_secs(1));
         let fresh = b.try_acquire().unwrap(); // a new half-open period
@@ -167,7 +167,7 @@ fn racing_failures_in_the_closed_state_trip_it_exactly_once() {
             .unwrap();
         // Three permits taken while closed, their failures racing: the
         // second to land trips it, the third finds it open already.
-        let permits: Vec<_> = (0..3).map(|_| b.try_acquire().unwrap()).collect();
+        let permits: Vec<_> = (0..3).map(|_| b.try_acquire_owned().unwrap()).collect();
         let handles: Vec<_> = permits
             .into_iter()
             .map(|p| thread::spawn(move || p.failure()))
