@@ -180,14 +180,17 @@ impl Rate {
         self.tau.saturating_sub(used) as f64 / self.per_token as f64
     }
 
-    /// The refusal for a wait of `units`.
-    #[inline]
+    /// The refusal for a wait of `units`. Cold and out of line, so the
+    /// admit path neither builds nor spills a refusal.
+    #[cold]
+    #[inline(never)]
     fn refuse(&self, units: u64) -> RateLimited {
         RateLimited::new(self.duration(units)).with_quota(self.quota())
     }
 
     /// The refusal for a cost no bucket of this capacity can ever grant.
-    #[inline]
+    #[cold]
+    #[inline(never)]
     fn never(&self) -> RateLimited {
         RateLimited::new(Duration::MAX).with_quota(self.quota())
     }
