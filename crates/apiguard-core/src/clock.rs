@@ -148,9 +148,23 @@ fn test_origin() -> tokio::time::Instant {
     tokio::time::Instant::from_std(early)
 }
 
+/// The hot path is the TSC, once detected: one check of the resolved
+/// source, then quanta. Detection and the monotonic fallback (whose read
+/// costs far more than a call) stay out of line, so a caller that inlines
+/// this keeps its registers.
 #[cfg(not(any(test, feature = "test-util")))]
-#[inline]
+#[inline(always)]
 fn system_now() -> Nanos {
+    match SYSTEM.get() {
+        Some(SystemSource::Tsc { clock, origin }) => clock.delta_as_nanos(*origin, clock.raw()),
+        _ => system_now_slow(),
+    }
+}
+
+#[cfg(not(any(test, feature = "test-util")))]
+#[cold]
+#[inline(never)]
+fn system_now_slow() -> Nanos {
     match SYSTEM.get_or_init(SystemSource::detect) {
         SystemSource::Tsc { clock, origin } => clock.delta_as_nanos(*origin, clock.raw()),
         SystemSource::Monotonic { origin } => duration_to_nanos(origin.elapsed()),

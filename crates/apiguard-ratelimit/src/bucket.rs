@@ -88,14 +88,14 @@ impl TokenBucket {
     /// Takes `tokens` if they are there now; never waits. The refusal says
     /// how long until they will be (`Duration::MAX` when `tokens` exceeds the
     /// capacity: they never will).
-    #[inline]
+    #[inline(always)]
     pub fn try_acquire(&self, tokens: u32) -> Result<(), RateLimited> {
         self.try_acquire_at(tokens, self.inner.clock.now())
     }
 
     /// [`try_acquire`](Self::try_acquire) at an explicit time, for tests
     /// and simulations that drive the clock themselves.
-    #[inline]
+    #[inline(always)]
     pub fn try_acquire_at(&self, tokens: u32, now: Nanos) -> Result<(), RateLimited> {
         gcra::try_acquire(&self.inner.tat, &self.inner.rate, tokens, now)
     }
@@ -195,6 +195,11 @@ impl Limiter<()> for TokenBucket {
         max_wait: Duration,
     ) -> Option<Result<Reservation, RateLimited>> {
         Some(TokenBucket::reserve(self, cost, max_wait))
+    }
+
+    #[inline]
+    fn take_now(&self, _key: &(), cost: u32) -> bool {
+        self.try_acquire(cost).is_ok()
     }
 
     fn cancel(&self, _key: &(), reservation: &Reservation) {

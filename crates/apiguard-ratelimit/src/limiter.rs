@@ -101,6 +101,20 @@ pub trait Limiter<K: ?Sized> {
         None
     }
 
+    /// Takes `cost` tokens for `key` if they are there now, and says
+    /// whether it did; `false` takes nothing (the tokens are not there, or
+    /// this limiter cannot tell without I/O, as the default).
+    ///
+    /// The layers try it first in `call`: an admitted request then costs
+    /// the decision alone, with no [`Grant`] to compute; on `false` they go
+    /// on to [`reserve_now`](Self::reserve_now) and
+    /// [`reserve`](Self::reserve) as before.
+    #[inline]
+    fn take_now(&self, key: &K, cost: u32) -> bool {
+        let _ = (key, cost);
+        false
+    }
+
     /// Gives back a reservation that will not be used (its request was
     /// dropped while it waited). Best effort: the default does nothing, and
     /// the in-memory buckets give it back only when no later reservation

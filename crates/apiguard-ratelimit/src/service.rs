@@ -204,6 +204,10 @@ where
     S: Service<Req> + Clone,
     L: Limiter<K> + Clone,
 {
+    if limiter.take_now(&key, cost) {
+        tracing::trace!(target: "apiguard::ratelimit", "admitted");
+        return ResponseFuture::called(inner.call(req));
+    }
     match limiter.reserve_now(&key, cost, max_wait) {
         Some(Ok(reservation)) => {
             let wait = reservation.grant().wait;
