@@ -130,7 +130,10 @@ impl GuardedClientBuilder {
         self
     }
 
-    /// The longest a request waits for a token (default 30 s).
+    /// The longest a request waits for a token, or for its host's open
+    /// circuit to let it through (default 30 s; the total timeout bounds
+    /// both too). A circuit whose next probe comes later refuses at once
+    /// with `CircuitOpen`. Waiting spends no retry attempt and no budget.
     pub fn max_wait(mut self, d: Duration) -> Self {
         self.max_wait = d;
         self
