@@ -88,6 +88,39 @@ fn failing_then_slow_ok(
 /// 50 ms apart. Before waiters followed the probe, four of them finished a
 /// whole recovery timeout after the close, and with `max_retries(1)` three
 /// failed without reaching the upstream again.
+/// Sends five requests through `svc`, at 0, 50, …, 200 ms; asserts each is
+/// answered `200` and says when each finished.
+async fn five_staggered_oks<S>(svc: S) -> Vec<Instant>
+where
+    S: tower::Service<Request<Full<Bytes>>, Response = Response<Full<Bytes>>>
+        + Clone
+        + Send
+        + 'static,
+    S::Error: std::fmt::Display,
+    S::Future: Send,
+{
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..5u64 {
+        let svc = svc.clone();
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep_until(started + Duration::from_millis(50 * i)).await;
+            let res = svc.oneshot(get()).await;
+            (
+                res.map(|r| r.status()).map_err(|e| e.to_string()),
+                Instant::now(),
+            )
+        }));
+    }
+    let mut finished = Vec::new();
+    for t in tasks {
+        let (res, at) = t.await.unwrap();
+        assert_eq!(res, Ok(StatusCode::OK));
+        finished.push(at);
+    }
+    finished
+}
+
 #[tokio::test(start_paused = true)]
 async fn every_request_finishes_soon_after_the_breaker_closes() {
     let (closed_at, hook) = closes();
@@ -111,25 +144,7 @@ async fn every_request_finishes_soon_after_the_breaker_closes() {
         .unwrap();
     let (up, arrivals) = failing_then_slow_ok(1, Duration::from_millis(20));
     let svc = layer.layer(up);
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for i in 0..5u64 {
-        let svc = svc.clone();
-        tasks.push(tokio::spawn(async move {
-            tokio::time::sleep_until(started + Duration::from_millis(50 * i)).await;
-            let res = svc.oneshot(get()).await;
-            (
-                res.map(|r| r.status()).map_err(|e| e.to_string()),
-                Instant::now(),
-            )
-        }));
-    }
-    let mut finished = Vec::new();
-    for t in tasks {
-        let (res, at) = t.await.unwrap();
-        assert_eq!(res, Ok(StatusCode::OK));
-        finished.push(at);
-    }
+    let finished = five_staggered_oks(svc).await;
     let closed_at = closed_at.lock().unwrap().clone();
     assert_eq!(closed_at.len(), 1, "one close");
     for at in finished {
@@ -410,25 +425,7 @@ async fn stacked_by_hand_every_request_finishes_soon_after_the_close() {
         .layer(CircuitBreakerLayer::new(breaker).wait_for_recovery(Duration::from_secs(5)))
         .timeout(Duration::from_secs(1))
         .service(up);
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for i in 0..5u64 {
-        let svc = svc.clone();
-        tasks.push(tokio::spawn(async move {
-            tokio::time::sleep_until(started + Duration::from_millis(50 * i)).await;
-            let res = svc.oneshot(get()).await;
-            (
-                res.map(|r| r.status()).map_err(|e| e.to_string()),
-                Instant::now(),
-            )
-        }));
-    }
-    let mut finished = Vec::new();
-    for t in tasks {
-        let (res, at) = t.await.unwrap();
-        assert_eq!(res, Ok(StatusCode::OK));
-        finished.push(at);
-    }
+    let finished = five_staggered_oks(svc).await;
     let closed_at = closed_at.lock().unwrap()[0];
     for at in finished {
         assert!(

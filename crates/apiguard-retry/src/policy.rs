@@ -509,17 +509,16 @@ impl RetryPolicy {
         // A refusal naming no wait would be asked again at once, for ever:
         // each look costs at least a millisecond of the local-wait bound.
         let wait = if refused {
-            wait.max(Duration::from_millis(1))
-        } else {
-            wait
-        };
-        if refused {
+            let wait = wait.max(Duration::from_millis(1));
             let waited = st.waited.saturating_add(wait);
             if waited > self.cfg.max_local_wait {
                 return Decision::Stop(Stop::AsIs);
             }
             st.waited = waited;
-        }
+            wait
+        } else {
+            wait
+        };
         let withdrawal = match &self.cfg.budget {
             // The budget caps the extra load retries put on the other side.
             // Waiting out an inner refusal (an open breaker, an empty
