@@ -3,6 +3,10 @@
 //! one pipelined round trip) and against a bare `PING` (the round trip
 //! itself), all on the same loopback redis-server in the same run.
 //!
+//! `baseline_minimal_lua_gcra` is the plainest GCRA script (see
+//! [`MINIMAL_GCRA_LUA`]): the like-for-like contender, since a fixed window
+//! is a different (and coarser) limit.
+//!
 //! - `redis_sequential`: one connection, one decision at a time — the
 //!   latency of a decision (time per element) and decisions/s.
 //! - `redis_concurrent`: 32 decisions in flight on one multiplexed
@@ -110,6 +114,36 @@ async fn fixed_window(mut con: ConnectionManager, key: &str, limit: u64) -> bool
     count <= limit
 }
 
+/// The plainest GCRA a Lua script can do, for a like-for-like row: Redis
+/// `TIME`, the stored theoretical arrival time as whole microseconds, one
+/// `SET PX`. What ours adds over it: exact tick arithmetic for rates that do
+/// not divide a microsecond, waits (reservations), leases, debits and a
+/// deadline after which the script leaves the bucket alone.
+const MINIMAL_GCRA_LUA: &str = r#"
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new_tat = tat + interval
+if new_tat - now > tolerance then return 0 end
+redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000))
+return 1
+"#;
+
+/// One decision of [`MINIMAL_GCRA_LUA`], at a rate that never refuses.
+async fn minimal_gcra(mut con: ConnectionManager, script: &redis::Script) -> bool {
+    let allowed: i64 = script
+        .key("gcra:k")
+        .arg(1)
+        .arg(1_000_000_000u64)
+        .invoke_async(&mut con)
+        .await
+        .expect("EVALSHA");
+    allowed == 1
+}
+
 async fn ping(mut con: ConnectionManager) {
     let () = redis::cmd("PING")
         .query_async::<String>(&mut con)
@@ -146,6 +180,7 @@ struct Fixture {
     lease: RedisLimiter,
     refuse: RedisLimiter,
     con: ConnectionManager,
+    minimal: redis::Script,
 }
 
 fn fixture(url: &str) -> Fixture {
@@ -199,6 +234,7 @@ fn fixture(url: &str) -> Fixture {
         lease,
         refuse,
         con,
+        minimal: redis::Script::new(MINIMAL_GCRA_LUA),
     }
 }
 
@@ -244,6 +280,17 @@ fn sequential(c: &mut Criterion, f: &Fixture) {
                 let start = Instant::now();
                 for _ in 0..iters {
                     black_box(fixed_window(f.con.clone(), "k", u64::MAX).await);
+                }
+                start.elapsed()
+            })
+        })
+    });
+    g.bench_function("baseline_minimal_lua_gcra", |b| {
+        b.iter_custom(|iters| {
+            f.rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    black_box(minimal_gcra(f.con.clone(), &f.minimal).await);
                 }
                 start.elapsed()
             })
@@ -295,6 +342,17 @@ fn concurrent(c: &mut Criterion, f: &Fixture) {
                 for _ in 0..iters {
                     join_all((0..IN_FLIGHT).map(|_| fixed_window(f.con.clone(), "k", u64::MAX)))
                         .await;
+                }
+                start.elapsed()
+            })
+        })
+    });
+    g.bench_function("baseline_minimal_lua_gcra", |b| {
+        b.iter_custom(|iters| {
+            f.rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    join_all((0..IN_FLIGHT).map(|_| minimal_gcra(f.con.clone(), &f.minimal))).await;
                 }
                 start.elapsed()
             })

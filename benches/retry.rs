@@ -7,7 +7,10 @@
 //!   retryable — `poll_ready` + `call` + polling the response future to
 //!   completion; the request is built outside the timed part
 //!   (`iter_batched`), and `bare` is the no-op service alone. apiguard is measured with its
-//!   default budget (one deposit per request) and without a budget.
+//!   default budget (one deposit per request) and without a budget;
+//!   tower likewise without a budget (`tower`) and with its own
+//!   `TpsBudget`, one deposit per request (`tower_budget`), so each of ours
+//!   has a like-for-like contender.
 //!   tower-resilience needs a `Clone` request: `tower_resilience` gets an
 //!   `Arc<Request<_>>` (its clone is a reference count, less work than the
 //!   copy the others make), `tower_resilience_deep_clone` a request whose
@@ -42,7 +45,7 @@ use tower::{Layer, Service};
 
 mod support;
 
-use support::{Noop, NoopArc, Req, Res, TowerPolicy, copy_request, one};
+use support::{Noop, NoopArc, Req, Res, TowerBudgetPolicy, TowerPolicy, copy_request, one};
 
 /// A request whose `Clone` copies it the way a retry must (headers, URI,
 /// body), for a like-for-like run of tower-resilience.
@@ -124,6 +127,14 @@ fn success_path(c: &mut Criterion) {
     });
     g.bench_function("tower", |b| {
         let mut svc = tower::retry::RetryLayer::new(TowerPolicy::new()).layer(Noop);
+        b.iter_batched(
+            small_request,
+            |req| one(&mut svc, req),
+            BatchSize::SmallInput,
+        );
+    });
+    g.bench_function("tower_budget", |b| {
+        let mut svc = tower::retry::RetryLayer::new(TowerBudgetPolicy::new()).layer(Noop);
         b.iter_batched(
             small_request,
             |req| one(&mut svc, req),

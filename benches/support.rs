@@ -239,6 +239,56 @@ impl Policy<Req, Res, BoxError> for TowerPolicy {
     }
 }
 
+/// [`TowerPolicy`] with tower's own retry budget, used the way tower's
+/// `Budget` is meant to be: every request deposits, every retry withdraws.
+/// The like-for-like contender for apiguard's default policy, which keeps
+/// a budget too.
+#[derive(Clone)]
+pub struct TowerBudgetPolicy {
+    policy: TowerPolicy,
+    budget: Arc<tower::retry::budget::TpsBudget>,
+    started: bool,
+}
+
+impl TowerBudgetPolicy {
+    /// tower's `TpsBudget` with apiguard's default settings (10 s, 10 retries
+    /// a second, 20 % of requests).
+    pub fn new() -> Self {
+        Self {
+            policy: TowerPolicy::new(),
+            budget: Arc::new(tower::retry::budget::TpsBudget::new(
+                Duration::from_secs(10),
+                10,
+                0.2,
+            )),
+            started: false,
+        }
+    }
+}
+
+impl Policy<Req, Res, BoxError> for TowerBudgetPolicy {
+    type Future = tokio::time::Sleep;
+
+    fn retry(&mut self, req: &mut Req, result: &mut Result<Res, BoxError>) -> Option<Self::Future> {
+        use tower::retry::budget::Budget;
+        // Only the request's own clone gets here: its later copies are for
+        // retries, which withdraw instead of depositing.
+        self.started = true;
+        let wait = self.policy.retry(req, result)?;
+        self.budget.withdraw().then_some(wait)
+    }
+
+    fn clone_request(&mut self, req: &Req) -> Option<Req> {
+        use tower::retry::budget::Budget;
+        // tower calls this once per request on the service's policy (and
+        // again before each retry on the request's own clone).
+        if !self.started {
+            self.budget.deposit();
+        }
+        self.policy.clone_request(req)
+    }
+}
+
 /// The copy of a request a retry must make, written out by hand as a tower
 /// policy's `clone_request` would.
 pub fn copy_request(req: &Req) -> Req {
