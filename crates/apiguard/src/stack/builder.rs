@@ -1,0 +1,230 @@
+//! [`GuardLayerBuilder`]: the stack's settings, checked together when the
+//! layer is built.
+//!
+//! The builder sits above the layer it builds: it makes the shared
+//! registries ([`admission`](super::admission)) and hands them to
+//! [`GuardLayer`].
+
+use std::time::Duration;
+
+use apiguard_breaker::{CircuitBreakerBuilder, KeyedBreakers, SlidingWindow};
+use apiguard_core::InvalidConfig;
+use apiguard_retry::RetryPolicy;
+
+use super::admission::Shared;
+use super::layer::GuardLayer;
+use super::scope::{HostScope, Scope};
+use crate::hosts::HostLimits;
+use crate::pace::HostPaces;
+
+impl GuardLayer {
+    /// Starts a builder with every part off.
+    pub fn builder() -> GuardLayerBuilder {
+        GuardLayerBuilder::default()
+    }
+}
+
+/// Builds a [`GuardLayer`]; see [`GuardLayer::builder`].
+#[derive(Debug, Clone)]
+pub struct GuardLayerBuilder {
+    total_timeout: Option<Duration>,
+    retry: Option<RetryPolicy>,
+    breaker: Option<CircuitBreakerBuilder>,
+    limit: Option<(u32, f64)>,
+    max_wait: Duration,
+    attempt_timeout: Option<Duration>,
+    per_host: bool,
+    max_hosts: usize,
+    adaptive: bool,
+    max_pause: Duration,
+}
+
+impl Default for GuardLayerBuilder {
+    fn default() -> Self {
+        Self {
+            total_timeout: None,
+            retry: None,
+            breaker: None,
+            limit: None,
+            max_wait: Duration::from_secs(30),
+            attempt_timeout: None,
+            per_host: true,
+            max_hosts: 1024,
+            adaptive: true,
+            max_pause: crate::pace::DEFAULT_MAX_PAUSE,
+        }
+    }
+}
+
+impl GuardLayerBuilder {
+    /// Bounds each request, waits and retries included.
+    pub fn total_timeout(mut self, d: Duration) -> Self {
+        self.total_timeout = Some(d);
+        self
+    }
+
+    /// Retries by `policy`.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = Some(policy);
+        self
+    }
+
+    /// Puts a circuit breaker built from `template` in front of each host.
+    pub fn circuit_breaker(mut self, template: CircuitBreakerBuilder) -> Self {
+        self.breaker = Some(template);
+        self
+    }
+
+    /// Limits each host to `capacity` requests at once and `refill_per_sec`
+    /// a second after that.
+    pub fn rate_limit(mut self, capacity: u32, refill_per_sec: f64) -> Self {
+        self.limit = Some((capacity, refill_per_sec));
+        self
+    }
+
+    /// How long a request may wait for a token before it is refused with
+    /// `RateLimited`, and for its host's open breaker to let it through
+    /// before it is refused with `CircuitOpen` (default 30 s; the total
+    /// timeout bounds both too). A breaker whose next probe comes later is
+    /// not waited for. Such waits spend no retry attempt and no budget.
+    pub fn max_wait(mut self, d: Duration) -> Self {
+        self.max_wait = d;
+        self
+    }
+
+    /// Bounds each attempt's network call (not the wait for a token).
+    pub fn attempt_timeout(mut self, d: Duration) -> Self {
+        self.attempt_timeout = Some(d);
+        self
+    }
+
+    /// One breaker and one bucket per host (default) or one for all hosts.
+    pub fn per_host(mut self, yes: bool) -> Self {
+        self.per_host = yes;
+        self
+    }
+
+    /// At most this many hosts are tracked at once (default 1024).
+    pub fn max_hosts(mut self, n: usize) -> Self {
+        self.max_hosts = n;
+        self
+    }
+
+    /// Learns each host's pace from its pushback (default on): a `429`,
+    /// a `503` with `Retry-After`, or quota fields saying nothing is left
+    /// pause every request to that host and slow it down; requests that go
+    /// through speed it back up, never above [`rate_limit`](Self::rate_limit).
+    /// Works with no rate limit set. See [`pace`](crate::pace).
+    ///
+    /// On by default, here as in `GuardedClient`: this stack sits in
+    /// front of an upstream, and a `429` from it is that upstream's limit
+    /// whoever wrote the stack; off, the stack keeps sending at the rate it
+    /// was told while the upstream refuses. A host that never pushes back
+    /// costs one atomic load per request and a status check per response.
+    pub fn adaptive(mut self, yes: bool) -> Self {
+        self.adaptive = yes;
+        self
+    }
+
+    /// The longest a host is paused, whatever it asks (default 60 s).
+    pub fn max_pause(mut self, d: Duration) -> Self {
+        self.max_pause = d;
+        self
+    }
+
+    /// Checks the combination and builds the layer.
+    ///
+    /// Refused: an attempt timeout longer than the total timeout (no attempt
+    /// could use it); a breaker whose time window is shorter than twice the
+    /// attempt timeout (one slow attempt would fill the window alone); and
+    /// every invalid setting of the parts.
+    pub fn build(self) -> Result<GuardLayer, InvalidConfig> {
+        self.check_bounds()?;
+        let breakers = match self.breaker {
+            Some(template) => {
+                if let (Some(SlidingWindow::Time { span, .. }), Some(attempt)) =
+                    (template.window_config(), self.attempt_timeout)
+                    && span < attempt * 2
+                {
+                    return Err(InvalidConfig::new(
+                        "circuit_breaker",
+                        format!(
+                            "the breaker's time window ({span:?}) is shorter than twice the attempt timeout ({attempt:?}): one slow attempt would fill it"
+                        ),
+                    ));
+                }
+                Some(KeyedBreakers::new(template, self.max_hosts)?)
+            }
+            None => None,
+        };
+        let limiter = match self.limit {
+            Some((capacity, rate)) => Some(HostLimits::new(capacity, rate, self.max_hosts)?),
+            None => None,
+        };
+        let paces = if self.adaptive {
+            let (capacity, ceiling) = match self.limit {
+                Some((c, r)) => (c, Some(r)),
+                None => (1, None),
+            };
+            let config =
+                apiguard_ratelimit::PaceConfig::new(capacity, ceiling)?.max_pause(self.max_pause);
+            Some(HostPaces::new(config, self.max_hosts))
+        } else {
+            None
+        };
+        let needs_key = per_host_needs_key(self.per_host, &breakers, &limiter)
+            || (self.per_host && paces.is_some());
+        // The policy and the buckets read the same clock unless a test gave
+        // the policy its own: then one reading per request serves both.
+        let one_clock =
+            limiter.is_some() && self.retry.as_ref().is_some_and(|p| !p.clock().is_manual());
+        Ok(GuardLayer::from_shared(Shared {
+            one_clock,
+            total_timeout: self.total_timeout,
+            attempt_timeout: self.attempt_timeout,
+            retry: self.retry,
+            breakers,
+            limiter,
+            paces,
+            max_wait: self.max_wait,
+            scope: Scope::new(needs_key),
+        }))
+    }
+}
+
+impl GuardLayerBuilder {
+    /// The timeouts and the host cap on their own.
+    fn check_bounds(&self) -> Result<(), InvalidConfig> {
+        if let (Some(attempt), Some(total)) = (self.attempt_timeout, self.total_timeout)
+            && attempt > total
+        {
+            return Err(InvalidConfig::new(
+                "attempt_timeout",
+                format!(
+                    "the attempt timeout ({attempt:?}) is longer than the total timeout ({total:?}), so no attempt could use it"
+                ),
+            ));
+        }
+        for (field, d) in [
+            ("attempt_timeout", self.attempt_timeout),
+            ("total_timeout", self.total_timeout),
+        ] {
+            if d == Some(Duration::ZERO) {
+                return Err(InvalidConfig::new(field, "must be longer than zero"));
+            }
+        }
+        if self.max_hosts == 0 {
+            return Err(InvalidConfig::new("max_hosts", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// Keys are only worth extracting when something is kept per host.
+fn per_host_needs_key(
+    per_host: bool,
+    breakers: &Option<KeyedBreakers<HostScope>>,
+    limiter: &Option<HostLimits>,
+) -> bool {
+    per_host && (breakers.is_some() || limiter.is_some())
+}
