@@ -186,7 +186,7 @@ fn app() -> Router {
 }
 
 fn servers() -> Vec<(&'static str, Router)> {
-    let ours = KeyedLimiter::new(support::BURST, support::BURST as f64)
+    let ours = KeyedLimiter::from_rate(support::BURST, support::BURST as f64)
         .unwrap()
         .with_max_keys(100_000);
     let governor = tower_governor::governor::GovernorConfigBuilder::default()

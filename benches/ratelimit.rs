@@ -46,11 +46,11 @@ fn governor_quota() -> Quota {
 }
 
 fn ours_bucket() -> TokenBucket {
-    TokenBucket::new(BURST, 1.0).unwrap()
+    TokenBucket::from_rate(BURST, 1.0).unwrap()
 }
 
 fn ours_keyed(max_keys: usize) -> KeyedLimiter<u64> {
-    KeyedLimiter::new(BURST, 1.0)
+    KeyedLimiter::from_rate(BURST, 1.0)
         .unwrap()
         .with_max_keys(max_keys)
 }
@@ -219,7 +219,7 @@ fn server_layer(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
-    let limiter = KeyedLimiter::new(1_000_000_000, 1e9)
+    let limiter = KeyedLimiter::from_rate(1_000_000_000, 1e9)
         .unwrap()
         .with_max_keys(100_000);
     let mut ours = apiguard::server::server_layer(limiter, PeerIp).layer(handler);

@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
-use apiguard_redis::{DecidedBy, FailurePolicy, RedisLimiter};
+use apiguard_redis::{DecidedBy, FailurePolicy, Quota, RedisLimiter};
 use criterion::{Criterion, Throughput};
 use redis::aio::ConnectionManager;
 use tokio::runtime::Runtime;
@@ -190,7 +190,7 @@ fn fixture(url: &str) -> Fixture {
         .unwrap();
     let (admit, lease, refuse, con) = rt.block_on(async {
         let builder = |limit, window| {
-            RedisLimiter::builder(limit, window)
+            RedisLimiter::builder(Quota::new(limit, window))
                 // Long enough that no decision here falls to the policy.
                 .timeout(Duration::from_secs(1))
                 .on_redis_failure(FailurePolicy::fail_closed())

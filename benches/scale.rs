@@ -68,7 +68,7 @@ fn max_size() -> u64 {
 }
 
 fn ours(max_keys: usize) -> KeyedLimiter<u64> {
-    KeyedLimiter::new(support::BURST, 1.0)
+    KeyedLimiter::from_rate(support::BURST, 1.0)
         .unwrap()
         .with_max_keys(max_keys)
 }
@@ -111,10 +111,10 @@ fn breakers(max_keys: usize) -> KeyedBreakers<u64> {
     KeyedBreakers::new(template, max_keys).unwrap()
 }
 
-type KeyedSvc = <KeyedCircuitBreakerLayer<u64, fn(&u64) -> u64> as Layer<NoopKey>>::Service;
+type KeyedSvc = <KeyedCircuitBreakerLayer<u64, fn(&u64) -> Option<u64>> as Layer<NoopKey>>::Service;
 
 fn breaker_service(b: KeyedBreakers<u64>) -> KeyedSvc {
-    let key: fn(&u64) -> u64 = |k| *k;
+    let key: fn(&u64) -> Option<u64> = |k| Some(*k);
     KeyedCircuitBreakerLayer::new(b, key).layer(NoopKey)
 }
 

@@ -179,7 +179,7 @@ pub fn guard_retry_only() -> GuardLayer {
 
 /// The plain (not per-host) layers of the pattern crates.
 pub fn plain_rate_limit() -> apiguard::RateLimitLayer {
-    apiguard::RateLimitLayer::new(apiguard::TokenBucket::new(BURST, BURST as f64).unwrap())
+    apiguard::RateLimitLayer::new(apiguard::TokenBucket::from_rate(BURST, BURST as f64).unwrap())
 }
 
 pub fn plain_breaker() -> apiguard::CircuitBreakerLayer {

@@ -56,7 +56,7 @@ async fn main() -> Result<(), BoxError> {
         .recovery_timeout(Duration::from_secs(10))
         .build()?;
     // 5 requests at once per client address, then 1 a second.
-    let limiter = KeyedLimiter::new(5, 1.0)?.with_max_keys(100_000);
+    let limiter = KeyedLimiter::from_rate(5, 1.0)?.with_max_keys(100_000);
     let app = Router::new()
         .route("/", get(|| async { "hello\n" }))
         .route("/report", get(report))

@@ -37,7 +37,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> Result<(), apiguard::BoxError> {
     let args = Args::parse();
-    let limiter = KeyedLimiter::new(5, 1.0)?.with_max_keys(100_000);
+    let limiter = KeyedLimiter::from_rate(5, 1.0)?.with_max_keys(100_000);
     let stack = server_layer(limiter, PeerIp);
     let listener = tokio::net::TcpListener::bind(args.addr).await?;
     println!("listening on http://{}", listener.local_addr()?);

@@ -39,7 +39,7 @@ async fn main() -> Result<(), apiguard::BoxError> {
             RetryPolicy::builder().max_retries(3).build()?,
         ))
         .layer(CircuitBreakerLayer::new(breaker.clone()))
-        .layer(RateLimitLayer::new(TokenBucket::new(5, 5.0)?))
+        .layer(RateLimitLayer::new(TokenBucket::from_rate(5, 5.0)?))
         .layer(ConcurrencyLimitLayer::new(4))
         .layer(TimeoutLayer::new(Duration::from_secs(2)))
         .service(transport);

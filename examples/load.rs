@@ -80,7 +80,7 @@ fn rss_kb() -> u64 {
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let args = Args::parse();
-    let limiter = KeyedLimiter::new(args.capacity, args.refill)?.with_max_keys(args.max_keys);
+    let limiter = KeyedLimiter::from_rate(args.capacity, args.refill)?.with_max_keys(args.max_keys);
     let counts = Arc::new(Counts::default());
     let c = counts.clone();
     let app = Router::new()

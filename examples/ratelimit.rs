@@ -67,7 +67,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     }
 
     // The server: one bucket per client id, refusals become 429.
-    let limiter = KeyedLimiter::new(args.burst, args.rate)?.with_max_keys(10_000);
+    let limiter = KeyedLimiter::from_rate(args.burst, args.rate)?.with_max_keys(10_000);
     let app = Router::new().route("/", get(|| async { "ok" })).layer(
         ServiceBuilder::new()
             .layer(RejectionResponseLayer::new())
@@ -96,7 +96,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     };
 
     // The patient client waits on its own bucket before each request.
-    let bucket = TokenBucket::new(args.burst - 1, args.rate)?;
+    let bucket = TokenBucket::from_rate(args.burst - 1, args.rate)?;
     let patient_svc = ServiceBuilder::new()
         .layer(RateLimitLayer::new(bucket))
         .service(client.clone());

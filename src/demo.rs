@@ -377,7 +377,7 @@ async fn server_burst(
     quota: (u32, f64),
 ) -> Result<Vec<BurstReport>, Box<dyn std::error::Error + Send + Sync>> {
     use axum::{Router, routing::get};
-    let limiter = KeyedLimiter::new(quota.0, quota.1)?.with_max_keys(10_000);
+    let limiter = KeyedLimiter::from_rate(quota.0, quota.1)?.with_max_keys(10_000);
     // One trusted proxy in front: the client address is the right-most entry.
     let app: Router = Router::new()
         .route("/work", get(|| async { "done" }))

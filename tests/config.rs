@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use apiguard::breaker::{CircuitBreaker, CircuitBreakerBuilder, KeyedBreakers, SlidingWindow};
-use apiguard::core::InvalidConfig;
+use apiguard::core::{InvalidConfig, Quota};
 use apiguard::retry::Backoff;
 use apiguard::{
     GuardLayer, GuardedClient, Jitter, KeyedLimiter, RetryBudget, RetryPolicy, TokenBucket,
@@ -31,15 +31,23 @@ fn refused<T>(r: Result<T, InvalidConfig>, field: &str, words: &str) {
 
 #[test]
 fn a_bucket_of_zero_tokens_is_refused() {
-    refused(TokenBucket::new(0, 1.0), "capacity", "at least 1");
-    refused(KeyedLimiter::<u32>::new(0, 1.0), "capacity", "at least 1");
+    refused(TokenBucket::from_rate(0, 1.0), "capacity", "at least 1");
+    refused(
+        KeyedLimiter::<u32>::from_rate(0, 1.0),
+        "capacity",
+        "at least 1",
+    );
 }
 
 #[test]
 fn a_zero_negative_nan_or_infinite_refill_is_refused() {
     for r in [0.0, -1.0, f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -0.0] {
-        refused(TokenBucket::new(1, r), "refill_per_sec", "finite");
-        refused(KeyedLimiter::<u32>::new(1, r), "refill_per_sec", "finite");
+        refused(TokenBucket::from_rate(1, r), "refill_per_sec", "finite");
+        refused(
+            KeyedLimiter::<u32>::from_rate(1, r),
+            "refill_per_sec",
+            "finite",
+        );
     }
 }
 
@@ -47,7 +55,7 @@ fn a_zero_negative_nan_or_infinite_refill_is_refused() {
 fn a_refill_too_slow_or_too_fast_to_represent_is_refused() {
     // One token per 200 years, and 1e11 tokens a second (under 1 ns each).
     for r in [1.0 / (200.0 * 365.25 * 86_400.0), 1e11] {
-        refused(TokenBucket::new(1, r), "refill_per_sec", "between");
+        refused(TokenBucket::from_rate(1, r), "refill_per_sec", "between");
     }
 }
 
@@ -55,7 +63,7 @@ fn a_refill_too_slow_or_too_fast_to_represent_is_refused() {
 fn a_bucket_that_takes_years_to_refill_is_refused() {
     // u32::MAX tokens at one an hour: half a million years.
     refused(
-        TokenBucket::new(u32::MAX, 1.0 / 3600.0),
+        TokenBucket::from_rate(u32::MAX, 1.0 / 3600.0),
         "capacity",
         "4 years",
     );
@@ -63,10 +71,14 @@ fn a_bucket_that_takes_years_to_refill_is_refused() {
 
 #[test]
 fn a_bad_per_key_quota_is_refused_and_changes_nothing() {
-    let limiter = KeyedLimiter::<u32>::new(5, 1.0).unwrap();
-    refused(limiter.set_quota(7, 0, 1.0), "capacity", "at least 1");
+    let limiter = KeyedLimiter::<u32>::from_rate(5, 1.0).unwrap();
     refused(
-        limiter.set_quota(7, 1, f64::NAN),
+        limiter.set_quota(7, Quota::from_rate(0, 1.0)),
+        "capacity",
+        "at least 1",
+    );
+    refused(
+        limiter.set_quota(7, Quota::from_rate(1, f64::NAN)),
         "refill_per_sec",
         "finite",
     );

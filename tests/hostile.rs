@@ -102,7 +102,7 @@ fn absurd_retry_after_values_read_as_documented() {
 /// The server recipe: 3 requests per client, one more a minute, keyed by
 /// the address one trusted proxy wrote into `X-Forwarded-For`.
 async fn server() -> SocketAddr {
-    let limiter = KeyedLimiter::new(3, 1.0 / 60.0).unwrap();
+    let limiter = KeyedLimiter::from_rate(3, 1.0 / 60.0).unwrap();
     let app: Router = Router::new()
         .route("/", get(|| async { "hi" }))
         .layer(server_layer(limiter, ForwardedFor::x_forwarded_for(1)));

@@ -72,7 +72,7 @@ async fn limited_app() -> (SocketAddr, Arc<AtomicU64>) {
     use axum::{Router, routing::get};
     let refused = Arc::new(AtomicU64::new(0));
     let seen = refused.clone();
-    let limiter = KeyedLimiter::new(10, 20.0).unwrap();
+    let limiter = KeyedLimiter::from_rate(10, 20.0).unwrap();
     let app: Router = Router::new()
         .route("/", get(|| async { "hi" }))
         .layer(server_layer(limiter, ForwardedFor::x_forwarded_for(1)))

@@ -286,7 +286,7 @@ async fn guarded_client_probes_and_closes_after_recovery() {
 #[tokio::test]
 async fn server_recipe_limits_each_client_address_on_its_own() {
     use axum::{Router, routing::get};
-    let limiter = KeyedLimiter::new(5, 0.001).unwrap();
+    let limiter = KeyedLimiter::from_rate(5, 0.001).unwrap();
     let app: Router = Router::new()
         .route("/", get(|| async { "hi" }))
         .layer(server_layer(limiter, ForwardedFor::x_forwarded_for(1)));

@@ -60,7 +60,7 @@ async fn racing_tasks_take_exactly_the_capacity_then_exactly_the_refill() {
     let capacity = 600_000u32;
     let refill = 150_000.0;
     let clock = ManualClock::new();
-    let bucket = TokenBucket::new(capacity, refill)
+    let bucket = TokenBucket::from_rate(capacity, refill)
         .unwrap()
         .with_clock(clock.clock());
     for round in 0..3 {
@@ -84,7 +84,7 @@ async fn racing_tasks_take_exactly_the_capacity_then_exactly_the_refill() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 8)]
 async fn racing_tasks_on_many_keys_take_exactly_each_keys_capacity() {
     let clock = ManualClock::new();
-    let limiter = KeyedLimiter::<u64>::new(10, 1.0)
+    let limiter = KeyedLimiter::<u64>::from_rate(10, 1.0)
         .unwrap()
         .with_clock(clock.clock());
     let keys = 5_000;
@@ -226,7 +226,7 @@ async fn flood(keys: u64, max_keys: usize) -> u64 {
     const VICTIMS: u64 = 100;
     let span = 2_000_000_000u64;
     let clock = ManualClock::new();
-    let limiter = KeyedLimiter::<u64>::new(5, 1.0)
+    let limiter = KeyedLimiter::<u64>::from_rate(5, 1.0)
         .unwrap()
         .with_max_keys(max_keys)
         .with_clock(clock.clock());

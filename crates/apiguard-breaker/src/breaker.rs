@@ -350,8 +350,15 @@ impl CircuitBreakerBuilder {
         }
     }
 
-    /// Checks the settings and builds the breaker.
-    pub fn build(&self) -> Result<CircuitBreaker, InvalidConfig> {
+    /// Checks the settings and builds the breaker. Clone the builder first
+    /// to build several breakers from one configuration.
+    pub fn build(self) -> Result<CircuitBreaker, InvalidConfig> {
+        self.build_shared()
+    }
+
+    /// [`build`](Self::build) without giving up the builder: the keyed
+    /// registry builds every key's breaker from its one template.
+    pub(crate) fn build_shared(&self) -> Result<CircuitBreaker, InvalidConfig> {
         let config = self.validate()?;
         let window = config.window.map(|w| match w {
             SlidingWindow::Count(n) => Window::Count(CountWindow::new(n)),

@@ -61,6 +61,18 @@ impl<F, C, H> ResponseFuture<F, C, H> {
         }
     }
 
+    /// A call no breaker guards (its request named no key): its outcome
+    /// is recorded nowhere.
+    pub(crate) fn unguarded(future: F, classifier: C, hold: H) -> Self {
+        tracing::trace!(target: "apiguard::breaker", "call without a key: unguarded");
+        Self {
+            kind: Kind::Called { future },
+            permit: None,
+            classifier,
+            hold,
+        }
+    }
+
     pub(crate) fn refused(open: CircuitOpen, classifier: C, hold: H) -> Self {
         tracing::debug!(
             target: "apiguard::breaker",

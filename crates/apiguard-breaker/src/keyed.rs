@@ -5,7 +5,7 @@ use std::hash::Hash;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
-use apiguard_core::InvalidConfig;
+use apiguard_core::{InvalidConfig, KeyExtractor};
 use dashmap::DashMap;
 
 /// foldhash with a per-map random seed: keys (hosts, routes) may come from
@@ -17,41 +17,28 @@ use http::uri::Authority;
 
 use crate::breaker::{CircuitBreaker, CircuitBreakerBuilder, Hook, State, Transition};
 
-/// Picks the key a request's breaker is found under.
-///
-/// Closures `Fn(&Req) -> K` are extractors.
-pub trait KeyExtractor<Req> {
-    /// The key.
-    type Key;
-    /// The key of `req`.
-    fn extract(&self, req: &Req) -> Self::Key;
-}
-
-impl<Req, K, F> KeyExtractor<Req> for F
-where
-    F: Fn(&Req) -> K,
-{
-    type Key = K;
-    fn extract(&self, req: &Req) -> K {
-        self(req)
-    }
-}
-
 /// Keys HTTP requests by the authority (`host[:port]`) of their URI, or
 /// their `Host` header when the URI has none: one breaker per upstream on a
-/// client. Requests with neither share the `None` breaker.
+/// client. Every request has a key: those with neither share the breaker
+/// of the key `None`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct HostKey;
 
 impl<B> KeyExtractor<Request<B>> for HostKey {
     type Key = Option<Authority>;
-    fn extract(&self, req: &Request<B>) -> Option<Authority> {
-        if let Some(a) = req.uri().authority() {
-            return Some(a.clone());
-        }
-        let host = req.headers().get(http::header::HOST)?;
-        Authority::try_from(host.as_bytes()).ok()
+    #[inline]
+    fn extract(&self, req: &Request<B>) -> Option<Option<Authority>> {
+        Some(host_of(req))
     }
+}
+
+/// The authority of `req`'s URI, or of its `Host` header.
+fn host_of<B>(req: &Request<B>) -> Option<Authority> {
+    if let Some(a) = req.uri().authority() {
+        return Some(a.clone());
+    }
+    let host = req.headers().get(http::header::HOST)?;
+    Authority::try_from(host.as_bytes()).ok()
 }
 
 /// Keys HTTP requests by their path: one breaker per route on a server
@@ -62,8 +49,8 @@ pub struct PathKey;
 
 impl<B> KeyExtractor<Request<B>> for PathKey {
     type Key = String;
-    fn extract(&self, req: &Request<B>) -> String {
-        req.uri().path().to_owned()
+    fn extract(&self, req: &Request<B>) -> Option<String> {
+        Some(req.uri().path().to_owned())
     }
 }
 
@@ -132,7 +119,7 @@ impl<K: Hash + Eq + Clone> KeyedBreakers<K> {
         if max_keys == 0 {
             return Err(InvalidConfig::new("max_keys", "must be at least 1"));
         }
-        template.build()?;
+        template.build_shared()?;
         Ok(Self {
             inner: Arc::new(Registry {
                 map: DashMap::with_hasher(Hasher::default()),
@@ -228,7 +215,9 @@ impl<K: Hash + Eq + Clone> KeyedBreakers<K> {
         self.make_room();
         let b = reg.map.entry(key.clone()).or_insert_with(|| {
             // The template was checked in `new`.
-            reg.template.build().unwrap_or_else(|_| unreachable!())
+            reg.template
+                .build_shared()
+                .unwrap_or_else(|_| unreachable!())
         });
         if let Some(attach) = reg.attach.get() {
             attach(b.key(), b.value());

@@ -122,13 +122,13 @@ mod sync;
 mod waiters;
 mod window;
 
-pub use apiguard_core::CircuitOpen;
+pub use apiguard_core::{CircuitOpen, KeyExtractor};
 pub use breaker::{
     CircuitBreaker, CircuitBreakerBuilder, OwnedPermit, Permit, Reason, SlidingWindow, State,
     Stats, Ticket, Transition,
 };
 pub use error::CallError;
 pub use hold::{HoldOpen, NoHold, RetryAfterHold};
-pub use keyed::{HostKey, KeyExtractor, KeyedBreakers, PathKey};
+pub use keyed::{HostKey, KeyedBreakers, PathKey};
 pub use layer::{CircuitBreakerLayer, KeyedCircuitBreakerLayer};
 pub use service::{CircuitBreakerService, KeyedCircuitBreakerService};

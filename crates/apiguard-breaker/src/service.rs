@@ -1,13 +1,13 @@
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use apiguard_core::{BoxError, Classify, HttpClassifier};
+use apiguard_core::{BoxError, Classify, HttpClassifier, KeyExtractor};
 use tower_service::Service;
 
 use crate::breaker::CircuitBreaker;
 use crate::future::ResponseFuture;
 use crate::hold::{HoldOpen, RetryAfterHold};
-use crate::keyed::{KeyExtractor, KeyedBreakers};
+use crate::keyed::KeyedBreakers;
 
 /// Guards a service with one [`CircuitBreaker`]; made by
 /// [`CircuitBreakerLayer`](crate::CircuitBreakerLayer).
@@ -175,7 +175,14 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        let key = self.extractor.extract(&req);
+        let Some(key) = self.extractor.extract(&req) else {
+            // No key, no breaker to ask (see `apiguard_core::extract`).
+            return ResponseFuture::unguarded(
+                self.inner.call(req),
+                self.classifier.clone(),
+                self.hold.clone(),
+            );
+        };
         let max_wait = self.max_wait;
         let acquired = self.breakers.with(&key, |b| {
             b.try_acquire_owned()

@@ -285,6 +285,40 @@ async fn keyed_breakers_trip_per_host() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn keyed_layer_lets_a_request_without_a_key_through_unguarded() {
+    let breakers = KeyedBreakers::new(CircuitBreaker::builder().failure_threshold(1), 100).unwrap();
+    // Keyed by a header; requests without it name no breaker.
+    let route = |req: &Req| {
+        req.headers()
+            .get("x-route")
+            .map(|v| v.to_str().unwrap_or("").to_owned())
+    };
+    let layer = KeyedCircuitBreakerLayer::new(breakers.clone(), route);
+    let (mut svc, mut handle) = mock::spawn_layer(layer);
+    // Failures of keyless requests trip nothing: each one reaches the
+    // upstream, and no breaker is made for them.
+    for _ in 0..3 {
+        let res = exchange(&mut svc, &mut handle, status(500)).await.unwrap();
+        assert_eq!(res.status(), 500);
+    }
+    assert!(breakers.is_empty());
+    // A keyed request still gets its breaker, which trips on one failure.
+    let keyed = || Request::builder().header("x-route", "a").body(()).unwrap();
+    assert_ready_ok!(svc.poll_ready());
+    let fut = svc.call(keyed());
+    handle
+        .next_request()
+        .await
+        .unwrap()
+        .1
+        .send_response(status(500));
+    fut.await.unwrap();
+    assert_ready_ok!(svc.poll_ready());
+    assert!(is_open(&svc.call(keyed()).await));
+    assert_eq!(breakers.state(&"a".to_owned()), State::Open);
+}
+
+#[tokio::test(start_paused = true)]
 async fn keyed_registry_stays_bounded_and_keeps_tripped_breakers() {
     let breakers = KeyedBreakers::new(CircuitBreaker::builder().failure_threshold(1), 8).unwrap();
     breakers.get(0u32).try_acquire().unwrap().failure();

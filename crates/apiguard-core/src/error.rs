@@ -13,10 +13,14 @@ use std::time::Duration;
 /// The boxed error type layers return, as in tower.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The quota behind a rate limit, as advertised in the `RateLimit-Policy`
-/// field: `quota` units per `window`.
+/// The policy a rate limit advertises in the `RateLimit-Policy` field:
+/// `limit` units per `window`.
+///
+/// This is what a refusal ([`RateLimited::policy`]) and a grant report, for
+/// the response headers; a limit is *configured* with a
+/// [`Quota`](crate::Quota), which also says how bursts refill.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Quota {
+pub struct QuotaPolicy {
     /// Units (requests, or tokens for weighted requests) the window allows.
     pub limit: u64,
     /// The window the limit applies to.
@@ -30,18 +34,18 @@ pub struct Quota {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateLimited {
     wait: Duration,
-    quota: Option<Quota>,
+    policy: Option<QuotaPolicy>,
 }
 
 impl RateLimited {
     /// A refusal that asks the caller to wait `wait`.
     pub const fn new(wait: Duration) -> Self {
-        Self { wait, quota: None }
+        Self { wait, policy: None }
     }
 
-    /// Attaches the quota that refused, so servers can advertise it.
-    pub const fn with_quota(mut self, quota: Quota) -> Self {
-        self.quota = Some(quota);
+    /// Attaches the policy that refused, so servers can advertise it.
+    pub const fn with_policy(mut self, policy: QuotaPolicy) -> Self {
+        self.policy = Some(policy);
         self
     }
 
@@ -50,9 +54,9 @@ impl RateLimited {
         Some(self.wait)
     }
 
-    /// The quota that refused, when the limiter knows it.
-    pub const fn quota(&self) -> Option<Quota> {
-        self.quota
+    /// The policy that refused, when the limiter knows it.
+    pub const fn policy(&self) -> Option<QuotaPolicy> {
+        self.policy
     }
 }
 

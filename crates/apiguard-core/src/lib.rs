@@ -19,6 +19,10 @@
 //! - [`error`]: the refusals every layer returns ([`RateLimited`],
 //!   [`CircuitOpen`], [`BudgetExhausted`], [`RetriesExhausted`],
 //!   [`MissingKey`]) and [`InvalidConfig`], the error of every builder;
+//! - [`quota`]: [`Quota`], how much a rate limit lets through, taken by
+//!   every limiter;
+//! - [`extract`]: [`KeyExtractor`], which bucket or breaker a request
+//!   belongs to, taken by every keyed layer;
 //! - [`classify`]: what counts as a failure ([`Outcome`], [`Classify`],
 //!   [`HttpClassifier`]);
 //! - [`headers`]: `Retry-After` and the IETF `RateLimit` fields;
@@ -37,13 +41,17 @@
 pub mod classify;
 pub mod clock;
 pub mod error;
+pub mod extract;
 pub mod headers;
+pub mod quota;
 pub mod rejection;
 
 pub use classify::{Classify, HttpClassifier, Outcome};
 pub use clock::{Clock, ManualClock, Nanos};
 pub use error::{
-    BoxError, BudgetExhausted, CircuitOpen, InvalidConfig, MissingKey, Quota, RateLimited,
+    BoxError, BudgetExhausted, CircuitOpen, InvalidConfig, MissingKey, QuotaPolicy, RateLimited,
     RetriesExhausted,
 };
+pub use extract::KeyExtractor;
+pub use quota::Quota;
 pub use rejection::RejectionResponseLayer;

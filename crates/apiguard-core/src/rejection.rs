@@ -304,7 +304,7 @@ pub fn rate_limited_response<B: Default>(limited: &RateLimited) -> Response<B> {
     let wait = limited.retry_after().unwrap_or_default();
     let headers = res.headers_mut();
     headers.insert(RETRY_AFTER, format_retry_after(wait));
-    if let Some(quota) = limited.quota() {
+    if let Some(quota) = limited.policy() {
         headers.insert(
             RATELIMIT_POLICY,
             format_ratelimit_policy(POLICY_NAME, quota.limit, quota.window),
@@ -371,7 +371,7 @@ mod axum_impls {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::Quota;
+    use crate::error::QuotaPolicy;
     use std::time::Duration;
     use tower::{ServiceExt, service_fn};
 
@@ -413,12 +413,12 @@ mod tests {
 
     #[tokio::test]
     async fn rate_limited_becomes_429_with_headers() {
-        let quota = Quota {
+        let quota = QuotaPolicy {
             limit: 10,
             window: Duration::from_secs(5),
         };
         let err: BoxError =
-            Box::new(RateLimited::new(Duration::from_millis(300)).with_quota(quota));
+            Box::new(RateLimited::new(Duration::from_millis(300)).with_policy(quota));
         let res = answer(Some(err)).await.unwrap();
         assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(res.headers()[RETRY_AFTER], "1");

@@ -5,20 +5,22 @@ use std::future::{Ready, ready};
 use std::sync::Arc;
 use std::time::Duration;
 
-use apiguard_core::{Clock, InvalidConfig, Nanos, Quota, RateLimited};
+use apiguard_core::{Clock, InvalidConfig, Nanos, Quota, QuotaPolicy, RateLimited};
 
 use crate::future::Acquire;
 use crate::gcra::{self, Rate};
 use crate::limiter::{Grant, Limiter, Reservation};
 use crate::sync::{AtomicU64, Ordering};
 
-/// A token bucket: `capacity` tokens, refilled continuously at
-/// `refill_per_sec`, on one atomic word (GCRA).
+/// A token bucket: [`Quota::burst`] tokens, refilled continuously at the
+/// quota's rate, on one atomic word (GCRA).
 ///
 /// ```
+/// use apiguard_core::Quota;
 /// use apiguard_ratelimit::TokenBucket;
 ///
-/// let bucket = TokenBucket::new(2, 1.0)?;
+/// // Two at once, then one a second.
+/// let bucket = TokenBucket::new(Quota::per_second(1).with_burst(2))?;
 /// assert!(bucket.try_acquire(2).is_ok());
 /// let refused = bucket.try_acquire(1).unwrap_err();
 /// assert!(refused.retry_after().unwrap() <= std::time::Duration::from_secs(1));
@@ -56,11 +58,21 @@ impl fmt::Debug for TokenBucket {
 }
 
 impl TokenBucket {
-    /// A full bucket of `capacity` tokens refilled at `refill_per_sec`.
+    /// A full bucket for `quota`.
+    ///
+    /// Refuses what [`Quota::validate`] refuses, a burst above `u32::MAX`,
+    /// and a rate outside one per 146 years .. 3.2·10¹⁰ per second.
+    pub fn new(quota: Quota) -> Result<Self, InvalidConfig> {
+        Ok(Self::with_rate(Rate::from_quota(quota)?, Clock::system()))
+    }
+
+    /// APIGuard's `TokenBucket(capacity, refill_rate)`: a full bucket of
+    /// `capacity` tokens refilled at `refill_per_sec`; the same as
+    /// `new(Quota::from_rate(capacity, refill_per_sec))`.
     ///
     /// Refuses a zero capacity and a rate that is zero, negative, NaN or
     /// infinite (or outside one per 146 years .. 3.2·10¹⁰ per second).
-    pub fn new(capacity: u32, refill_per_sec: f64) -> Result<Self, InvalidConfig> {
+    pub fn from_rate(capacity: u32, refill_per_sec: f64) -> Result<Self, InvalidConfig> {
         Ok(Self::with_rate(
             Rate::new(capacity, refill_per_sec)?,
             Clock::system(),
@@ -168,10 +180,15 @@ impl TokenBucket {
         self.inner.rate.refill_per_sec()
     }
 
-    /// The quota as advertised in `RateLimit-Policy`: `capacity` tokens per
-    /// the time an empty bucket takes to fill.
+    /// The quota as configured.
     pub fn quota(&self) -> Quota {
         self.inner.rate.quota()
+    }
+
+    /// The policy advertised in `RateLimit-Policy`: `capacity` tokens per
+    /// the time an empty bucket takes to fill.
+    pub fn policy(&self) -> QuotaPolicy {
+        self.inner.rate.policy()
     }
 
     /// The clock this bucket reads.
@@ -215,13 +232,16 @@ mod tests {
 
     #[test]
     fn bad_configuration_is_refused() {
-        assert_eq!(TokenBucket::new(0, 1.0).unwrap_err().field(), "capacity");
         assert_eq!(
-            TokenBucket::new(1, f64::NAN).unwrap_err().field(),
+            TokenBucket::from_rate(0, 1.0).unwrap_err().field(),
+            "capacity"
+        );
+        assert_eq!(
+            TokenBucket::from_rate(1, f64::NAN).unwrap_err().field(),
             "refill_per_sec"
         );
         assert_eq!(
-            TokenBucket::new(1, -2.0).unwrap_err().field(),
+            TokenBucket::from_rate(1, -2.0).unwrap_err().field(),
             "refill_per_sec"
         );
     }
@@ -229,14 +249,14 @@ mod tests {
     #[test]
     fn starts_full_and_refills_at_the_rate() {
         let manual = ManualClock::new();
-        let bucket = TokenBucket::new(10, 2.0)
+        let bucket = TokenBucket::from_rate(10, 2.0)
             .unwrap()
             .with_clock(manual.clock());
         assert_eq!(bucket.available(), 10.0);
         bucket.try_acquire(10).unwrap();
         let err = bucket.try_acquire(1).unwrap_err();
         assert_eq!(err.retry_after(), Some(Duration::from_millis(500)));
-        assert_eq!(err.quota().unwrap().limit, 10);
+        assert_eq!(err.policy().unwrap().limit, 10);
         manual.advance(Duration::from_millis(250));
         assert_eq!(bucket.available(), 0.5);
         manual.advance(Duration::from_millis(750));
@@ -249,8 +269,36 @@ mod tests {
     }
 
     #[test]
+    fn a_quota_gives_its_burst_then_its_rate_exactly() {
+        let manual = ManualClock::new();
+        let bucket = TokenBucket::new(Quota::per_minute(90).with_burst(3))
+            .unwrap()
+            .with_clock(manual.clock());
+        assert_eq!(bucket.quota(), Quota::per_minute(90).with_burst(3));
+        assert_eq!(bucket.capacity(), 3);
+        bucket.try_acquire(3).unwrap();
+        // 90 a minute is one token every 2/3 s: exact, so 3 000 tokens come
+        // in exactly 2 000 s, never one early.
+        let err = bucket.try_acquire(1).unwrap_err();
+        assert_eq!(err.retry_after(), Some(Duration::from_nanos(666_666_667)));
+        for _ in 0..1000 {
+            manual.advance(Duration::from_secs(2));
+            bucket.try_acquire(3).unwrap();
+            assert!(bucket.try_acquire(1).is_err());
+        }
+    }
+
+    #[test]
+    fn a_quota_is_checked_when_the_bucket_is_built() {
+        let field = |q: Quota| TokenBucket::new(q).unwrap_err().field();
+        assert_eq!(field(Quota::per_second(0)), "limit");
+        assert_eq!(field(Quota::per_second(1).with_burst(0)), "burst");
+        assert_eq!(field(Quota::per_second(1).with_burst(1 << 33)), "burst");
+    }
+
+    #[test]
     fn more_than_capacity_is_refused_at_once() {
-        let bucket = TokenBucket::new(3, 1.0).unwrap();
+        let bucket = TokenBucket::from_rate(3, 1.0).unwrap();
         let err = bucket.try_acquire(4).unwrap_err();
         assert_eq!(err.retry_after(), Some(Duration::MAX));
         assert!(bucket.reserve(4, Duration::MAX).is_err());
@@ -259,7 +307,7 @@ mod tests {
 
     #[test]
     fn clones_share_one_bucket() {
-        let bucket = TokenBucket::new(2, 1.0).unwrap();
+        let bucket = TokenBucket::from_rate(2, 1.0).unwrap();
         let clone = bucket.clone();
         bucket.try_acquire(1).unwrap();
         clone.try_acquire(1).unwrap();
@@ -268,7 +316,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn acquire_waits_its_turn_in_order() {
-        let bucket = TokenBucket::new(1, 10.0).unwrap();
+        let bucket = TokenBucket::from_rate(1, 10.0).unwrap();
         let start = Instant::now();
         bucket.acquire(1).await.unwrap();
         assert_eq!(start.elapsed(), Duration::ZERO);
@@ -282,14 +330,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn acquire_over_capacity_fails_instead_of_hanging() {
-        let bucket = TokenBucket::new(2, 1.0).unwrap();
+        let bucket = TokenBucket::from_rate(2, 1.0).unwrap();
         let err = bucket.acquire(3).await.unwrap_err();
         assert_eq!(err.retry_after(), Some(Duration::MAX));
     }
 
     #[tokio::test(start_paused = true)]
     async fn dropped_acquire_gives_its_tokens_back() {
-        let bucket = TokenBucket::new(1, 1.0).unwrap();
+        let bucket = TokenBucket::from_rate(1, 1.0).unwrap();
         bucket.try_acquire(1).unwrap();
         let waiting = bucket.acquire(1);
         assert!(bucket.available() < 0.0 + f64::EPSILON);
@@ -303,7 +351,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn paused_time_drives_the_default_clock() {
-        let bucket = TokenBucket::new(5, 5.0).unwrap();
+        let bucket = TokenBucket::from_rate(5, 5.0).unwrap();
         bucket.try_acquire(5).unwrap();
         assert!(bucket.try_acquire(1).is_err());
         advance(Duration::from_millis(200)).await;

@@ -1,6 +1,8 @@
 //! Key extractors for [`KeyedRateLimitLayer`](crate::KeyedRateLimitLayer).
 //!
-//! Any `Fn(&http::Request<B>) -> Option<K>` is an extractor. Ready-made:
+//! The trait is [`KeyExtractor`] of `apiguard-core` (re-exported here), the
+//! one the keyed breaker takes too: any `Fn(&http::Request<B>) -> Option<K>`
+//! is an extractor. Ready-made:
 //!
 //! - [`PeerIp`]: the address of the connection's peer;
 //! - [`HeaderKey`]: the value of a header (an API key, a tenant id);
@@ -24,23 +26,10 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+pub use apiguard_core::KeyExtractor;
 use apiguard_core::MissingKey;
 use http::header::{FORWARDED, HeaderName, HeaderValue};
 use http::{HeaderMap, Request};
-
-/// Finds the rate-limit key of a request.
-pub trait KeyExtractor<B> {
-    /// The key type.
-    type Key;
-    /// The key of `req`, or `None` when it has none.
-    fn extract(&self, req: &Request<B>) -> Option<Self::Key>;
-
-    /// The error for a request [`extract`](Self::extract) found no key in;
-    /// extractors that know why give a [hint](MissingKey::with_hint).
-    fn missing_key(&self) -> MissingKey {
-        MissingKey::new()
-    }
-}
 
 /// What [`KeyedRateLimitLayer`](crate::KeyedRateLimitLayer) does with a
 /// request its extractor found no key in (see [the module docs](self#a-request-without-a-key)).
@@ -95,18 +84,6 @@ const NO_PEER: &str = "no peer address recorded: axum's `ConnectInfo` is read on
     `into_make_service_with_connect_info::<SocketAddr>()`, or insert the connection's \
     `SocketAddr` into each request's extensions";
 
-impl<B, K, F> KeyExtractor<B> for F
-where
-    F: Fn(&Request<B>) -> Option<K>,
-{
-    type Key = K;
-
-    #[inline]
-    fn extract(&self, req: &Request<B>) -> Option<K> {
-        self(req)
-    }
-}
-
 /// The peer's IP address.
 ///
 /// Read from axum's `ConnectInfo<SocketAddr>` (with the `axum` feature, on
@@ -119,7 +96,7 @@ where
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PeerIp;
 
-impl<B> KeyExtractor<B> for PeerIp {
+impl<B> KeyExtractor<Request<B>> for PeerIp {
     type Key = IpAddr;
 
     #[inline]
@@ -157,7 +134,7 @@ impl HeaderKey {
     }
 }
 
-impl<B> KeyExtractor<B> for HeaderKey {
+impl<B> KeyExtractor<Request<B>> for HeaderKey {
     type Key = HeaderValue;
 
     fn extract(&self, req: &Request<B>) -> Option<HeaderValue> {
@@ -238,7 +215,7 @@ impl ForwardedFor {
     }
 }
 
-impl<B> KeyExtractor<B> for ForwardedFor {
+impl<B> KeyExtractor<Request<B>> for ForwardedFor {
     type Key = IpAddr;
 
     fn extract(&self, req: &Request<B>) -> Option<IpAddr> {
@@ -377,7 +354,9 @@ mod tests {
 
     #[test]
     fn peer_ip_says_what_to_fix_when_it_finds_no_address() {
-        let hint = KeyExtractor::<()>::missing_key(&PeerIp).hint().unwrap();
+        let hint = KeyExtractor::<Request<()>>::missing_key(&PeerIp)
+            .hint()
+            .unwrap();
         assert!(
             hint.contains("into_make_service_with_connect_info"),
             "{hint}"

@@ -24,7 +24,7 @@
 use std::time::Duration;
 
 use apiguard_core::clock::nanos_to_duration;
-use apiguard_core::{InvalidConfig, Nanos, Quota, RateLimited};
+use apiguard_core::{InvalidConfig, Nanos, Quota, QuotaPolicy, RateLimited};
 
 use crate::limiter::{Grant, Reservation};
 use crate::sync::{AtomicU64, Ordering};
@@ -43,10 +43,26 @@ pub(crate) struct Rate {
     scale: u64,
     tau: u64,
     capacity: u32,
-    refill_per_sec: f64,
+    quota: Quota,
 }
 
 impl Rate {
+    /// The rate of `quota`, checked: also refused when its burst is beyond
+    /// what an in-memory bucket holds (`u32::MAX` tokens).
+    pub(crate) fn from_quota(quota: Quota) -> Result<Self, InvalidConfig> {
+        let quota = quota.validate()?;
+        let capacity = u32::try_from(quota.burst()).map_err(|_| {
+            InvalidConfig::new(
+                "burst",
+                "must be at most 4294967295 for an in-memory bucket",
+            )
+        })?;
+        let mut rate = Self::new(capacity, quota.refill_per_sec())?;
+        rate.quota = quota;
+        Ok(rate)
+    }
+
+    /// APIGuard's terms: `capacity` tokens refilled at `refill_per_sec`.
     pub(crate) fn new(capacity: u32, refill_per_sec: f64) -> Result<Self, InvalidConfig> {
         if capacity == 0 {
             return Err(InvalidConfig::new("capacity", "must be at least 1"));
@@ -93,7 +109,7 @@ impl Rate {
             scale,
             tau,
             capacity,
-            refill_per_sec,
+            quota: Quota::from_rate(capacity, refill_per_sec),
         })
     }
 
@@ -110,7 +126,7 @@ impl Rate {
             scale: 1,
             tau: u64::from(capacity) * per_token,
             capacity,
-            refill_per_sec: 1e9 / per_token as f64,
+            quota: Quota::from_rate(capacity, 1e9 / per_token as f64),
         }
     }
 
@@ -119,7 +135,12 @@ impl Rate {
     }
 
     pub(crate) fn refill_per_sec(&self) -> f64 {
-        self.refill_per_sec
+        self.quota.refill_per_sec()
+    }
+
+    /// The quota as configured.
+    pub(crate) fn quota(&self) -> Quota {
+        self.quota
     }
 
     /// The emission interval as `(units per token, units per ns)`.
@@ -130,8 +151,8 @@ impl Rate {
 
     /// The quota as the `RateLimit-Policy` field states it: `capacity` units
     /// per the time a drained bucket takes to fill.
-    pub(crate) fn quota(&self) -> Quota {
-        Quota {
+    pub(crate) fn policy(&self) -> QuotaPolicy {
+        QuotaPolicy {
             limit: u64::from(self.capacity),
             window: self.duration(self.tau),
         }
@@ -185,14 +206,14 @@ impl Rate {
     #[cold]
     #[inline(never)]
     fn refuse(&self, units: u64) -> RateLimited {
-        RateLimited::new(self.duration(units)).with_quota(self.quota())
+        RateLimited::new(self.duration(units)).with_policy(self.policy())
     }
 
     /// The refusal for a cost no bucket of this capacity can ever grant.
     #[cold]
     #[inline(never)]
     fn never(&self) -> RateLimited {
-        RateLimited::new(Duration::MAX).with_quota(self.quota())
+        RateLimited::new(Duration::MAX).with_policy(self.policy())
     }
 }
 
@@ -225,7 +246,7 @@ pub(crate) fn reserve(
                 let grant = Grant {
                     wait: rate.duration(ahead.saturating_sub(rate.tau)),
                     remaining: rate.tau.saturating_sub(ahead) / rate.per_token,
-                    quota: Some(rate.quota()),
+                    policy: Some(rate.policy()),
                 };
                 return Ok(Reservation::new(grant, cost, new));
             }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::time::Duration;
 
-use apiguard_core::{Clock, InvalidConfig, Nanos, Quota, RateLimited};
+use apiguard_core::{Clock, InvalidConfig, Nanos, Quota, QuotaPolicy, RateLimited};
 use dashmap::DashMap;
 
 /// foldhash with a per-map random seed: keys are often chosen by clients
@@ -37,9 +37,10 @@ const SWEEP_SPACING_PER_ENTRY: Nanos = 1_000;
 /// One bucket per key, with memory that bounds itself.
 ///
 /// ```
+/// use apiguard_core::Quota;
 /// use apiguard_ratelimit::KeyedLimiter;
 ///
-/// let users = KeyedLimiter::new(2, 1.0)?.with_max_keys(10_000);
+/// let users = KeyedLimiter::new(Quota::per_second(1).with_burst(2))?.with_max_keys(10_000);
 /// users.try_acquire(&"alice", 2).unwrap();
 /// assert!(users.try_acquire(&"alice", 1).is_err());
 /// assert!(users.try_acquire(&"bob", 1).is_ok()); // bob has his own bucket
@@ -126,9 +127,21 @@ impl<K> fmt::Debug for KeyedLimiter<K> {
 }
 
 impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
-    /// A registry whose buckets hold `capacity` tokens refilled at
-    /// `refill_per_sec`, tracking at most [`DEFAULT_MAX_KEYS`] keys.
-    pub fn new(capacity: u32, refill_per_sec: f64) -> Result<Self, InvalidConfig> {
+    /// A registry whose buckets each get `quota`, tracking at most
+    /// [`DEFAULT_MAX_KEYS`] keys. Refuses what
+    /// [`TokenBucket::new`](crate::TokenBucket::new) refuses.
+    pub fn new(quota: Quota) -> Result<Self, InvalidConfig> {
+        Ok(Self::build(
+            Rate::from_quota(quota)?,
+            DEFAULT_MAX_KEYS,
+            Clock::system(),
+        ))
+    }
+
+    /// APIGuard's terms: buckets of `capacity` tokens refilled at
+    /// `refill_per_sec`; the same as
+    /// `new(Quota::from_rate(capacity, refill_per_sec))`.
+    pub fn from_rate(capacity: u32, refill_per_sec: f64) -> Result<Self, InvalidConfig> {
         Ok(Self::build(
             Rate::new(capacity, refill_per_sec)?,
             DEFAULT_MAX_KEYS,
@@ -172,13 +185,8 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
     /// Gives `key` its own quota instead of the default one. The tokens it
     /// has spent stay spent (decisions racing with this call may be lost:
     /// it is meant for configuration, not for every request).
-    pub fn set_quota(
-        &self,
-        key: K,
-        capacity: u32,
-        refill_per_sec: f64,
-    ) -> Result<(), InvalidConfig> {
-        let rate = Rate::new(capacity, refill_per_sec)?;
+    pub fn set_quota(&self, key: K, quota: Quota) -> Result<(), InvalidConfig> {
+        let rate = Rate::from_quota(quota)?;
         let inner = &*self.inner;
         let full_time = if let Some((_, tat)) = inner.map.remove(&key) {
             inner.count.fetch_sub(1, StdOrdering::Relaxed);
@@ -213,6 +221,14 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
         match self.overridden(key) {
             Some(o) => o.rate.quota(),
             None => self.inner.rate.quota(),
+        }
+    }
+
+    /// The policy `key`'s refusals advertise (`RateLimit-Policy`).
+    pub fn policy_of(&self, key: &K) -> QuotaPolicy {
+        match self.overridden(key) {
+            Some(o) => o.rate.policy(),
+            None => self.inner.rate.policy(),
         }
     }
 
@@ -504,7 +520,7 @@ mod tests {
 
     fn limiter(capacity: u32, rate: f64, max_keys: usize) -> (KeyedLimiter<u64>, ManualClock) {
         let manual = ManualClock::new();
-        let limiter = KeyedLimiter::new(capacity, rate)
+        let limiter = KeyedLimiter::from_rate(capacity, rate)
             .unwrap()
             .with_max_keys(max_keys)
             .with_clock(manual.clock());
@@ -567,7 +583,7 @@ mod tests {
     #[test]
     fn overridden_keys_are_held_apart_from_the_cap_and_the_sweeps() {
         let (l, clock) = limiter(1, 1.0, 2);
-        l.set_quota(9, 3, 1.0).unwrap();
+        l.set_quota(9, Quota::from_rate(3, 1.0)).unwrap();
         l.try_acquire(&1, 1).unwrap();
         l.try_acquire(&2, 1).unwrap();
         // The map is at its cap, yet 9 has its own bucket.
@@ -580,28 +596,28 @@ mod tests {
         clock.advance(Duration::from_secs(1));
         l.try_acquire(&9, 1).unwrap();
         l.remove_quota(&9);
-        assert_eq!(l.quota_of(&9).limit, 1);
+        assert_eq!(l.quota_of(&9).burst(), 1);
     }
 
     #[test]
     fn quota_override_applies_to_its_key_only() {
         let (l, _clock) = limiter(1, 1.0, 100);
-        l.set_quota(7, 5, 1.0).unwrap();
+        l.set_quota(7, Quota::per_second(1).with_burst(5)).unwrap();
         for _ in 0..5 {
             l.try_acquire(&7, 1).unwrap();
         }
         assert!(l.try_acquire(&7, 1).is_err());
-        assert_eq!(l.quota_of(&7).limit, 5);
+        assert_eq!(l.quota_of(&7).burst(), 5);
         l.try_acquire(&8, 1).unwrap();
         assert!(l.try_acquire(&8, 1).is_err());
-        assert!(l.set_quota(9, 0, 1.0).is_err());
+        assert!(l.set_quota(9, Quota::per_second(0)).is_err());
     }
 
     #[test]
     fn override_on_a_tracked_key_keeps_its_spent_tokens() {
         let (l, _clock) = limiter(2, 1.0, 100);
         l.try_acquire(&1, 2).unwrap();
-        l.set_quota(1, 4, 1.0).unwrap();
+        l.set_quota(1, Quota::from_rate(4, 1.0)).unwrap();
         l.try_acquire(&1, 2).unwrap();
         assert!(l.try_acquire(&1, 1).is_err());
     }

@@ -5,13 +5,13 @@
 //! ```
 //! use std::convert::Infallible;
 //! use std::time::Duration;
-//! use apiguard_ratelimit::{RateLimitLayer, TokenBucket};
+//! use apiguard_ratelimit::{Quota, RateLimitLayer, TokenBucket};
 //! use tower::{ServiceBuilder, ServiceExt, service_fn};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), apiguard_core::BoxError> {
 //! // 10 requests at once, then 5 a second.
-//! let bucket = TokenBucket::new(10, 5.0)?;
+//! let bucket = TokenBucket::new(Quota::per_second(5).with_burst(10))?;
 //! let svc = ServiceBuilder::new()
 //!     // A client waits for its token (here: at most 2 s, then it is refused).
 //!     .layer(RateLimitLayer::new(bucket.clone()).max_wait(Duration::from_secs(2)))
@@ -27,7 +27,10 @@
 //!
 //! # The pieces
 //!
-//! - [`TokenBucket`]: `capacity` tokens refilled at `refill_per_sec`, on one
+//! - [`Quota`]: how much a limit lets through (`Quota::per_minute(100)
+//!   .with_burst(10)`, or APIGuard's `Quota::from_rate(capacity,
+//!   refill_per_sec)`); every limiter takes one, the Redis one too.
+//! - [`TokenBucket`]: a quota's burst of tokens refilled at its rate, on one
 //!   atomic word (GCRA, integer nanoseconds, exact fractions: no drift).
 //!   [`try_acquire`](TokenBucket::try_acquire) never waits;
 //!   [`acquire`](TokenBucket::acquire) waits its turn.
@@ -90,6 +93,8 @@ pub mod pace;
 mod service;
 mod sync;
 
+/// The quota every limiter takes, from `apiguard-core`.
+pub use apiguard_core::Quota;
 pub use bucket::TokenBucket;
 pub use cost::{RequestCost, UnitCost};
 pub use extract::{

@@ -10,7 +10,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use apiguard_core::{Quota, RateLimited};
+use apiguard_core::{QuotaPolicy, RateLimited};
 
 /// An admission: `cost` tokens are reserved for the caller, who must wait
 /// `wait` before using them (zero when they are there now).
@@ -20,8 +20,8 @@ pub struct Grant {
     pub wait: Duration,
     /// Tokens left once this grant is spent (rounded down).
     pub remaining: u64,
-    /// The quota that granted it, when known (for the `RateLimit` fields).
-    pub quota: Option<Quota>,
+    /// The policy that granted it, when known (for the `RateLimit` fields).
+    pub policy: Option<QuotaPolicy>,
 }
 
 /// A [`Grant`] together with what the limiter needs to take it back

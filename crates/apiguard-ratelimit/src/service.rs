@@ -152,7 +152,7 @@ impl<S, B, L, E, C, M> Service<Request<B>> for KeyedRateLimit<S, L, E, C, M>
 where
     S: Service<Request<B>> + Clone,
     S::Error: Into<BoxError>,
-    E: KeyExtractor<B>,
+    E: KeyExtractor<Request<B>>,
     L: Limiter<E::Key> + Clone,
     C: RequestCost<Request<B>>,
     M: MissingKeyPolicy<E::Key>,

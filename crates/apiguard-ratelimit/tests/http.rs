@@ -44,7 +44,7 @@ async fn axum_server_answers_exactly_capacity_successes_then_429_per_key() {
     const N: usize = 5;
     const K: usize = 4;
     // Refills once a minute: nothing comes back during the test.
-    let limiter = KeyedLimiter::new(N as u32, 1.0 / 60.0).unwrap();
+    let limiter = KeyedLimiter::from_rate(N as u32, 1.0 / 60.0).unwrap();
     let app = Router::new().route("/", get(|| async { "ok" })).layer(
         ServiceBuilder::new()
             .layer(RejectionResponseLayer::new().other_errors_as_500())
@@ -92,7 +92,7 @@ async fn axum_server_answers_exactly_capacity_successes_then_429_per_key() {
 
 #[tokio::test]
 async fn axum_server_without_the_key_answers_500_not_200() {
-    let limiter = KeyedLimiter::new(5, 1.0).unwrap();
+    let limiter = KeyedLimiter::from_rate(5, 1.0).unwrap();
     let app = Router::new().route("/", get(|| async { "ok" })).layer(
         ServiceBuilder::new()
             .layer(RejectionResponseLayer::new().other_errors_as_500())
@@ -115,7 +115,7 @@ async fn axum_server_without_the_key_answers_500_not_200() {
 #[tokio::test]
 async fn peer_ip_reads_axum_connect_info() {
     use apiguard_ratelimit::PeerIp;
-    let limiter = KeyedLimiter::new(2, 1.0 / 60.0).unwrap();
+    let limiter = KeyedLimiter::from_rate(2, 1.0 / 60.0).unwrap();
     let app = Router::new().route("/", get(|| async { "ok" })).layer(
         ServiceBuilder::new()
             .layer(RejectionResponseLayer::new().other_errors_as_500())
@@ -176,7 +176,7 @@ async fn hyper_client_through_the_layer_waits_and_the_server_sees_at_most_the_ra
         }
     });
 
-    let bucket = TokenBucket::new(BURST as u32, RATE).unwrap();
+    let bucket = TokenBucket::from_rate(BURST as u32, RATE).unwrap();
     let svc = ServiceBuilder::new()
         .layer(RateLimitLayer::new(bucket))
         .service(client());

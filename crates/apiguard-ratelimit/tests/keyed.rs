@@ -6,7 +6,7 @@ use apiguard_ratelimit::KeyedLimiter;
 fn a_million_keys_through_ten_thousand_slots_keep_memory_bounded_and_limits_intact() {
     // Slow refill: no bucket fills up again during the test, the worst case
     // for reclaiming.
-    let limiter = KeyedLimiter::new(5, 1.0 / 60.0)
+    let limiter = KeyedLimiter::from_rate(5, 1.0 / 60.0)
         .unwrap()
         .with_max_keys(10_000);
     let victim = u64::MAX;
@@ -29,7 +29,7 @@ fn a_million_keys_through_ten_thousand_slots_keep_memory_bounded_and_limits_inta
 #[test]
 fn idle_keys_are_reclaimed_without_a_background_task() {
     let manual = apiguard_core::ManualClock::new();
-    let limiter = KeyedLimiter::new(1, 1000.0)
+    let limiter = KeyedLimiter::from_rate(1, 1000.0)
         .unwrap()
         .with_max_keys(10_000)
         .with_clock(manual.clock());

@@ -33,7 +33,7 @@ fn rate_limited(err: &BoxError) -> &RateLimited {
 
 #[tokio::test(start_paused = true)]
 async fn waits_for_tokens_by_default_and_never_refuses() {
-    let bucket = TokenBucket::new(2, 10.0).unwrap();
+    let bucket = TokenBucket::from_rate(2, 10.0).unwrap();
     let (calls, svc) = counting();
     let mut svc = RateLimitLayer::new(bucket).layer_svc(svc);
     let start = Instant::now();
@@ -47,7 +47,7 @@ async fn waits_for_tokens_by_default_and_never_refuses() {
 
 #[tokio::test(start_paused = true)]
 async fn max_wait_zero_refuses_at_once_with_the_wait_and_quota() {
-    let bucket = TokenBucket::new(2, 1.0).unwrap();
+    let bucket = TokenBucket::from_rate(2, 1.0).unwrap();
     let (calls, svc) = counting();
     let mut svc = RateLimitLayer::new(bucket)
         .max_wait(Duration::ZERO)
@@ -57,14 +57,14 @@ async fn max_wait_zero_refuses_at_once_with_the_wait_and_quota() {
     let err = svc.ready().await.unwrap().call(0).await.unwrap_err();
     let limited = rate_limited(&err);
     assert_eq!(limited.retry_after(), Some(Duration::from_secs(1)));
-    assert_eq!(limited.quota().unwrap().limit, 2);
-    assert_eq!(limited.quota().unwrap().window, Duration::from_secs(2));
+    assert_eq!(limited.policy().unwrap().limit, 2);
+    assert_eq!(limited.policy().unwrap().window, Duration::from_secs(2));
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_wait_longer_than_max_wait_is_refused_and_reserves_nothing() {
-    let bucket = TokenBucket::new(1, 1.0).unwrap();
+    let bucket = TokenBucket::from_rate(1, 1.0).unwrap();
     let (_calls, svc) = counting();
     let mut svc = RateLimitLayer::new(bucket.clone())
         .max_wait(Duration::from_millis(500))
@@ -84,7 +84,7 @@ async fn a_wait_longer_than_max_wait_is_refused_and_reserves_nothing() {
 
 #[tokio::test(start_paused = true)]
 async fn per_request_cost_is_charged() {
-    let bucket = TokenBucket::new(10, 1.0).unwrap();
+    let bucket = TokenBucket::from_rate(10, 1.0).unwrap();
     let (calls, svc) = counting();
     let mut svc = RateLimitLayer::new(bucket.clone())
         .max_wait(Duration::ZERO)
@@ -101,7 +101,7 @@ async fn per_request_cost_is_charged() {
 
 #[tokio::test(start_paused = true)]
 async fn sixty_four_clones_share_one_limit() {
-    let bucket = TokenBucket::new(10, 1.0).unwrap();
+    let bucket = TokenBucket::from_rate(10, 1.0).unwrap();
     let (calls, svc) = counting();
     let svc = RateLimitLayer::new(bucket)
         .max_wait(Duration::ZERO)
@@ -123,7 +123,8 @@ async fn sixty_four_clones_share_one_limit() {
 
 #[tokio::test(start_paused = true)]
 async fn services_from_one_layer_share_one_limit() {
-    let layer = RateLimitLayer::new(TokenBucket::new(3, 1.0).unwrap()).max_wait(Duration::ZERO);
+    let layer =
+        RateLimitLayer::new(TokenBucket::from_rate(3, 1.0).unwrap()).max_wait(Duration::ZERO);
     let (_c, a) = counting();
     let (_d, b) = counting();
     let mut a = layer.layer_svc(a);
@@ -136,7 +137,7 @@ async fn services_from_one_layer_share_one_limit() {
 
 #[tokio::test(start_paused = true)]
 async fn poll_ready_forwards_to_the_inner_service_and_the_decision_is_in_call() {
-    let bucket = TokenBucket::new(1, 1.0).unwrap();
+    let bucket = TokenBucket::from_rate(1, 1.0).unwrap();
     let (mut svc, mut handle) = mock::spawn_layer::<u32, (), _>(
         RateLimitLayer::new(bucket.clone()).max_wait(Duration::ZERO),
     );
@@ -155,7 +156,7 @@ async fn poll_ready_forwards_to_the_inner_service_and_the_decision_is_in_call() 
 
 #[tokio::test(start_paused = true)]
 async fn a_waiting_request_drives_readiness_of_its_own_clone() {
-    let bucket = TokenBucket::new(1, 1.0).unwrap();
+    let bucket = TokenBucket::from_rate(1, 1.0).unwrap();
     let (mut svc, mut handle) = mock::spawn_layer::<u32, (), _>(RateLimitLayer::new(bucket));
     handle.allow(2);
     assert_ready_ok!(svc.poll_ready());
@@ -176,7 +177,7 @@ async fn a_waiting_request_drives_readiness_of_its_own_clone() {
 
 #[tokio::test(start_paused = true)]
 async fn a_dropped_waiting_request_gives_its_token_back() {
-    let bucket = TokenBucket::new(1, 1.0).unwrap();
+    let bucket = TokenBucket::from_rate(1, 1.0).unwrap();
     let (calls, svc) = counting();
     let mut svc = RateLimitLayer::new(bucket.clone()).layer_svc(svc);
     svc.ready().await.unwrap().call(0).await.unwrap();
@@ -194,7 +195,7 @@ async fn a_dropped_waiting_request_gives_its_token_back() {
 
 #[tokio::test(start_paused = true)]
 async fn keyed_layer_refuses_by_default_and_keeps_keys_apart() {
-    let limiter = KeyedLimiter::new(2, 1.0).unwrap();
+    let limiter = KeyedLimiter::from_rate(2, 1.0).unwrap();
     let extractor = |req: &Request<()>| {
         req.headers()
             .get("x-user")
@@ -229,7 +230,7 @@ async fn keyed_layer_refuses_by_default_and_keeps_keys_apart() {
 async fn missing_key_fails_as_a_set_up_error_by_default_and_as_400_when_asked() {
     use apiguard_ratelimit::HeaderKey;
     use http::HeaderName;
-    let limiter = KeyedLimiter::new(5, 1.0).unwrap();
+    let limiter = KeyedLimiter::from_rate(5, 1.0).unwrap();
     let inner = service_fn(|_req: Request<()>| async { Ok::<_, BoxError>(()) });
     let by_key = HeaderKey::new(HeaderName::from_static("x-api-key"));
 
@@ -267,7 +268,7 @@ async fn missing_key_fails_as_a_set_up_error_by_default_and_as_400_when_asked() 
 
 #[tokio::test(start_paused = true)]
 async fn keyless_requests_can_share_one_bucket() {
-    let limiter = KeyedLimiter::new(2, 1.0).unwrap();
+    let limiter = KeyedLimiter::from_rate(2, 1.0).unwrap();
     let (calls, inner) = counting();
     let inner = inner.map_request(|_req: Request<()>| 0u32);
     let by_user = |r: &Request<()>| r.headers().get("x-user").map(|v| v.as_bytes().to_vec());
@@ -300,7 +301,7 @@ async fn keyless_requests_can_share_one_bucket() {
 
 #[tokio::test(start_paused = true)]
 async fn keyed_layer_can_wait_per_key() {
-    let limiter = KeyedLimiter::new(1, 2.0).unwrap();
+    let limiter = KeyedLimiter::from_rate(1, 2.0).unwrap();
     let inner = service_fn(|_req: Request<()>| async { Ok::<_, BoxError>(()) });
     let mut svc = KeyedRateLimitLayer::new(limiter, |_: &Request<()>| Some(1u8))
         .max_wait(Duration::from_secs(1))

@@ -17,7 +17,7 @@ const SEC: u64 = 1_000_000_000;
 
 /// A bucket at time zero, driven by explicit `now`.
 fn bucket(capacity: u32) -> TokenBucket {
-    TokenBucket::new(capacity, 1.0)
+    TokenBucket::from_rate(capacity, 1.0)
         .unwrap()
         .with_clock(ManualClock::new().clock())
 }

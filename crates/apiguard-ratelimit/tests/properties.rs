@@ -10,7 +10,7 @@ use proptest::test_runner::FileFailurePersistence;
 /// A bucket whose clock stands at zero, driven by the explicit `now` of the
 /// `*_at` calls.
 fn bucket(capacity: u32, rate: f64) -> TokenBucket {
-    TokenBucket::new(capacity, rate)
+    TokenBucket::from_rate(capacity, rate)
         .unwrap()
         .with_clock(ManualClock::new().clock())
 }
@@ -98,7 +98,7 @@ proptest! {
         max_keys in 0usize..50,
         keys in prop::collection::vec((0u16..200, 0u64..10_000_000), 1..400),
     ) {
-        let limiter = KeyedLimiter::new(2, 100.0)
+        let limiter = KeyedLimiter::from_rate(2, 100.0)
             .unwrap()
             .with_max_keys(max_keys)
             .with_clock(ManualClock::new().clock());

@@ -5,7 +5,7 @@
 //! use std::time::Duration;
 //! use apiguard_core::RejectionResponseLayer;
 //! use apiguard_ratelimit::{KeyedRateLimitLayer, extract::HeaderKey};
-//! use apiguard_redis::{FailurePolicy, RedisLimiter};
+//! use apiguard_redis::{FailurePolicy, Quota, RedisLimiter};
 //! use http::{HeaderName, Request, Response};
 //! use tower::{ServiceBuilder, service_fn};
 //!
@@ -14,8 +14,7 @@
 //! // Redis goes away, each instance enforces its share of the limit on its
 //! // own (the default policy, spelled out here); `instances(4)` says how
 //! // many share it at least, for instances that start while Redis is away.
-//! let limiter = RedisLimiter::builder(100, Duration::from_secs(1))
-//!     .burst(20)
+//! let limiter = RedisLimiter::builder(Quota::per_second(100).with_burst(20))
 //!     .prefix("myapp:rl:")
 //!     .on_redis_failure(FailurePolicy::local_share())
 //!     .instances(4)
@@ -169,6 +168,8 @@ mod script;
 mod signal;
 mod warn;
 
+/// The quota every limiter takes, from `apiguard-core`.
+pub use apiguard_core::Quota;
 pub use error::BuildError;
 pub use health::{
     DEFAULT_PROBE_EVERY, DEFAULT_TIMEOUT_CEILING, DEFAULT_TIMEOUT_FLOOR, FAILURES_TO_LEAVE, Health,

@@ -6,7 +6,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use apiguard_core::clock::{duration_to_nanos, nanos_to_duration};
-use apiguard_core::{Clock, InvalidConfig, Nanos, Quota, RateLimited};
+use apiguard_core::{Clock, InvalidConfig, Nanos, Quota, QuotaPolicy, RateLimited};
 use apiguard_ratelimit::Limiter;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, ErrorKind, RedisError, Script, ServerErrorKind};
@@ -103,8 +103,8 @@ pub struct Decision {
     pub remaining: u64,
     /// Time until the bucket is full again (the `RateLimit` reset).
     pub reset: Duration,
-    /// The quota this limiter enforces.
-    pub quota: Quota,
+    /// The policy this limiter enforces, as `RateLimit-Policy` states it.
+    pub policy: QuotaPolicy,
     /// Who decided: Redis, or the failure policy.
     pub decided_by: DecidedBy,
 }
@@ -116,10 +116,10 @@ impl Decision {
             Ok(apiguard_ratelimit::Grant {
                 wait: self.wait,
                 remaining: self.remaining,
-                quota: Some(self.quota),
+                policy: Some(self.policy),
             })
         } else {
-            Err(RateLimited::new(self.wait).with_quota(self.quota))
+            Err(RateLimited::new(self.wait).with_policy(self.policy))
         }
     }
 }
@@ -141,6 +141,7 @@ pub(crate) struct Inner {
     units: Units,
     burst: u64,
     quota: Quota,
+    advertised: QuotaPolicy,
     prefix: String,
     policy: FailurePolicy,
     /// The injected clock: local buckets, probes, the miss count.
@@ -168,14 +169,12 @@ impl fmt::Debug for RedisLimiter {
 }
 
 impl RedisLimiter {
-    /// A builder for a limit of `limit` tokens per `window` (bursts of up to
-    /// `limit` tokens unless [`burst`](RedisLimiterBuilder::burst) says
-    /// otherwise).
-    pub fn builder(limit: u64, window: Duration) -> RedisLimiterBuilder {
+    /// A builder for a limit of `quota` (its [`limit`](Quota::limit) per
+    /// [`window`](Quota::window), in bursts of up to its
+    /// [`burst`](Quota::burst)), shared through Redis.
+    pub fn builder(quota: Quota) -> RedisLimiterBuilder {
         RedisLimiterBuilder {
-            limit,
-            window,
-            burst: None,
+            quota,
             prefix: DEFAULT_PREFIX.to_owned(),
             timeout: TimeoutRule::Adaptive {
                 floor: duration_to_nanos(DEFAULT_TIMEOUT_FLOOR),
@@ -216,7 +215,7 @@ impl RedisLimiter {
                 wait: Duration::ZERO,
                 remaining,
                 reset,
-                quota: inner.quota,
+                policy: inner.advertised,
                 decided_by: DecidedBy::Lease,
             });
         }
@@ -253,9 +252,14 @@ impl RedisLimiter {
         self.inner.monitor.health()
     }
 
-    /// The quota this limiter enforces (as advertised in `RateLimit-Policy`).
+    /// The quota this limiter enforces.
     pub fn quota(&self) -> Quota {
         self.inner.quota
+    }
+
+    /// The quota as advertised in `RateLimit-Policy`: `limit` per `window`.
+    pub fn policy(&self) -> QuotaPolicy {
+        self.inner.advertised
     }
 
     /// The largest burst (and the largest cost a request may have).
@@ -372,7 +376,7 @@ impl Inner {
             wait: Duration::MAX,
             remaining: 0,
             reset: Duration::ZERO,
-            quota: self.quota,
+            policy: self.advertised,
             decided_by: DecidedBy::OverBurst,
         }
     }
@@ -411,7 +415,7 @@ impl Inner {
             wait: micros(wait_us),
             remaining: remaining + u64::try_from(leased).unwrap_or(0),
             reset,
-            quota: self.quota,
+            policy: self.advertised,
             decided_by: DecidedBy::Redis,
         }
     }
@@ -483,7 +487,7 @@ impl Inner {
                 wait: timeout,
                 remaining: 0,
                 reset: timeout,
-                quota: self.quota,
+                policy: self.advertised,
                 decided_by: DecidedBy::FailClosed,
             },
         }
@@ -497,7 +501,7 @@ impl Inner {
             // What a fresh bucket would say: the real count is unknown.
             remaining: self.burst.saturating_sub(u64::from(cost)),
             reset: Duration::ZERO,
-            quota: self.quota,
+            policy: self.advertised,
             decided_by: DecidedBy::AdmitAll,
         }
     }
@@ -511,19 +515,19 @@ impl Inner {
                 wait: retry_after,
                 remaining: 0,
                 reset: retry_after,
-                quota: self.quota,
+                policy: self.advertised,
                 decided_by: DecidedBy::FailClosed,
             },
             FailurePolicy::LocalShare => {
                 let d = match &self.local {
-                    Some(local) => local.decide(key, cost, max_wait, self.quota),
+                    Some(local) => local.decide(key, cost, max_wait, self.advertised),
                     // `build` always makes the buckets for this policy.
                     None => Decision {
                         allowed: false,
-                        wait: self.quota.window,
+                        wait: self.advertised.window,
                         remaining: 0,
-                        reset: self.quota.window,
-                        quota: self.quota,
+                        reset: self.advertised.window,
+                        policy: self.advertised,
                         decided_by: DecidedBy::LocalShare,
                     },
                 };
@@ -581,9 +585,7 @@ fn micros(us: i64) -> Duration {
 /// Configures a [`RedisLimiter`]; made by [`RedisLimiter::builder`].
 #[derive(Debug, Clone)]
 pub struct RedisLimiterBuilder {
-    limit: u64,
-    window: Duration,
-    burst: Option<u64>,
+    quota: Quota,
     prefix: String,
     timeout: TimeoutRule,
     probe_every: Duration,
@@ -594,13 +596,6 @@ pub struct RedisLimiterBuilder {
 }
 
 impl RedisLimiterBuilder {
-    /// The largest burst, in tokens (default: the limit). Also the largest
-    /// cost one request may have.
-    pub fn burst(mut self, burst: u64) -> Self {
-        self.burst = Some(burst);
-        self
-    }
-
     /// The prefix of every bucket's key (default [`DEFAULT_PREFIX`]). Give
     /// each distinct limit its own prefix: two limiters with different
     /// quotas must not share buckets (nor their register of instances).
@@ -730,15 +725,16 @@ impl RedisLimiterBuilder {
     pub fn build_lazy(self, con: ConnectionManager) -> Result<RedisLimiter, InvalidConfig> {
         let (units, burst) = self.validate()?;
         let local = matches!(self.policy, FailurePolicy::LocalShare)
-            .then(|| LocalBuckets::new(self.limit, self.window, burst, self.clock.clone()));
+            .then(|| LocalBuckets::new(self.quota, self.clock.clone()));
         let inner = Arc::new(Inner {
             con,
             script: Script::new(GCRA_LUA),
             units,
             burst,
-            quota: Quota {
-                limit: self.limit,
-                window: self.window,
+            quota: self.quota,
+            advertised: QuotaPolicy {
+                limit: self.quota.limit(),
+                window: self.quota.window(),
             },
             prefix: self.prefix,
             policy: self.policy,
@@ -760,8 +756,9 @@ impl RedisLimiterBuilder {
     }
 
     fn validate(&self) -> Result<(Units, u64), InvalidConfig> {
-        let burst = self.burst.unwrap_or(self.limit);
-        let units = Units::new(self.limit, self.window, burst)?;
+        let quota = self.quota.validate()?;
+        let burst = quota.burst();
+        let units = Units::new(quota.limit(), quota.window(), burst)?;
         match self.timeout {
             TimeoutRule::Fixed(0) => {
                 return Err(InvalidConfig::new("timeout", "must be more than zero"));

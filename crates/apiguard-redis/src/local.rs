@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use apiguard_core::{Clock, Quota};
+use apiguard_core::{Clock, Quota, QuotaPolicy};
 use apiguard_ratelimit::TokenBucket;
 
 use crate::limiter::{DecidedBy, Decision};
@@ -18,9 +18,7 @@ pub const LOCAL_MAX_KEYS: usize = 10_000;
 /// limit. Only used while Redis is away, so a mutex is fine here: it is
 /// never on the path of a healthy decision.
 pub(crate) struct LocalBuckets {
-    limit: u64,
-    window: Duration,
-    burst: u64,
+    quota: Quota,
     clock: Clock,
     state: Mutex<State>,
 }
@@ -32,11 +30,9 @@ struct State {
 }
 
 impl LocalBuckets {
-    pub(crate) fn new(limit: u64, window: Duration, burst: u64, clock: Clock) -> Self {
+    pub(crate) fn new(quota: Quota, clock: Clock) -> Self {
         Self {
-            limit,
-            window,
-            burst,
+            quota,
             clock,
             state: Mutex::new(State {
                 template: None,
@@ -51,12 +47,12 @@ impl LocalBuckets {
         let template = (instances > 0)
             .then(|| {
                 let n = u64::from(instances);
-                let capacity = u32::try_from((self.burst / n).max(1)).unwrap_or(u32::MAX);
-                let per_sec = self.limit as f64 / self.window.as_secs_f64() / n as f64;
+                let capacity = u32::try_from((self.quota.burst() / n).max(1)).unwrap_or(u32::MAX);
+                let per_sec = self.quota.refill_per_sec() / n as f64;
                 // A rate this small or large was refused for the shared
                 // quota already; should the division still fall outside
                 // what a bucket takes, refusing is the safe answer.
-                TokenBucket::new(capacity, per_sec).ok()
+                TokenBucket::from_rate(capacity, per_sec).ok()
             })
             .flatten();
         let mut state = self.lock();
@@ -69,15 +65,15 @@ impl LocalBuckets {
         key: &str,
         cost: u32,
         max_wait: Duration,
-        quota: Quota,
+        policy: QuotaPolicy,
     ) -> Decision {
         let Some(bucket) = self.bucket(key) else {
             return Decision {
                 allowed: false,
-                wait: quota.window,
+                wait: policy.window,
                 remaining: 0,
-                reset: quota.window,
-                quota,
+                reset: policy.window,
+                policy,
                 decided_by: DecidedBy::LocalShare,
             };
         };
@@ -90,16 +86,16 @@ impl LocalBuckets {
                     wait: grant.wait,
                     remaining: grant.remaining,
                     reset: reset(&bucket, capacity),
-                    quota,
+                    policy,
                     decided_by: DecidedBy::LocalShare,
                 }
             }
             Err(refused) => Decision {
                 allowed: false,
-                wait: refused.retry_after().unwrap_or(quota.window),
+                wait: refused.retry_after().unwrap_or(policy.window),
                 remaining: bucket.available() as u64,
                 reset: reset(&bucket, capacity),
-                quota,
+                policy,
                 decided_by: DecidedBy::LocalShare,
             },
         }
@@ -150,8 +146,8 @@ mod tests {
     use super::*;
     use apiguard_core::ManualClock;
 
-    fn quota() -> Quota {
-        Quota {
+    fn quota() -> QuotaPolicy {
+        QuotaPolicy {
             limit: 100,
             window: Duration::from_secs(1),
         }
@@ -166,7 +162,7 @@ mod tests {
     #[test]
     fn each_instance_gets_its_share_of_the_rate_starting_empty() {
         let clock = ManualClock::new();
-        let local = LocalBuckets::new(100, Duration::from_secs(1), 100, clock.clock());
+        let local = LocalBuckets::new(Quota::per_second(100), clock.clock());
         local.reset(4);
         assert_eq!(admitted(&local, "k"), 0, "a new local bucket starts empty");
         // The share refills at limit / instances: 25 per second.
@@ -180,7 +176,7 @@ mod tests {
     #[test]
     fn an_unknown_share_refuses() {
         let clock = ManualClock::new();
-        let local = LocalBuckets::new(100, Duration::from_secs(1), 100, clock.clock());
+        let local = LocalBuckets::new(Quota::per_second(100), clock.clock());
         assert_eq!(admitted(&local, "k"), 0);
         local.reset(0);
         clock.advance(Duration::from_secs(10));
@@ -190,7 +186,7 @@ mod tests {
     #[test]
     fn keys_have_their_own_local_buckets_and_reset_forgets_them() {
         let clock = ManualClock::new();
-        let local = LocalBuckets::new(10, Duration::from_secs(1), 10, clock.clock());
+        let local = LocalBuckets::new(Quota::per_second(10), clock.clock());
         local.reset(10);
         clock.advance(Duration::from_secs(1));
         // "a" was made before the second passed: one token since.
@@ -207,7 +203,7 @@ mod tests {
     #[test]
     fn the_map_stays_bounded() {
         let clock = ManualClock::new();
-        let local = LocalBuckets::new(10, Duration::from_secs(1), 10, clock.clock());
+        let local = LocalBuckets::new(Quota::per_second(10), clock.clock());
         local.reset(1);
         for i in 0..LOCAL_MAX_KEYS + 10 {
             local.decide(&i.to_string(), 1, Duration::ZERO, quota());

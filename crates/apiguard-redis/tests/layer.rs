@@ -5,7 +5,7 @@ mod common;
 use std::convert::Infallible;
 use std::time::Duration;
 
-use apiguard_core::{BoxError, RateLimited};
+use apiguard_core::{BoxError, Quota, RateLimited};
 use apiguard_ratelimit::extract::HeaderKey;
 use apiguard_ratelimit::{KeyedRateLimitLayer, RateLimitLayer};
 use apiguard_redis::{FailurePolicy, RedisLimiter};
@@ -13,8 +13,7 @@ use http::{HeaderName, Request};
 use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
 
 async fn limiter(url: &str, burst: u64) -> RedisLimiter {
-    RedisLimiter::builder(1, Duration::from_secs(60))
-        .burst(burst)
+    RedisLimiter::builder(Quota::per_minute(1).with_burst(burst))
         .timeout(Duration::from_millis(500))
         .on_redis_failure(FailurePolicy::fail_closed())
         .connect(url)

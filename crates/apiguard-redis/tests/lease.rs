@@ -4,12 +4,11 @@ mod common;
 
 use std::time::Duration;
 
-use apiguard_redis::{DecidedBy, FailurePolicy, RedisLimiter};
+use apiguard_redis::{DecidedBy, FailurePolicy, Quota, RedisLimiter};
 use redis::Commands;
 
 async fn leasing(url: &str, lease: u32, max_age: Duration) -> RedisLimiter {
-    RedisLimiter::builder(1, Duration::from_secs(1))
-        .burst(10)
+    RedisLimiter::builder(Quota::per_second(1).with_burst(10))
         .timeout(Duration::from_millis(500))
         .on_redis_failure(FailurePolicy::fail_closed())
         .lease(lease, max_age)
@@ -38,8 +37,7 @@ async fn a_lease_serves_several_decisions_per_round_trip_from_the_shared_bucket(
     assert_eq!(d.decided_by, DecidedBy::Redis);
 
     // Another instance, without leases, sees what was taken: 5 + 1 + 4.
-    let other = RedisLimiter::builder(1, Duration::from_secs(1))
-        .burst(10)
+    let other = RedisLimiter::builder(Quota::per_second(1).with_burst(10))
         .timeout(Duration::from_millis(500))
         .connect(&url)
         .await
@@ -53,8 +51,7 @@ async fn a_lease_takes_only_what_is_there_and_never_delays_the_request() {
     let l = leasing(&server.url(), 8, Duration::from_secs(10)).await;
     let mut con = server.client();
     // 7 of 10 gone: the request gets 1, the lease only the 2 left.
-    let plain = RedisLimiter::builder(1, Duration::from_secs(1))
-        .burst(10)
+    let plain = RedisLimiter::builder(Quota::per_second(1).with_burst(10))
         .timeout(Duration::from_millis(500))
         .connect(&server.url())
         .await
@@ -92,8 +89,7 @@ async fn leased_tokens_are_not_handed_out_after_max_age() {
 
 #[tokio::test]
 async fn a_lease_as_large_as_the_burst_is_refused() {
-    let err = RedisLimiter::builder(1, Duration::from_secs(1))
-        .burst(4)
+    let err = RedisLimiter::builder(Quota::per_second(1).with_burst(4))
         .lease(4, Duration::from_secs(1))
         .connect("redis://127.0.0.1:1/")
         .await
@@ -113,8 +109,7 @@ async fn instances_with_leases_stay_within_the_documented_over_admission() {
     let t0 = common::redis_time_us(&mut con);
     let mut tasks = Vec::new();
     for _ in 0..INSTANCES {
-        let l = RedisLimiter::builder(LIMIT, Duration::from_secs(1))
-            .burst(BURST)
+        let l = RedisLimiter::builder(Quota::per_second(LIMIT).with_burst(BURST))
             .timeout(Duration::from_millis(500))
             .on_redis_failure(FailurePolicy::fail_closed())
             .lease(LEASE, Duration::from_millis(200))

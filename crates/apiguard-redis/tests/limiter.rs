@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use apiguard_core::{ManualClock, RateLimited};
+use apiguard_core::{ManualClock, Quota, RateLimited};
 use apiguard_ratelimit::{Grant, Limiter};
 use apiguard_redis::{DecidedBy, FailurePolicy, RedisLimiter};
 use redis::Commands;
@@ -13,8 +13,7 @@ use redis::Commands;
 const TIMEOUT: Duration = Duration::from_millis(500);
 
 async fn limiter(url: &str, limit: u64, window: Duration, burst: u64) -> RedisLimiter {
-    RedisLimiter::builder(limit, window)
-        .burst(burst)
+    RedisLimiter::builder(Quota::new(limit, window).with_burst(burst))
         .timeout(TIMEOUT)
         .on_redis_failure(FailurePolicy::fail_closed())
         .connect(url)
@@ -162,8 +161,7 @@ async fn prefixes_and_keys_keep_buckets_apart() {
     let server = redis_or_skip!();
     let url = server.url();
     let a = limiter(&url, 10, Duration::from_secs(1), 1).await;
-    let b = RedisLimiter::builder(10, Duration::from_secs(1))
-        .burst(1)
+    let b = RedisLimiter::builder(Quota::per_second(10).with_burst(1))
         .timeout(TIMEOUT)
         .prefix("other:")
         .connect(&url)
@@ -187,8 +185,7 @@ async fn instances_with_skewed_local_clocks_give_the_same_answers() {
     let mut limiters = Vec::new();
     for c in &clocks {
         limiters.push(
-            RedisLimiter::builder(1, Duration::from_secs(1))
-                .burst(6)
+            RedisLimiter::builder(Quota::per_second(1).with_burst(6))
                 .timeout(TIMEOUT)
                 .on_redis_failure(FailurePolicy::fail_closed())
                 .clock(c.clock())
@@ -241,11 +238,11 @@ async fn the_limiter_trait_gives_grants_and_refusals_with_the_quota() {
     let l = limiter(&server.url(), 2, Duration::from_secs(1), 2).await;
     let grant = via_trait(&l, "t").await.unwrap();
     assert_eq!(grant.remaining, 1);
-    assert_eq!(grant.quota, Some(l.quota()));
+    assert_eq!(grant.policy, Some(l.policy()));
     via_trait(&l, "t").await.unwrap();
     let refused = via_trait(&l, "t").await.unwrap_err();
     assert!(refused.retry_after().unwrap() <= Duration::from_millis(500));
-    assert_eq!(refused.quota(), Some(l.quota()));
+    assert_eq!(refused.policy(), Some(l.policy()));
 }
 
 #[tokio::test]
@@ -264,24 +261,24 @@ async fn clones_share_one_limit() {
 async fn bad_configuration_is_refused_before_connecting() {
     // Port 1: nothing listens, and nothing is asked.
     let url = "redis://127.0.0.1:1/";
-    let err = RedisLimiter::builder(0, Duration::from_secs(1))
+    let err = RedisLimiter::builder(Quota::per_second(0))
         .connect(url)
         .await
         .unwrap_err();
     assert!(err.is_config());
-    let err = RedisLimiter::builder(1, Duration::from_secs(1))
+    let err = RedisLimiter::builder(Quota::per_second(1))
         .timeout(Duration::ZERO)
         .connect(url)
         .await
         .unwrap_err();
     assert!(err.is_config());
-    let err = RedisLimiter::builder(1, Duration::from_secs(1))
+    let err = RedisLimiter::builder(Quota::per_second(1))
         .timeout_bounds(Duration::from_millis(5), Duration::from_millis(1))
         .connect(url)
         .await
         .unwrap_err();
     assert!(err.is_config());
-    let err = RedisLimiter::builder(1, Duration::ZERO)
+    let err = RedisLimiter::builder(Quota::new(1, Duration::ZERO))
         .connect(url)
         .await
         .unwrap_err();

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use apiguard_redis::{DecidedBy, FailurePolicy, Mode, RedisLimiter};
+use apiguard_redis::{DecidedBy, FailurePolicy, Mode, Quota, RedisLimiter};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 
 type Entries = Vec<(
@@ -44,7 +44,7 @@ fn decisions_round_trips_misses_and_mode_changes_are_counted() {
             .build()
             .unwrap();
         rt.block_on(async {
-            let l = RedisLimiter::builder(100, Duration::from_secs(1))
+            let l = RedisLimiter::builder(Quota::per_second(100))
                 .timeout(Duration::from_millis(30))
                 .on_redis_failure(FailurePolicy::fail_closed())
                 .connect(&server.url())

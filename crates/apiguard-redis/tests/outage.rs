@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use apiguard_redis::{DecidedBy, Decision, FailurePolicy, Mode, RedisLimiter};
+use apiguard_redis::{DecidedBy, Decision, FailurePolicy, Mode, Quota, RedisLimiter};
 use tokio::time::Instant;
 
 /// A fixed timeout, so the tests do not depend on measured round trips.
@@ -15,7 +15,7 @@ const TIMEOUT: Duration = Duration::from_millis(50);
 const MARGIN: Duration = Duration::from_millis(400);
 
 async fn limiter(url: &str, policy: FailurePolicy) -> RedisLimiter {
-    RedisLimiter::builder(40, Duration::from_secs(10))
+    RedisLimiter::builder(Quota::new(40, Duration::from_secs(10)))
         .timeout(TIMEOUT)
         .on_redis_failure(policy)
         .connect(url)
@@ -90,8 +90,7 @@ async fn a_single_missed_answer_is_refused_and_redis_stays_in_charge() {
 async fn admit_all_admits_while_redis_is_down_and_the_debt_is_paid_on_return() {
     let mut server = redis_or_skip!();
     // One token a second and a large burst: the count below is exact.
-    let l = RedisLimiter::builder(1, Duration::from_secs(1))
-        .burst(1000)
+    let l = RedisLimiter::builder(Quota::per_second(1).with_burst(1000))
         .timeout(TIMEOUT)
         .on_redis_failure(FailurePolicy::admit_all())
         .connect(&server.url())
@@ -153,7 +152,7 @@ async fn local_share_enforces_this_instances_share_while_redis_is_down() {
     let mut server = redis_or_skip!();
     // 40 per second, burst 40, four instances: a local share of 10 a
     // second, at most 10 at once, starting empty.
-    let l = RedisLimiter::builder(40, Duration::from_secs(1))
+    let l = RedisLimiter::builder(Quota::per_second(40))
         .timeout(TIMEOUT)
         .instances(4)
         .connect(&server.url())
@@ -193,7 +192,7 @@ async fn the_local_share_is_learned_from_the_register_of_instances() {
     let mut fleet = Vec::new();
     for _ in 0..3 {
         fleet.push(
-            RedisLimiter::builder(40, Duration::from_secs(1))
+            RedisLimiter::builder(Quota::per_second(40))
                 .prefix("reg:")
                 .connect(&server.url())
                 .await
@@ -211,7 +210,7 @@ async fn the_local_share_is_learned_from_the_register_of_instances() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Another limit's instances are not counted.
-    let other = RedisLimiter::builder(40, Duration::from_secs(1))
+    let other = RedisLimiter::builder(Quota::per_second(40))
         .prefix("other:")
         .connect(&server.url())
         .await
@@ -243,8 +242,7 @@ async fn a_hung_redis_times_out_into_the_policy_and_recovers_when_it_continues()
 /// continues: the first decision after it sees the whole burst.
 async fn late_scripts_spend_nothing(lease: bool) {
     let server = redis_or_skip!();
-    let mut b = RedisLimiter::builder(1, Duration::from_secs(1))
-        .burst(10)
+    let mut b = RedisLimiter::builder(Quota::per_second(1).with_burst(10))
         .timeout(TIMEOUT)
         .on_redis_failure(FailurePolicy::fail_closed());
     if lease {

@@ -6,7 +6,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use apiguard_redis::{DecidedBy, FailurePolicy, RedisLimiter};
+use apiguard_redis::{DecidedBy, FailurePolicy, Quota, RedisLimiter};
 use tokio::time::Instant;
 
 const LIMIT: u64 = 100;
@@ -16,8 +16,7 @@ const KEY: &str = "shared";
 const URL_VAR: &str = "APIGUARD_REDIS_TEST_URL";
 
 async fn instance(url: &str) -> RedisLimiter {
-    RedisLimiter::builder(LIMIT, Duration::from_secs(1))
-        .burst(BURST)
+    RedisLimiter::builder(Quota::per_second(LIMIT).with_burst(BURST))
         // Timeouts would only blur the count; fail closed so they could not
         // inflate it either.
         .timeout(Duration::from_millis(500))

@@ -92,7 +92,12 @@ struct Config {
 }
 
 /// Builds a [`RetryPolicy`]; see each setting for its default.
-#[derive(Debug)]
+///
+/// # Clone
+///
+/// A clone is a copy of the settings; a [`budget`](Self::budget) in them
+/// stays one budget, shared by every policy built from either copy.
+#[derive(Debug, Clone)]
 pub struct RetryPolicyBuilder {
     max_retries: u32,
     base_delay: Duration,

@@ -70,8 +70,8 @@ impl HostLimits {
         refill_per_sec: f64,
         max_hosts: usize,
     ) -> Result<Self, InvalidConfig> {
-        let template = TokenBucket::new(capacity, refill_per_sec)?;
-        let overflow = TokenBucket::new(capacity, refill_per_sec)?;
+        let template = TokenBucket::from_rate(capacity, refill_per_sec)?;
+        let overflow = TokenBucket::from_rate(capacity, refill_per_sec)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 map: DashMap::with_hasher(Hasher::default()),
@@ -117,7 +117,7 @@ impl HostLimits {
             .entry(host.clone())
             .or_insert_with(|| {
                 let t = &inner.template;
-                TokenBucket::new(t.capacity(), t.refill_per_sec())
+                TokenBucket::from_rate(t.capacity(), t.refill_per_sec())
                     .unwrap_or_else(|_| unreachable!("the template's settings were checked"))
                     .with_clock(inner.clock.clone())
             })

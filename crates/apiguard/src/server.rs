@@ -9,7 +9,7 @@
 //! use axum::{Router, routing::get};
 //!
 //! // 20 requests at once per client IP, then 10 a second.
-//! let limiter = KeyedLimiter::new(20, 10.0)?.with_max_keys(100_000);
+//! let limiter = KeyedLimiter::from_rate(20, 10.0)?.with_max_keys(100_000);
 //! let app: Router = Router::new()
 //!     .route("/", get(|| async { "hello" }))
 //!     .layer(server_layer(limiter, PeerIp));

@@ -54,7 +54,10 @@ async fn the_quick_start_answers_200_then_429_and_never_500() {
     // As in the README: 20 at once per client IP, then 10 a second.
     let app = Router::new()
         .route("/", get(|| async { "hello" }))
-        .layer(server_layer(KeyedLimiter::new(20, 10.0).unwrap(), PeerIp));
+        .layer(server_layer(
+            KeyedLimiter::from_rate(20, 10.0).unwrap(),
+            PeerIp,
+        ));
     let addr = serve(app, true).await;
     // The bucket starts full, so the first 20 pass however slow the
     // machine; requests sent one after another outrun a refill of 10 a
@@ -79,7 +82,7 @@ async fn rejection_layer_goes_straight_into_router_layer() {
         ServiceBuilder::new()
             .layer(RejectionResponseLayer::new())
             .layer(KeyedRateLimitLayer::new(
-                KeyedLimiter::new(1, 0.001).unwrap(),
+                KeyedLimiter::from_rate(1, 0.001).unwrap(),
                 PeerIp,
             )),
     );
@@ -117,13 +120,16 @@ async fn serving_without_connect_info_is_a_loud_500_or_the_shared_bucket_you_cho
     // log says what to fix), never a silent pass.
     let app = Router::new()
         .route("/", get(|| async { "hello" }))
-        .layer(server_layer(KeyedLimiter::new(20, 10.0).unwrap(), PeerIp));
+        .layer(server_layer(
+            KeyedLimiter::from_rate(20, 10.0).unwrap(),
+            PeerIp,
+        ));
     let addr = serve(app, false).await;
     assert_eq!(
         statuses(addr, "/", 2).await,
         [StatusCode::INTERNAL_SERVER_ERROR; 2]
     );
-    let hint = apiguard::ratelimit::KeyExtractor::<()>::missing_key(&PeerIp)
+    let hint = apiguard::ratelimit::KeyExtractor::<Request<()>>::missing_key(&PeerIp)
         .hint()
         .unwrap();
     assert!(
@@ -136,7 +142,7 @@ async fn serving_without_connect_info_is_a_loud_500_or_the_shared_bucket_you_cho
         ServiceBuilder::new()
             .layer(RejectionResponseLayer::new())
             .layer(
-                KeyedRateLimitLayer::new(KeyedLimiter::new(2, 0.001).unwrap(), PeerIp)
+                KeyedRateLimitLayer::new(KeyedLimiter::from_rate(2, 0.001).unwrap(), PeerIp)
                     .missing_key_shares(std::net::IpAddr::from([0, 0, 0, 0])),
             ),
     );

@@ -25,7 +25,7 @@ use std::fmt::Write as _;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use apiguard_redis::{DecidedBy, FailurePolicy, RedisLimiter};
+use apiguard_redis::{DecidedBy, FailurePolicy, Quota, RedisLimiter};
 
 fn unix_us() -> u64 {
     SystemTime::now()
@@ -93,7 +93,7 @@ fn parse() -> Result<Args, String> {
 }
 
 async fn run(a: Args) -> Result<String, String> {
-    let mut b = RedisLimiter::builder(a.limit, Duration::from_secs(1)).burst(a.burst);
+    let mut b = RedisLimiter::builder(Quota::per_second(a.limit).with_burst(a.burst));
     if let Some(p) = a.policy {
         b = b.on_redis_failure(p);
     }

@@ -26,19 +26,11 @@ impl Scope {
         if !self.per_host {
             return None;
         }
-        apiguard_breaker::KeyExtractor::extract(&apiguard_breaker::HostKey, req)
+        apiguard_breaker::KeyExtractor::extract(&apiguard_breaker::HostKey, req).flatten()
     }
 }
 
-impl<B> apiguard_breaker::KeyExtractor<Request<B>> for Scope {
-    type Key = HostScope;
-    #[inline]
-    fn extract(&self, req: &Request<B>) -> HostScope {
-        self.of(req)
-    }
-}
-
-impl<B> apiguard_ratelimit::extract::KeyExtractor<B> for Scope {
+impl<B> apiguard_core::KeyExtractor<Request<B>> for Scope {
     type Key = HostScope;
     #[inline]
     fn extract(&self, req: &Request<B>) -> Option<HostScope> {
