@@ -2,7 +2,6 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -377,7 +376,6 @@ impl CircuitBreakerBuilder {
                 clock: self.clock.clone(),
                 on_transition: self.on_transition.clone(),
                 registry_hook: OnceLock::new(),
-                evicted: AtomicBool::new(false),
                 jitter_source: self.jitter_source.clone(),
                 waiters: Waiters::default(),
                 name: self.name.clone(),
@@ -599,9 +597,6 @@ pub(crate) struct Inner {
     /// registry that holds this breaker, set at most once, after the
     /// breaker is built (the registry may get its hook later).
     registry_hook: OnceLock<Hook>,
-    /// Set when a [`KeyedBreakers`](crate::KeyedBreakers) registry lets go
-    /// of this breaker: its key gets a new one on its next call.
-    evicted: AtomicBool,
     jitter_source: Option<JitterSource>,
     /// Calls waiting for this breaker to let them through; touched only
     /// by transitions and by the waiters themselves.
@@ -1049,19 +1044,6 @@ impl CircuitBreaker {
         if slot.get().is_none() {
             let _ = slot.set(make());
         }
-    }
-
-    /// Whether the [`KeyedBreakers`](crate::KeyedBreakers) registry that
-    /// made this breaker has let go of it (to make room for other keys).
-    /// A handle kept past that no longer sees its key's calls: ask the
-    /// registry again.
-    #[inline]
-    pub fn is_evicted(&self) -> bool {
-        self.inner.evicted.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn mark_evicted(&self) {
-        self.inner.evicted.store(true, Ordering::Relaxed);
     }
 
     /// Whether this breaker holds nothing a fresh one would not: closed, no

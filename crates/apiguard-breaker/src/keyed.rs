@@ -2,16 +2,10 @@
 
 use std::fmt;
 use std::hash::Hash;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
+use apiguard_core::map::BoundedMap;
 use apiguard_core::{InvalidConfig, KeyExtractor};
-use dashmap::DashMap;
-
-/// foldhash with a per-map random seed: keys (hosts, routes) may come from
-/// outside, so the seed keeps collisions unpredictable, and it hashes several
-/// times faster than std's SipHash.
-type Hasher = foldhash::fast::RandomState;
 use http::Request;
 use http::uri::Authority;
 
@@ -56,22 +50,22 @@ impl<B> KeyExtractor<Request<B>> for PathKey {
 
 /// A registry of breakers, one per key, all built from one template.
 ///
-/// Memory stays bounded without a background task: a breaker that is closed,
-/// has counted no failure, has no trip to back off from and is not in use is
-/// the same as a fresh one, so such breakers are dropped as the map is used
-/// (a sweep every time the map has grown by its own size, and whenever it
-/// reaches `max_keys`). At `max_keys` with nothing idle, closed breakers are
-/// evicted (a sixteenth of the map at once, so a flood of new keys costs
-/// O(1) each, amortised), and open ones only if every breaker is open.
-/// Room is made before a new key is inserted, not reserved, so threads
-/// inserting new keys at the same instant can each pass the check: the map
-/// may exceed `max_keys` by at most the number of such threads, until the
-/// next new key evicts again.
+/// Memory stays bounded without a background task. The breakers live in a
+/// [`BoundedMap`], whose one eviction rule this is: a breaker that is
+/// closed, has counted no failure, has no trip to back off from and is not
+/// in use is the same as a fresh one, so such breakers are the idle
+/// entries, dropped as the map is used (a sweep every time the map has
+/// doubled since the last one, and when it reaches `max_keys`). A breaker
+/// that is in use, or remembers anything, is never dropped. At `max_keys`
+/// with nothing idle, a new key gets no breaker of its own: every such key
+/// shares one *overflow breaker*, built from the template, until sweeps
+/// make room. `len()` never exceeds `max_keys`.
 ///
 /// Every breaker calls the template's
 /// [`on_transition`](CircuitBreakerBuilder::on_transition) hook, which does
 /// not know the key; [`on_transition`](Self::on_transition) adds a hook that
-/// does.
+/// does; the overflow breaker has no key and calls the template's hook
+/// only.
 ///
 /// Cloning is cheap and clones share the registry.
 pub struct KeyedBreakers<K> {
@@ -83,10 +77,8 @@ type HookSlot<K> = Arc<RwLock<Option<KeyedHook<K>>>>;
 type Attach<K> = Box<dyn Fn(&K, &CircuitBreaker) + Send + Sync + 'static>;
 
 struct Registry<K> {
-    map: DashMap<K, CircuitBreaker, Hasher>,
+    map: BoundedMap<K, CircuitBreaker>,
     template: CircuitBreakerBuilder,
-    max_keys: usize,
-    inserts_since_sweep: AtomicUsize,
     /// The key-aware hooks, composed into one.
     hook: HookSlot<K>,
     /// Set by the first `on_transition`: gives a breaker a hook that calls
@@ -106,7 +98,8 @@ impl<K> Clone for KeyedBreakers<K> {
 impl<K> fmt::Debug for KeyedBreakers<K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeyedBreakers")
-            .field("max_keys", &self.inner.max_keys)
+            .field("max_keys", &self.inner.map.max_keys())
+            .field("len", &self.inner.map.len())
             .field("template", &self.inner.template)
             .finish_non_exhaustive()
     }
@@ -119,13 +112,12 @@ impl<K: Hash + Eq + Clone> KeyedBreakers<K> {
         if max_keys == 0 {
             return Err(InvalidConfig::new("max_keys", "must be at least 1"));
         }
-        template.build_shared()?;
+        let overflow = template.build_shared()?;
         Ok(Self {
             inner: Arc::new(Registry {
-                map: DashMap::with_hasher(Hasher::default()),
+                map: BoundedMap::new(max_keys, overflow.clone())
+                    .with_clock(overflow.clock().clone()),
                 template,
-                max_keys,
-                inserts_since_sweep: AtomicUsize::new(0),
                 hook: Arc::new(RwLock::new(None)),
                 attach: OnceLock::new(),
             }),
@@ -166,24 +158,24 @@ impl<K: Hash + Eq + Clone> KeyedBreakers<K> {
         // A breaker made from now on gets the hook in `with`; one made
         // before is found here (the map's locks order the two).
         if let Some(attach) = reg.attach.get() {
-            for e in reg.map.iter() {
-                attach(e.key(), e.value());
-            }
+            reg.map.for_each(|k, b| attach(k, b));
         }
         self
     }
 
-    /// The breaker of `key`, created if need be.
+    /// The breaker of `key`, created if need be (the shared overflow
+    /// breaker if the registry is full of breakers in use).
     pub fn get(&self, key: K) -> CircuitBreaker {
         self.with(&key, CircuitBreaker::clone)
     }
 
     /// The breaker of `key`, if it has one.
     pub fn peek(&self, key: &K) -> Option<CircuitBreaker> {
-        self.inner.map.get(key).map(|b| b.clone())
+        self.inner.map.get(key).map(|b| CircuitBreaker::clone(&b))
     }
 
-    /// The state of `key`'s breaker; a key without one reads as closed.
+    /// The state of `key`'s breaker; a key without one reads as closed
+    /// (even while the overflow breaker it would share is open).
     pub fn state(&self, key: &K) -> State {
         self.inner.map.get(key).map_or(State::Closed, |b| b.state())
     }
@@ -193,6 +185,11 @@ impl<K: Hash + Eq + Clone> KeyedBreakers<K> {
         self.inner.map.len()
     }
 
+    /// The breaker keys share when the registry is full.
+    pub fn overflow(&self) -> &CircuitBreaker {
+        self.inner.map.overflow()
+    }
+
     /// Whether it holds none.
     pub fn is_empty(&self) -> bool {
         self.inner.map.is_empty()
@@ -200,7 +197,7 @@ impl<K: Hash + Eq + Clone> KeyedBreakers<K> {
 
     /// The cap on the number of breakers.
     pub fn max_keys(&self) -> usize {
-        self.inner.max_keys
+        self.inner.map.max_keys()
     }
 
     /// Runs `f` on `key`'s breaker without cloning its handle.
@@ -212,63 +209,22 @@ impl<K: Hash + Eq + Clone> KeyedBreakers<K> {
         if let Some(b) = reg.map.get(key) {
             return f(&b);
         }
-        self.make_room();
-        let b = reg.map.entry(key.clone()).or_insert_with(|| {
-            // The template was checked in `new`.
-            reg.template
-                .build_shared()
-                .unwrap_or_else(|_| unreachable!())
-        });
-        if let Some(attach) = reg.attach.get() {
-            attach(b.key(), b.value());
+        let b = reg.map.get_or_insert_with(
+            key,
+            || {
+                // The template was checked in `new`.
+                reg.template
+                    .build_shared()
+                    .unwrap_or_else(|_| unreachable!())
+            },
+            Some(&mut |_, b: &CircuitBreaker| b.is_idle()),
+        );
+        if !b.is_overflow()
+            && let Some(attach) = reg.attach.get()
+        {
+            attach(key, &b);
         }
-        f(&b.downgrade())
-    }
-
-    fn make_room(&self) {
-        let reg = &*self.inner;
-        let inserts = reg.inserts_since_sweep.fetch_add(1, Ordering::Relaxed) + 1;
-        let len = reg.map.len();
-        if len < reg.max_keys && inserts < len.max(64) {
-            return;
-        }
-        reg.inserts_since_sweep.store(0, Ordering::Relaxed);
-        reg.map.retain(|_, b| {
-            let keep = !b.is_idle();
-            if !keep {
-                b.mark_evicted();
-            }
-            keep
-        });
-        let len = reg.map.len();
-        if len < reg.max_keys {
-            return;
-        }
-        // Still full: nothing was idle. Evict a batch (a sixteenth of the
-        // map) in this one pass, so the next new keys find room without
-        // another: a flood of new keys costs O(1) each, amortised, instead
-        // of a pass over the whole map each.
-        let batch = (len / 16).max(1);
-        let mut victims: Vec<K> = reg
-            .map
-            .iter()
-            .filter(|e| e.value().state() == State::Closed)
-            .take(batch)
-            .map(|e| e.key().clone())
-            .collect();
-        if victims.is_empty() {
-            victims = reg
-                .map
-                .iter()
-                .take(batch)
-                .map(|e| e.key().clone())
-                .collect();
-        }
-        for k in victims {
-            if let Some((_, b)) = reg.map.remove(&k) {
-                b.mark_evicted();
-            }
-        }
+        f(&b)
     }
 }
 

@@ -107,20 +107,31 @@ fn a_reclaimed_and_remade_breaker_keeps_the_keyed_hook() {
 }
 
 #[test]
-fn a_flood_into_a_full_registry_evicts_closed_breakers_and_keeps_open_ones() {
+fn a_flood_into_a_full_registry_shares_the_overflow_breaker_and_keeps_busy_ones() {
     // Every breaker has counted a failure (none is idle), one is open.
     let breakers = KeyedBreakers::new(CircuitBreaker::builder().failure_threshold(3), 64).unwrap();
     for _ in 0..3 {
         breakers.get(0u32).try_acquire().unwrap().failure();
     }
     assert_eq!(breakers.state(&0), State::Open);
-    for key in 1..20_000u32 {
+    for key in 1..64u32 {
         breakers.get(key).try_acquire().unwrap().failure();
+    }
+    assert_eq!(breakers.len(), 64);
+    // The flood finds nothing idle: each new key gets the overflow breaker,
+    // whose own failures trip it after three.
+    for key in 64..20_000u32 {
+        let b = breakers.get(key);
+        if let Ok(permit) = b.try_acquire() {
+            permit.failure();
+        }
         assert!(breakers.len() <= 64, "{} breakers held", breakers.len());
     }
-    assert_eq!(
-        breakers.state(&0),
-        State::Open,
-        "the open breaker survived the flood"
+    assert_eq!(breakers.overflow().state(), State::Open);
+    assert!(breakers.peek(&20_000).is_none());
+    assert_eq!(breakers.state(&0), State::Open, "the open breaker survived");
+    assert!(
+        (1..64u32).all(|k| breakers.peek(&k).is_some()),
+        "every busy breaker survived"
     );
 }

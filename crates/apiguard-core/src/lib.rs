@@ -27,6 +27,8 @@
 //!   [`HttpClassifier`]);
 //! - [`headers`]: `Retry-After` and the IETF `RateLimit` fields;
 //! - [`clock`]: the one clock every decision reads;
+//! - [`map`]: [`BoundedMap`], the capped keyed map under every per-key
+//!   registry, with its one eviction rule;
 //! - [`RejectionResponseLayer`]: refusals into `429`/`503` responses.
 
 #![warn(
@@ -43,6 +45,7 @@ pub mod clock;
 pub mod error;
 pub mod extract;
 pub mod headers;
+pub mod map;
 pub mod quota;
 pub mod rejection;
 
@@ -53,5 +56,6 @@ pub use error::{
     RetriesExhausted,
 };
 pub use extract::KeyExtractor;
+pub use map::BoundedMap;
 pub use quota::Quota;
 pub use rejection::RejectionResponseLayer;

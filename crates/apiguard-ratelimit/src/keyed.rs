@@ -4,9 +4,10 @@ use std::fmt;
 use std::future::{Ready, ready};
 use std::hash::Hash;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
+use apiguard_core::map::{BoundedMap, Idle};
 use apiguard_core::{Clock, InvalidConfig, Nanos, Quota, QuotaPolicy, RateLimited};
 use dashmap::DashMap;
 
@@ -14,7 +15,6 @@ use dashmap::DashMap;
 /// (addresses, API keys), so the seed keeps collisions unpredictable, and it
 /// hashes a key several times faster than std's SipHash (the `scale` bench).
 type Hasher = foldhash::fast::RandomState;
-use dashmap::mapref::entry::Entry;
 
 use crate::future::Acquire;
 use crate::gcra::{self, Rate};
@@ -25,14 +25,6 @@ use std::sync::atomic::Ordering as StdOrdering;
 
 /// The default cap on tracked keys.
 pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
-
-/// Sweeps start once the map holds this many entries.
-const MIN_SWEEP_LEN: usize = 64;
-
-/// After a sweep, the next one waits this long (ns) per entry left, so a
-/// map at its cap, where new keys keep asking for room, spends a bounded
-/// share of its time sweeping (a sweep costs well under 1 µs per entry).
-const SWEEP_SPACING_PER_ENTRY: Nanos = 1_000;
 
 /// One bucket per key, with memory that bounds itself.
 ///
@@ -49,13 +41,13 @@ const SWEEP_SPACING_PER_ENTRY: Nanos = 1_000;
 ///
 /// # Memory
 ///
-/// A full bucket behaves exactly like a key never seen, so full buckets are
-/// dropped as the map is used: when a new key arrives and the map has grown
-/// to twice its size after the last sweep (or reached `max_keys`), the map
-/// is swept of full buckets. Sweeps are skipped until the earliest instant
-/// a tracked bucket can be full again, and spaced by 1 µs per entry left
-/// after the last one, so a flood of new keys does not turn into a sweep
-/// per key. There is no background task.
+/// The buckets live in a [`BoundedMap`], whose one eviction rule this
+/// is: a full bucket behaves exactly like a key never seen, so full
+/// buckets are the idle entries, dropped as the map is used (when a new
+/// key arrives and the map has grown to twice its size after the last
+/// sweep, or reached `max_keys`). Sweeps are skipped until the earliest
+/// instant a tracked bucket can be full again. There is no background
+/// task.
 ///
 /// `len()` never exceeds `max_keys`. When the map is at `max_keys` and no
 /// tracked bucket is full, a new key is not tracked: it shares one
@@ -89,24 +81,17 @@ struct Inner<K> {
     // dashmap 17.6/37.5/344, papaya 26.1/29.9/165, scc 23.8/42.6/193; 1M keys:
     // dashmap 160/392/1432, papaya 251/274/4340, scc 207/452/3452). DashMap
     // wins the uncontended case that dominates, and is what governor uses.
-    // A bucket of the default quota is its TAT alone: 8 bytes beside the key.
-    map: DashMap<K, AtomicU64, Hasher>,
+    // `BoundedMap` is a DashMap with a cap. A bucket of the default quota
+    // is its TAT alone: 8 bytes beside the key. The overflow entry is the
+    // bucket untracked keys share.
+    map: BoundedMap<K, AtomicU64>,
     rate: Rate,
-    max_keys: usize,
     clock: Clock,
-    /// Entries in `map` plus insertions in flight; checked against
-    /// `max_keys` before inserting, so the map never outgrows it.
-    count: AtomicUsize,
-    overflow: AtomicU64,
     overrides: DashMap<K, Override, Hasher>,
     override_count: AtomicUsize,
-    sweep_at_len: AtomicUsize,
     /// No bucket is full before this instant (a lower bound: lowered as
     /// buckets are created, raised by sweeps).
     first_full: std::sync::atomic::AtomicU64,
-    /// Earliest instant of the next sweep (spacing).
-    sweep_not_before: std::sync::atomic::AtomicU64,
-    sweeping: AtomicBool,
 }
 
 /// The bucket of a key with a quota of its own.
@@ -120,8 +105,8 @@ impl<K> fmt::Debug for KeyedLimiter<K> {
         f.debug_struct("KeyedLimiter")
             .field("capacity", &self.inner.rate.capacity())
             .field("refill_per_sec", &self.inner.rate.refill_per_sec())
-            .field("max_keys", &self.inner.max_keys)
-            .field("tracked", &self.inner.count.load(StdOrdering::Relaxed))
+            .field("max_keys", &self.inner.map.max_keys())
+            .field("tracked", &self.inner.map.len())
             .finish()
     }
 }
@@ -153,18 +138,12 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
         let overflow = rate.full_at(clock.now());
         Self {
             inner: Arc::new(Inner {
-                map: DashMap::with_hasher(Hasher::default()),
+                map: BoundedMap::new(max_keys, AtomicU64::new(overflow)).with_clock(clock.clone()),
                 rate,
-                max_keys,
                 clock,
-                count: AtomicUsize::new(0),
-                overflow: AtomicU64::new(overflow),
                 overrides: DashMap::with_hasher(Hasher::default()),
                 override_count: AtomicUsize::new(0),
-                sweep_at_len: AtomicUsize::new(MIN_SWEEP_LEN),
                 first_full: std::sync::atomic::AtomicU64::new(0),
-                sweep_not_before: std::sync::atomic::AtomicU64::new(0),
-                sweeping: AtomicBool::new(false),
             }),
         }
     }
@@ -179,7 +158,7 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
     /// Reads time from `clock` (a [`ManualClock`](apiguard_core::ManualClock)
     /// in tests). Configure before use: the returned registry starts empty.
     pub fn with_clock(self, clock: Clock) -> Self {
-        Self::build(self.inner.rate, self.inner.max_keys, clock)
+        Self::build(self.inner.rate, self.inner.map.max_keys(), clock)
     }
 
     /// Gives `key` its own quota instead of the default one. The tokens it
@@ -188,8 +167,7 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
     pub fn set_quota(&self, key: K, quota: Quota) -> Result<(), InvalidConfig> {
         let rate = Rate::from_quota(quota)?;
         let inner = &*self.inner;
-        let full_time = if let Some((_, tat)) = inner.map.remove(&key) {
-            inner.count.fetch_sub(1, StdOrdering::Relaxed);
+        let full_time = if let Some(tat) = inner.map.remove(&key) {
             Some(inner.rate.full_time(tat.load(Ordering::Relaxed)))
         } else {
             inner
@@ -291,7 +269,7 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
     pub fn cancel(&self, key: &K, reservation: &Reservation) -> bool {
         let inner = &*self.inner;
         if reservation.is_shared() {
-            return gcra::cancel(&inner.overflow, &inner.rate, reservation);
+            return gcra::cancel(inner.map.overflow(), &inner.rate, reservation);
         }
         if let Some(tat) = inner.map.get(key) {
             return gcra::cancel(&tat, &inner.rate, reservation);
@@ -326,11 +304,7 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
     /// Keys tracked now with the default quota (never more than
     /// `max_keys`; keys with a quota of their own are held apart).
     pub fn len(&self) -> usize {
-        // The slot count, not `DashMap::len`: that one adds up its shards one
-        // after the other, so while a sweep frees slots and new keys take them
-        // it can read more than the map ever held at once. The count bounds
-        // the map at every instant (a slot is taken before its insert).
-        self.inner.count.load(StdOrdering::Relaxed)
+        self.inner.map.len()
     }
 
     /// Whether no key is tracked with the default quota.
@@ -340,7 +314,7 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
 
     /// The cap on tracked keys.
     pub fn max_keys(&self) -> usize {
-        self.inner.max_keys
+        self.inner.map.max_keys()
     }
 
     /// Whether `key` has a bucket of its own now (a key whose bucket filled
@@ -353,9 +327,6 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
     /// Returns whether it had a bucket.
     pub fn remove(&self, key: &K) -> bool {
         let removed = self.inner.map.remove(key).is_some();
-        if removed {
-            self.inner.count.fetch_sub(1, StdOrdering::Relaxed);
-        }
         match self.overridden(key) {
             Some(o) => {
                 o.tat.store(0, Ordering::Relaxed);
@@ -367,12 +338,7 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
 
     /// Forgets every key's spent tokens (quota overrides stay).
     pub fn clear(&self) {
-        let mut removed = 0;
-        self.inner.map.retain(|_, _| {
-            removed += 1;
-            false
-        });
-        self.inner.count.fetch_sub(removed, StdOrdering::Relaxed);
+        self.inner.map.clear();
         for o in self.inner.overrides.iter() {
             o.tat.store(0, Ordering::Relaxed);
         }
@@ -415,79 +381,41 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
         if let Some(o) = self.overridden(key) {
             return (decide(&o.tat, &o.rate), false);
         }
-        self.maybe_sweep(now);
-        // Reserve a slot without ever counting past `max_keys`, so the count
-        // is a true bound on the map even mid-insert (and `len()` with it).
-        let reserved = inner
-            .count
-            .fetch_update(StdOrdering::Relaxed, StdOrdering::Relaxed, |n| {
-                (n < inner.max_keys).then_some(n + 1)
-            })
-            .is_ok();
-        if !reserved {
-            // Another thread may have created it meanwhile.
-            if let Some(tat) = inner.map.get(key) {
-                return (decide(&tat, &inner.rate), false);
-            }
-            return (decide(&inner.overflow, &inner.rate), true);
-        }
-        match inner.map.entry(key.clone()) {
-            Entry::Occupied(entry) => {
-                inner.count.fetch_sub(1, StdOrdering::Relaxed);
-                (decide(entry.get(), &inner.rate), false)
-            }
-            Entry::Vacant(entry) => {
-                let tat = entry.insert(AtomicU64::new(inner.rate.full_at(now)));
-                let decision = decide(&tat, &inner.rate);
-                let full = inner.rate.full_time(tat.load(Ordering::Relaxed));
-                inner.first_full.fetch_min(full, StdOrdering::Relaxed);
-                (decision, false)
-            }
-        }
-    }
-
-    /// Drops full buckets, when the map has grown enough to be worth it and
-    /// some bucket may be full by now.
-    fn maybe_sweep(&self, now: Nanos) {
-        let inner = &*self.inner;
-        let len = inner.count.load(StdOrdering::Relaxed);
-        if len < inner.sweep_at_len.load(StdOrdering::Relaxed) && len < inner.max_keys {
-            return;
-        }
-        if now < inner.first_full.load(StdOrdering::Relaxed)
-            || now < inner.sweep_not_before.load(StdOrdering::Relaxed)
-        {
-            return;
-        }
-        if inner.sweeping.swap(true, StdOrdering::Acquire) {
-            return;
-        }
-        let mut removed = 0;
-        let mut earliest_full = Nanos::MAX;
         let rate = &inner.rate;
-        inner.map.retain(|_, tat| {
+        // A sweep drops full buckets, and notes when the first one it
+        // keeps will be full; none can be before `first_full`.
+        let (mut removed, mut kept, mut earliest_full) = (0usize, 0usize, Nanos::MAX);
+        let mut idle = |_: &K, tat: &AtomicU64| {
             let tat = tat.load(Ordering::Relaxed);
             if rate.is_full(tat, now) {
                 removed += 1;
-                false
-            } else {
-                earliest_full = earliest_full.min(rate.full_time(tat));
                 true
+            } else {
+                kept += 1;
+                earliest_full = earliest_full.min(rate.full_time(tat));
+                false
             }
-        });
-        let left = inner.count.fetch_sub(removed, StdOrdering::Relaxed) - removed;
-        // A bucket created while the sweep ran may have lowered the bound;
-        // overwriting it only delays reclaiming, never loses a limit.
-        inner.first_full.store(earliest_full, StdOrdering::Relaxed);
-        inner.sweep_not_before.store(
-            now.saturating_add(left as u64 * SWEEP_SPACING_PER_ENTRY),
-            StdOrdering::Relaxed,
+        };
+        let may_sweep = now >= inner.first_full.load(StdOrdering::Relaxed);
+        let slot = inner.map.get_or_insert_with(
+            key,
+            || AtomicU64::new(rate.full_at(now)),
+            may_sweep.then_some(&mut idle as Idle<'_, K, AtomicU64>),
         );
-        inner
-            .sweep_at_len
-            .store((2 * left).max(MIN_SWEEP_LEN), StdOrdering::Relaxed);
-        inner.sweeping.store(false, StdOrdering::Release);
-        tracing::trace!(target: "apiguard::ratelimit", removed, left, "swept full buckets");
+        if removed + kept > 0 {
+            // A bucket created while the sweep ran may have lowered the
+            // bound; overwriting it only delays reclaiming, never loses a
+            // limit.
+            inner.first_full.store(earliest_full, StdOrdering::Relaxed);
+            tracing::trace!(target: "apiguard::ratelimit", removed, kept, "swept full buckets");
+        }
+        let decision = decide(&slot, rate);
+        if slot.is_overflow() {
+            return (decision, true);
+        }
+        let full = rate.full_time(slot.load(Ordering::Relaxed));
+        inner.first_full.fetch_min(full, StdOrdering::Relaxed);
+        (decision, false)
     }
 }
 

@@ -1,32 +1,34 @@
 //! The local buckets of [`FailurePolicy::LocalShare`](crate::FailurePolicy).
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{PoisonError, RwLock};
 use std::time::Duration;
 
+use apiguard_core::map::BoundedMap;
 use apiguard_core::{Clock, Quota, QuotaPolicy};
 use apiguard_ratelimit::TokenBucket;
 
 use crate::limiter::{DecidedBy, Decision};
 
 /// The most keys [`FailurePolicy::LocalShare`](crate::FailurePolicy) keeps
-/// a local bucket for. Past it, full buckets are dropped first, then all of
-/// them: a key that loses its bucket starts again from an empty one.
+/// a local bucket for. Past it, full buckets are dropped first (a full
+/// bucket is the same as a new one); if none is full, new keys share one
+/// overflow bucket of the same share until there is room.
 pub const LOCAL_MAX_KEYS: usize = 10_000;
 
 /// One in-process bucket per key, each holding this instance's share of the
-/// limit. Only used while Redis is away, so a mutex is fine here: it is
-/// never on the path of a healthy decision.
+/// limit. Only used while Redis is away; the lock is written only when the
+/// share changes, so decisions only read it.
 pub(crate) struct LocalBuckets {
     quota: Quota,
     clock: Clock,
-    state: Mutex<State>,
+    /// `None`: the share is not known.
+    share: RwLock<Option<Share>>,
 }
 
-struct State {
-    /// The bucket new keys copy (`None`: the share is not known).
-    template: Option<TokenBucket>,
-    buckets: HashMap<String, TokenBucket>,
+struct Share {
+    /// The bucket new keys copy.
+    template: TokenBucket,
+    buckets: BoundedMap<String, TokenBucket>,
 }
 
 impl LocalBuckets {
@@ -34,10 +36,7 @@ impl LocalBuckets {
         Self {
             quota,
             clock,
-            state: Mutex::new(State {
-                template: None,
-                buckets: HashMap::new(),
-            }),
+            share: RwLock::new(None),
         }
     }
 
@@ -55,9 +54,25 @@ impl LocalBuckets {
                 TokenBucket::from_rate(capacity, per_sec).ok()
             })
             .flatten();
-        let mut state = self.lock();
-        state.template = template;
-        state.buckets.clear();
+        let share = template.map(|template| {
+            let overflow = self.new_bucket(&template);
+            Share {
+                template,
+                buckets: BoundedMap::new(LOCAL_MAX_KEYS, overflow).with_clock(self.clock.clone()),
+            }
+        });
+        // A poisoned lock only means another thread panicked while
+        // swapping shares; either share is valid.
+        *self.share.write().unwrap_or_else(PoisonError::into_inner) = share;
+    }
+
+    /// A bucket of the share, empty: the shared bucket was most likely
+    /// being drained when Redis went away, so the share grows from the rate
+    /// alone and the fleet's burst is not spent twice.
+    fn new_bucket(&self, template: &TokenBucket) -> TokenBucket {
+        let b = template.clone().with_clock(self.clock.clone());
+        let _ = b.try_acquire(b.capacity());
+        b
     }
 
     pub(crate) fn decide(
@@ -67,7 +82,8 @@ impl LocalBuckets {
         max_wait: Duration,
         policy: QuotaPolicy,
     ) -> Decision {
-        let Some(bucket) = self.bucket(key) else {
+        let share = self.share.read().unwrap_or_else(PoisonError::into_inner);
+        let Some(share) = &*share else {
             return Decision {
                 allowed: false,
                 wait: policy.window,
@@ -77,6 +93,11 @@ impl LocalBuckets {
                 decided_by: DecidedBy::LocalShare,
             };
         };
+        let bucket = share.buckets.get_or_insert_with(
+            key,
+            || self.new_bucket(&share.template),
+            Some(&mut |_, b: &TokenBucket| b.available() >= f64::from(b.capacity())),
+        );
         let capacity = u64::from(bucket.capacity());
         match bucket.reserve(cost, max_wait) {
             Ok(reservation) => {
@@ -101,38 +122,10 @@ impl LocalBuckets {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // A poisoned map only means another thread panicked mid-insert; the
-        // buckets in it are still valid.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn bucket(&self, key: &str) -> Option<TokenBucket> {
-        let mut state = self.lock();
-        if let Some(b) = state.buckets.get(key) {
-            return Some(b.clone());
-        }
-        let template = state.template.clone()?;
-        if state.buckets.len() >= LOCAL_MAX_KEYS {
-            state
-                .buckets
-                .retain(|_, b| b.available() < f64::from(b.capacity()));
-            if state.buckets.len() >= LOCAL_MAX_KEYS {
-                state.buckets.clear();
-            }
-        }
-        let b = template.with_clock(self.clock.clone());
-        // The shared bucket was most likely being drained when Redis went
-        // away: start empty, so the share grows from the rate alone and
-        // the fleet's burst is not spent twice.
-        let _ = b.try_acquire(b.capacity());
-        state.buckets.insert(key.to_owned(), b.clone());
-        Some(b)
-    }
-
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        self.lock().buckets.len()
+        let share = self.share.read().unwrap_or_else(PoisonError::into_inner);
+        share.as_ref().map_or(0, |s| s.buckets.len())
     }
 }
 
@@ -208,6 +201,12 @@ mod tests {
         for i in 0..LOCAL_MAX_KEYS + 10 {
             local.decide(&i.to_string(), 1, Duration::ZERO, quota());
         }
-        assert!(local.len() <= LOCAL_MAX_KEYS);
+        // No bucket refilled, so none was dropped: the last keys share the
+        // overflow bucket.
+        assert_eq!(local.len(), LOCAL_MAX_KEYS);
+        // Once buckets are full again, a new key's sweep makes room.
+        clock.advance(Duration::from_secs(10));
+        local.decide("new", 1, Duration::ZERO, quota());
+        assert_eq!(local.len(), 1);
     }
 }

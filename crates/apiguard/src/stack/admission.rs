@@ -40,7 +40,8 @@ pub(super) struct HostCache {
 
 impl Shared {
     /// The breaker and bucket of `req`'s host: those in `last` if they are
-    /// that host's (and the breaker is still the registry's), else the
+    /// that host's (a breaker held there is in use, so the registry keeps
+    /// it), else the
     /// registries' (which then go in `last`). A host that differs only in
     /// case misses here and is found in the registries, whose keys ignore
     /// case.
@@ -52,8 +53,7 @@ impl Shared {
     ) -> &'a Arc<HostCache> {
         let hit = match last {
             Some(c) => {
-                (!self.scope.per_host || c.key.as_ref().map(Authority::as_str) == host_str(req))
-                    && !c.breaker.as_ref().is_some_and(CircuitBreaker::is_evicted)
+                !self.scope.per_host || c.key.as_ref().map(Authority::as_str) == host_str(req)
             }
             None => false,
         };
