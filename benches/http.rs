@@ -298,7 +298,10 @@ fn main() {
         let guarded = client_rt.block_on(async {
             GuardedClient::builder()
                 .base_url(base.clone())
-                .rate_limit(support::BURST, support::BURST as f64)
+                .rate_limit(apiguard::Quota::from_rate(
+                    support::BURST,
+                    support::BURST as f64,
+                ))
                 .build()
                 .unwrap()
         });

@@ -112,10 +112,10 @@ where
 /// 10⁹ a second.
 pub const BURST: u32 = 1_000_000_000;
 
-fn retry_policy() -> RetryPolicy {
+fn retry_policy_builder() -> apiguard::retry::RetryPolicyBuilder {
     // The defaults: 3 retries, exponential backoff with jitter, the default
     // retry budget (one deposit per request).
-    RetryPolicy::builder().build().unwrap()
+    RetryPolicy::builder()
 }
 
 fn breaker() -> apiguard::breaker::CircuitBreakerBuilder {
@@ -127,9 +127,9 @@ fn breaker() -> apiguard::breaker::CircuitBreakerBuilder {
 /// The full client stack: retry → per-host breaker → per-host limit.
 pub fn guard() -> GuardLayer {
     GuardLayer::builder()
-        .retry(retry_policy())
+        .retry(retry_policy_builder())
         .circuit_breaker(breaker())
-        .rate_limit(BURST, BURST as f64)
+        .rate_limit(apiguard::Quota::from_rate(BURST, BURST as f64))
         .build()
         .unwrap()
 }
@@ -138,9 +138,9 @@ pub fn guard() -> GuardLayer {
 /// per-host keying), as tower-resilience's stack has.
 pub fn guard_global() -> GuardLayer {
     GuardLayer::builder()
-        .retry(retry_policy())
+        .retry(retry_policy_builder())
         .circuit_breaker(breaker())
-        .rate_limit(BURST, BURST as f64)
+        .rate_limit(apiguard::Quota::from_rate(BURST, BURST as f64))
         .per_host(false)
         .build()
         .unwrap()
@@ -150,9 +150,9 @@ pub fn guard_global() -> GuardLayer {
 pub fn guard_with_timeouts() -> GuardLayer {
     GuardLayer::builder()
         .total_timeout(Duration::from_secs(60))
-        .retry(retry_policy())
+        .retry(retry_policy_builder())
         .circuit_breaker(breaker())
-        .rate_limit(BURST, BURST as f64)
+        .rate_limit(apiguard::Quota::from_rate(BURST, BURST as f64))
         .attempt_timeout(Duration::from_secs(10))
         .build()
         .unwrap()
@@ -161,7 +161,7 @@ pub fn guard_with_timeouts() -> GuardLayer {
 /// The stack's parts one at a time, as the stack builds them.
 pub fn guard_rate_limit_only() -> GuardLayer {
     GuardLayer::builder()
-        .rate_limit(BURST, BURST as f64)
+        .rate_limit(apiguard::Quota::from_rate(BURST, BURST as f64))
         .build()
         .unwrap()
 }
@@ -174,7 +174,10 @@ pub fn guard_breaker_only() -> GuardLayer {
 }
 
 pub fn guard_retry_only() -> GuardLayer {
-    GuardLayer::builder().retry(retry_policy()).build().unwrap()
+    GuardLayer::builder()
+        .retry(retry_policy_builder())
+        .build()
+        .unwrap()
 }
 
 /// The plain (not per-host) layers of the pattern crates.
@@ -187,7 +190,7 @@ pub fn plain_breaker() -> apiguard::CircuitBreakerLayer {
 }
 
 pub fn plain_retry() -> apiguard::RetryLayer {
-    apiguard::RetryLayer::new(retry_policy())
+    apiguard::RetryLayer::new(retry_policy_builder().build().unwrap())
 }
 
 // --- tower's own: RateLimit + Retry --------------------------------------

@@ -38,7 +38,7 @@ struct Args {
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let args = Args::parse();
     let client = GuardedClient::builder()
-        .rate_limit(args.burst, args.rate)
+        .rate_limit(apiguard::Quota::from_rate(args.burst, args.rate))
         .max_retries(args.retries)
         .failure_threshold(5)
         .recovery_timeout(Duration::from_secs(5))

@@ -50,7 +50,7 @@ async fn main() {
             .base_url(nginx.url())
             .adaptive(adaptive);
         if let Some((c, r)) = limit {
-            b = b.rate_limit(c, r);
+            b = b.rate_limit(apiguard::Quota::from_rate(c, r));
         }
         let client = b.build().expect("valid client");
         let run = load(&client, TASKS, REQUESTS).await;

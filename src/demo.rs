@@ -199,14 +199,16 @@ pub async fn run(cfg: Config) -> Result<Report, Box<dyn std::error::Error + Send
         .base_url(guarded_up.url())
         // The quota the upstream documents: generous, the surprise is its
         // throttling in phase two.
-        .rate_limit(cfg.rate.ceil() as u32, cfg.rate * 1.5)
-        .retry_policy(
+        .rate_limit(apiguard::Quota::from_rate(
+            cfg.rate.ceil() as u32,
+            cfg.rate * 1.5,
+        ))
+        .retry(
             RetryPolicy::builder()
                 .max_retries(10)
                 .base_delay(Duration::from_millis(100))
                 .max_delay(Duration::from_secs(2))
-                .deadline(Duration::from_secs(10))
-                .build()?,
+                .deadline(Duration::from_secs(10)),
         )
         .circuit_breaker(breaker)
         .attempt_timeout(Duration::from_secs(1))

@@ -403,12 +403,16 @@ fn a_breaker_window_shorter_than_two_attempt_timeouts_is_refused() {
 #[test]
 fn the_facade_passes_on_the_parts_errors() {
     refused(
-        GuardLayer::builder().rate_limit(0, 1.0).build(),
+        GuardLayer::builder()
+            .rate_limit(apiguard::Quota::from_rate(0, 1.0))
+            .build(),
         "capacity",
         "at least 1",
     );
     refused(
-        GuardLayer::builder().rate_limit(1, -1.0).build(),
+        GuardLayer::builder()
+            .rate_limit(apiguard::Quota::from_rate(1, -1.0))
+            .build(),
         "refill_per_sec",
         "finite",
     );

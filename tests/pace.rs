@@ -26,7 +26,7 @@ async fn against_nginx(limit: Option<(u32, f64)>, adaptive: bool) -> Option<(u64
         .base_url(nginx.url())
         .adaptive(adaptive);
     if let Some((c, r)) = limit {
-        b = b.rate_limit(c, r);
+        b = b.rate_limit(apiguard::Quota::from_rate(c, r));
     }
     let client = b.build().unwrap();
     let run = load(&client, TASKS, REQUESTS).await;

@@ -64,7 +64,10 @@ async fn a_throttle_emits_a_pace_event_with_host_rates_pause_and_reason() {
             Ok::<_, Infallible>(res)
         }
     });
-    let layer = GuardLayer::builder().rate_limit(5, 30.0).build().unwrap();
+    let layer = GuardLayer::builder()
+        .rate_limit(apiguard::Quota::from_rate(5, 30.0))
+        .build()
+        .unwrap();
     let svc = layer.layer(up);
     let req = || {
         Request::get("http://api.test/")

@@ -130,9 +130,7 @@ async fn every_request_finishes_soon_after_the_breaker_closes() {
                 .max_retries(1)
                 .base_delay(Duration::from_millis(10))
                 .max_delay(Duration::from_millis(10))
-                .no_budget()
-                .build()
-                .unwrap(),
+                .no_budget(),
         )
         .circuit_breaker(
             CircuitBreaker::builder()
@@ -165,7 +163,7 @@ async fn every_request_finishes_soon_after_the_breaker_closes() {
 async fn waiters_follow_a_failed_probe_to_the_next_one() {
     let (closed_at, hook) = closes();
     let layer = GuardLayer::builder()
-        .retry(RetryPolicy::builder().max_retries(0).build().unwrap())
+        .retry(RetryPolicy::builder().max_retries(0))
         .circuit_breaker(
             CircuitBreaker::builder()
                 .failure_threshold(1)

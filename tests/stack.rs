@@ -37,12 +37,10 @@ async fn a_retried_attempt_spends_a_token() {
         .retry(
             RetryPolicy::builder()
                 .max_retries(3)
-                .base_delay(Duration::from_millis(10))
-                .build()
-                .unwrap(),
+                .base_delay(Duration::from_millis(10)),
         )
         .circuit_breaker(CircuitBreaker::builder().failure_threshold(10))
-        .rate_limit(10, 1.0)
+        .rate_limit(apiguard::Quota::from_rate(10, 1.0))
         .build()
         .unwrap();
     let calls = Arc::new(AtomicU32::new(0));
@@ -71,7 +69,7 @@ async fn a_retried_attempt_spends_a_token() {
 async fn an_attempt_refused_by_the_breaker_spends_no_token() {
     let layer = GuardLayer::builder()
         .circuit_breaker(CircuitBreaker::builder().failure_threshold(1))
-        .rate_limit(10, 1.0)
+        .rate_limit(apiguard::Quota::from_rate(10, 1.0))
         // The next probe (30 s away) is past what a request may wait: the
         // refusal comes at once.
         .max_wait(Duration::from_secs(1))
@@ -130,7 +128,7 @@ fn invalid_combinations_are_refused_with_a_reason() {
     assert!(err.reason().contains("twice the attempt timeout"), "{err}");
 
     let err = GuardLayer::builder()
-        .rate_limit(0, 1.0)
+        .rate_limit(apiguard::Quota::from_rate(0, 1.0))
         .build()
         .unwrap_err();
     assert_eq!(err.field(), "capacity");
@@ -176,7 +174,10 @@ async fn guarded_client_waits_out_429s_and_loses_nothing() {
 async fn guarded_client_never_exceeds_its_rate() {
     let up = Upstream::start(Behavior::Ok).await.unwrap();
     // 4 at once, then 4 a second: 12 requests take about 2 s.
-    let c = client(&up).rate_limit(4, 4.0).build().unwrap();
+    let c = client(&up)
+        .rate_limit(apiguard::Quota::from_rate(4, 4.0))
+        .build()
+        .unwrap();
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..12 {
         let c = c.clone();

@@ -4,7 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use apiguard_core::{Clock, InvalidConfig, Nanos};
+use apiguard_core::{Clock, InvalidConfig, Nanos, Quota};
 use apiguard_ratelimit::TokenBucket;
 use dashmap::DashMap;
 
@@ -63,15 +63,10 @@ impl fmt::Debug for HostLimits {
 }
 
 impl HostLimits {
-    /// Buckets of `capacity` tokens refilled at `refill_per_sec`, for at
-    /// most `max_hosts` hosts.
-    pub(crate) fn new(
-        capacity: u32,
-        refill_per_sec: f64,
-        max_hosts: usize,
-    ) -> Result<Self, InvalidConfig> {
-        let template = TokenBucket::from_rate(capacity, refill_per_sec)?;
-        let overflow = TokenBucket::from_rate(capacity, refill_per_sec)?;
+    /// Buckets of `quota`, for at most `max_hosts` hosts.
+    pub(crate) fn new(quota: Quota, max_hosts: usize) -> Result<Self, InvalidConfig> {
+        let template = TokenBucket::new(quota)?;
+        let overflow = TokenBucket::new(quota)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 map: DashMap::with_hasher(Hasher::default()),
@@ -117,7 +112,7 @@ impl HostLimits {
             .entry(host.clone())
             .or_insert_with(|| {
                 let t = &inner.template;
-                TokenBucket::from_rate(t.capacity(), t.refill_per_sec())
+                TokenBucket::new(t.quota())
                     .unwrap_or_else(|_| unreachable!("the template's settings were checked"))
                     .with_clock(inner.clock.clone())
             })
@@ -191,7 +186,7 @@ mod tests {
 
     fn limits(capacity: u32, max_hosts: usize) -> (HostLimits, ManualClock) {
         let manual = ManualClock::new();
-        let l = HostLimits::new(capacity, 1.0, max_hosts)
+        let l = HostLimits::new(Quota::from_rate(capacity, 1.0), max_hosts)
             .unwrap()
             .with_clock(manual.clock());
         (l, manual)

@@ -5,7 +5,7 @@
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), apiguard::BoxError> {
 //! use std::time::Duration;
-//! use apiguard::{CircuitBreaker, GuardLayer, RetryPolicy};
+//! use apiguard::{CircuitBreaker, GuardLayer, Quota, RetryPolicy};
 //! use bytes::Bytes;
 //! use http::{Request, Response};
 //! use http_body_util::Full;
@@ -13,9 +13,9 @@
 //!
 //! let guard = GuardLayer::builder()
 //!     .total_timeout(Duration::from_secs(10))
-//!     .retry(RetryPolicy::builder().max_retries(3).build()?)
+//!     .retry(RetryPolicy::builder().max_retries(3))
 //!     .circuit_breaker(CircuitBreaker::builder().failure_threshold(5))
-//!     .rate_limit(100, 50.0)
+//!     .rate_limit(Quota::per_second(50).with_burst(100))
 //!     .attempt_timeout(Duration::from_secs(2))
 //!     .build()?;
 //!
@@ -97,7 +97,7 @@ pub use apiguard_retry as retry;
 
 pub use apiguard_breaker::{CircuitBreaker, CircuitBreakerLayer, KeyedCircuitBreakerLayer};
 pub use apiguard_core::{
-    BoxError, BudgetExhausted, CircuitOpen, InvalidConfig, MissingKey, RateLimited,
+    BoxError, BudgetExhausted, CircuitOpen, InvalidConfig, MissingKey, Quota, RateLimited,
     RejectionResponseLayer, RetriesExhausted,
 };
 pub use apiguard_ratelimit::{KeyedLimiter, KeyedRateLimitLayer, RateLimitLayer, TokenBucket};

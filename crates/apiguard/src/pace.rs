@@ -437,7 +437,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_request_waiting_for_its_token_is_held_by_a_pause_that_begins_meanwhile() {
-        let layer = GuardLayer::builder().rate_limit(1, 1.0).build().unwrap();
+        let layer = GuardLayer::builder()
+            .rate_limit(apiguard_core::Quota::from_rate(1, 1.0))
+            .build()
+            .unwrap();
         // The first call is refused 100 ms in, with `Retry-After: 5`.
         let (up, calls) = refusing_once(Some(5), Duration::from_millis(100));
         let svc = layer.layer(up);

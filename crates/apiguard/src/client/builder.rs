@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use apiguard_breaker::CircuitBreakerBuilder;
-use apiguard_core::InvalidConfig;
-use apiguard_retry::RetryPolicy;
+use apiguard_core::{InvalidConfig, Quota};
+use apiguard_retry::{RetryPolicy, RetryPolicyBuilder};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -20,15 +20,21 @@ use crate::stack::{GuardLayer, GuardLayerBuilder};
 const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Builds a [`GuardedClient`]; see [`GuardedClient::builder`].
+///
+/// As [`GuardLayerBuilder`]: each part takes one kind of argument (a
+/// [`Quota`] for the rate limit, a builder for the retry policy and the
+/// breaker, or APIGuard's knobs for the common case), every setter consumes
+/// the builder, and [`build`](Self::build) checks everything. Clone it to
+/// build several clients from one configuration.
 #[derive(Debug, Clone)]
 pub struct GuardedClientBuilder {
     base_url: Option<String>,
     headers: HeaderMap,
-    limit: Option<(u32, f64)>,
+    limit: Option<Quota>,
     max_wait: Duration,
     max_retries: u32,
     base_delay: Duration,
-    retry: Option<RetryPolicy>,
+    retry: Option<RetryPolicyBuilder>,
     failure_threshold: u32,
     recovery_timeout: Duration,
     success_threshold: u32,
@@ -79,10 +85,11 @@ impl GuardedClientBuilder {
         self
     }
 
-    /// Token bucket per host: `capacity` at once, `refill_per_sec` after.
-    /// Requests wait for their token (up to `max_wait`). Off by default.
-    pub fn rate_limit(mut self, capacity: u32, refill_per_sec: f64) -> Self {
-        self.limit = Some((capacity, refill_per_sec));
+    /// Token bucket per host, of `quota` (`Quota::per_second(5).with_burst(10)`,
+    /// or APIGuard's `Quota::from_rate(10, 5.0)`). Requests wait for their
+    /// token (up to `max_wait`). Off by default.
+    pub fn rate_limit(mut self, quota: Quota) -> Self {
+        self.limit = Some(quota);
         self
     }
 
@@ -112,8 +119,10 @@ impl GuardedClientBuilder {
         self
     }
 
-    /// A full retry policy, replacing `max_retries` and `base_delay`.
-    pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
+    /// A full retry policy, replacing `max_retries` and `base_delay`: the
+    /// builder is used as it is (set its `deadline` and `max_retry_after`
+    /// yourself) and checked in [`build`](Self::build).
+    pub fn retry(mut self, policy: RetryPolicyBuilder) -> Self {
         self.retry = Some(policy);
         self
     }
@@ -159,6 +168,14 @@ impl GuardedClientBuilder {
     /// One breaker and bucket per host (default) or one for all.
     pub fn per_host(mut self, yes: bool) -> Self {
         self.per_host = yes;
+        self
+    }
+
+    /// At most this many hosts get a breaker, a bucket and a pace of their
+    /// own at once (default 1024; see
+    /// [`GuardLayerBuilder::max_hosts`]). Zero is refused.
+    pub fn max_hosts(mut self, n: usize) -> Self {
+        self.max_hosts = n;
         self
     }
 
@@ -262,15 +279,15 @@ impl GuardedClientBuilder {
             b
         });
         stack = stack.circuit_breaker(breaker);
-        if let Some((capacity, rate)) = self.limit {
-            stack = stack.rate_limit(capacity, rate);
+        if let Some(quota) = self.limit {
+            stack = stack.rate_limit(quota);
         }
         Ok(stack)
     }
 
     /// The policy given, or one made of `max_retries` and `base_delay`
     /// (`None` for no retries).
-    fn retry_policy_or_default(&self) -> Result<Option<RetryPolicy>, InvalidConfig> {
+    fn retry_policy_or_default(&self) -> Result<Option<RetryPolicyBuilder>, InvalidConfig> {
         match &self.retry {
             Some(p) => Ok(Some(p.clone())),
             None if self.max_retries == 0 => Ok(None),
@@ -281,8 +298,7 @@ impl GuardedClientBuilder {
                     .deadline(self.total_timeout)
                     // Wait out a server's or an open circuit's hint only
                     // when it is short; a longer one comes back at once.
-                    .max_retry_after(Duration::from_secs(10).min(self.total_timeout))
-                    .build()?,
+                    .max_retry_after(Duration::from_secs(10).min(self.total_timeout)),
             )),
         }
     }

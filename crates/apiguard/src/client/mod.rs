@@ -40,11 +40,11 @@ use transport::{AttemptState, Attempted, Transport, check_scheme};
 /// ```no_run
 /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 /// use std::time::Duration;
-/// use apiguard::GuardedClient;
+/// use apiguard::{GuardedClient, Quota};
 ///
 /// let client = GuardedClient::builder()
 ///     .base_url("http://127.0.0.1:8080")
-///     .rate_limit(10, 5.0)           // waits for a token instead of failing
+///     .rate_limit(Quota::from_rate(10, 5.0)) // waits for a token instead of failing
 ///     .max_retries(3)                // backoff with jitter, honours Retry-After
 ///     .failure_threshold(5)          // per-host circuit breaker
 ///     .recovery_timeout(Duration::from_secs(10))

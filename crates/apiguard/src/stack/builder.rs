@@ -8,8 +8,8 @@
 use std::time::Duration;
 
 use apiguard_breaker::{CircuitBreakerBuilder, KeyedBreakers, SlidingWindow};
-use apiguard_core::InvalidConfig;
-use apiguard_retry::RetryPolicy;
+use apiguard_core::{InvalidConfig, Quota};
+use apiguard_retry::RetryPolicyBuilder;
 
 use super::admission::Shared;
 use super::layer::GuardLayer;
@@ -25,12 +25,19 @@ impl GuardLayer {
 }
 
 /// Builds a [`GuardLayer`]; see [`GuardLayer::builder`].
+///
+/// Each part takes one kind of argument: a builder for the parts that
+/// have one ([`retry`](Self::retry), [`circuit_breaker`](Self::circuit_breaker)),
+/// a [`Quota`] for the rate limit. Every setter consumes the builder and
+/// returns it; nothing is checked until [`build`](Self::build), which
+/// checks everything together. Clone the builder to build several layers
+/// from one configuration.
 #[derive(Debug, Clone)]
 pub struct GuardLayerBuilder {
     total_timeout: Option<Duration>,
-    retry: Option<RetryPolicy>,
+    retry: Option<RetryPolicyBuilder>,
     breaker: Option<CircuitBreakerBuilder>,
-    limit: Option<(u32, f64)>,
+    limit: Option<Quota>,
     max_wait: Duration,
     attempt_timeout: Option<Duration>,
     per_host: bool,
@@ -63,8 +70,8 @@ impl GuardLayerBuilder {
         self
     }
 
-    /// Retries by `policy`.
-    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+    /// Retries by the policy `policy` builds (checked in [`build`](Self::build)).
+    pub fn retry(mut self, policy: RetryPolicyBuilder) -> Self {
         self.retry = Some(policy);
         self
     }
@@ -75,10 +82,12 @@ impl GuardLayerBuilder {
         self
     }
 
-    /// Limits each host to `capacity` requests at once and `refill_per_sec`
-    /// a second after that.
-    pub fn rate_limit(mut self, capacity: u32, refill_per_sec: f64) -> Self {
-        self.limit = Some((capacity, refill_per_sec));
+    /// Limits each host to `quota` (its burst at once, then its rate):
+    /// `Quota::per_second(50).with_burst(100)`, or APIGuard's
+    /// `Quota::from_rate(100, 50.0)`. The quota is checked in
+    /// [`build`](Self::build).
+    pub fn rate_limit(mut self, quota: Quota) -> Self {
+        self.limit = Some(quota);
         self
     }
 
@@ -158,12 +167,20 @@ impl GuardLayerBuilder {
             None => None,
         };
         let limiter = match self.limit {
-            Some((capacity, rate)) => Some(HostLimits::new(capacity, rate, self.max_hosts)?),
+            Some(quota) => Some(HostLimits::new(quota, self.max_hosts)?),
+            None => None,
+        };
+        let retry = match self.retry {
+            Some(policy) => Some(policy.build()?),
             None => None,
         };
         let paces = if self.adaptive {
             let (capacity, ceiling) = match self.limit {
-                Some((c, r)) => (c, Some(r)),
+                // The limiter checked the quota, its burst fits a u32.
+                Some(q) => (
+                    u32::try_from(q.burst()).unwrap_or(u32::MAX),
+                    Some(q.refill_per_sec()),
+                ),
                 None => (1, None),
             };
             let config =
@@ -176,13 +193,12 @@ impl GuardLayerBuilder {
             || (self.per_host && paces.is_some());
         // The policy and the buckets read the same clock unless a test gave
         // the policy its own: then one reading per request serves both.
-        let one_clock =
-            limiter.is_some() && self.retry.as_ref().is_some_and(|p| !p.clock().is_manual());
+        let one_clock = limiter.is_some() && retry.as_ref().is_some_and(|p| !p.clock().is_manual());
         Ok(GuardLayer::from_shared(Shared {
             one_clock,
             total_timeout: self.total_timeout,
             attempt_timeout: self.attempt_timeout,
-            retry: self.retry,
+            retry,
             breakers,
             limiter,
             paces,

@@ -26,13 +26,11 @@ fn key(host: &str) -> HostScope {
     Some(host.parse().unwrap())
 }
 
-fn no_delay() -> RetryPolicy {
+fn no_delay() -> apiguard_retry::RetryPolicyBuilder {
     RetryPolicy::builder()
         .base_delay(Duration::from_millis(1))
         .max_delay(Duration::from_millis(1))
         .no_budget()
-        .build()
-        .unwrap()
 }
 
 /// An upstream whose first `hangs` calls never answer; later ones
@@ -131,7 +129,7 @@ async fn with_no_attempt_timeout_the_total_timeout_counts_a_hang_as_a_failure() 
 #[tokio::test(start_paused = true)]
 async fn a_request_dropped_while_it_waits_for_a_token_gives_it_back() {
     let layer = GuardLayer::builder()
-        .rate_limit(1, 1.0)
+        .rate_limit(apiguard_core::Quota::from_rate(1, 1.0))
         .max_wait(Duration::from_secs(5))
         .build()
         .unwrap();
