@@ -155,6 +155,8 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod cluster;
+mod conn;
 mod debit;
 pub mod error;
 pub mod future;
@@ -170,6 +172,8 @@ mod warn;
 
 /// The quota every limiter takes, from `apiguard-core`.
 pub use apiguard_core::Quota;
+pub use cluster::SLOTS_REFRESH_EVERY;
+pub use conn::{CLUSTER_RETRIES, CLUSTER_TIMEOUT, cluster_client};
 pub use error::BuildError;
 pub use health::{
     DEFAULT_PROBE_EVERY, DEFAULT_TIMEOUT_CEILING, DEFAULT_TIMEOUT_FLOOR, FAILURES_TO_LEAVE, Health,
