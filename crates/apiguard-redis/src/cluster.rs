@@ -58,10 +58,7 @@ impl Shards {
     }
 
     fn read(&self) -> Option<Arc<Table>> {
-        self.table
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.table.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The monitor of the master serving `key`'s slot; `None` while the
@@ -69,7 +66,10 @@ impl Shards {
     pub(crate) fn monitor_for(&self, key: &str) -> Option<Arc<Monitor>> {
         let table = self.read()?;
         let i = table.slots[usize::from(slot(key.as_bytes()))];
-        table.masters.get(usize::from(i)).map(|(_, m)| Arc::clone(m))
+        table
+            .masters
+            .get(usize::from(i))
+            .map(|(_, m)| Arc::clone(m))
     }
 
     /// (masters known, masters whose slots the failure policy decides).
@@ -129,7 +129,11 @@ impl Shards {
             }
         }
         let changed = old.as_ref().is_none_or(|o| {
-            o.slots != slots || o.masters.iter().map(|m| &m.0).ne(masters.iter().map(|m| &m.0))
+            o.slots != slots
+                || o.masters
+                    .iter()
+                    .map(|m| &m.0)
+                    .ne(masters.iter().map(|m| &m.0))
         });
         if changed {
             tracing::info!(

@@ -224,7 +224,10 @@ impl RedisLimiter {
             });
         }
 
-        let shard = inner.shards.as_ref().and_then(|s| s.monitor_for(&redis_key));
+        let shard = inner
+            .shards
+            .as_ref()
+            .and_then(|s| s.monitor_for(&redis_key));
         let monitor = shard.as_deref().unwrap_or(&inner.monitor);
         if monitor.is_away() {
             if monitor.take_probe(inner.clock.now()) {
@@ -795,16 +798,15 @@ impl RedisLimiterBuilder {
     /// map once (so the first decisions already know their master) and
     /// loads the script on every node (best effort: a node that does not
     /// have it gets it with its first decision).
-    pub async fn build_cluster(
-        self,
-        con: ClusterConnection,
-    ) -> Result<RedisLimiter, BuildError> {
+    pub async fn build_cluster(self, con: ClusterConnection) -> Result<RedisLimiter, BuildError> {
         let limiter = self.build_lazy_cluster(con)?;
         let inner = &limiter.inner;
         let mut con = inner.con.clone();
-        let reply: redis::Value = redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut con).await?;
-        if let (Some(shards), Some(ranges)) = (&inner.shards, crate::cluster::parse_slots(&reply))
-        {
+        let reply: redis::Value = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut con)
+            .await?;
+        if let (Some(shards), Some(ranges)) = (&inner.shards, crate::cluster::parse_slots(&reply)) {
             shards.update(&ranges);
         }
         if let Err(err) = inner.script.load_async(&mut con).await {
@@ -829,10 +831,7 @@ impl RedisLimiterBuilder {
     /// failure policy while the other masters keep deciding, and come back
     /// to Redis as soon as the slot map names the promoted replica (or a
     /// probe of the old master answers).
-    pub fn build_lazy_cluster(
-        self,
-        con: ClusterConnection,
-    ) -> Result<RedisLimiter, InvalidConfig> {
+    pub fn build_lazy_cluster(self, con: ClusterConnection) -> Result<RedisLimiter, InvalidConfig> {
         self.validate_cluster()?;
         self.build_on(Conn::Cluster(con))
     }
