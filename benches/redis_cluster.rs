@@ -18,7 +18,7 @@
 //! `cargo bench -p apiguard-benches --bench redis_cluster`; the figures
 //! are also written to `target/apiguard-bench/redis_cluster.json`.
 
-#[allow(dead_code, unused_macros, unused_imports)]
+#[allow(unused_macros, unused_imports)]
 #[path = "../crates/apiguard-redis/tests/common/mod.rs"]
 mod common;
 

@@ -222,8 +222,9 @@ impl SignalKey for Option<Authority> {
 /// makes one, held open, so that key is refused too. The index stays small:
 /// each publish trims its expired members, and it expires with its longest
 /// hold. Keyed and bound breakers of the same key text share one signal.
-/// On Redis Cluster, the script's two keys need one slot: give the prefix a
-/// hash tag (`{apiguard:cb}:`).
+/// On a Redis Cluster ([`SharedBreakerSignalBuilder::connect_cluster`])
+/// every key of the signal shares one slot: the prefix becomes a hash tag
+/// unless it has one.
 ///
 /// # Delay and bounds
 ///
