@@ -39,6 +39,15 @@ pub(crate) struct Pending {
     pub(crate) sent: Nanos,
     /// Tokens admitted without Redis that this call takes from the bucket.
     pub(crate) debit: u64,
+    /// On a cluster: the monitor of the master serving the key.
+    pub(crate) shard: Option<Arc<crate::health::Monitor>>,
+}
+
+impl Pending {
+    /// The monitor this decision reports to.
+    pub(crate) fn monitor<'a>(&'a self, inner: &'a Inner) -> &'a crate::health::Monitor {
+        self.shard.as_deref().unwrap_or(inner.monitor())
+    }
 }
 
 pin_project! {

@@ -44,6 +44,12 @@ pub struct Health {
     pub instances: Option<u32>,
     /// Decisions in a row Redis did not answer in time.
     pub failures_in_a_row: u32,
+    /// On a Redis Cluster, how many masters the slot map names (`Some(0)`
+    /// until it is first read); `None` on one node.
+    pub shards: Option<u32>,
+    /// On a Redis Cluster, how many of those masters missed enough
+    /// decisions that the failure policy decides their keys now.
+    pub shards_away: u32,
 }
 
 /// Decisions in a row Redis must miss (over at least one timeout) before
@@ -141,6 +147,10 @@ impl Monitor {
             learned_instances: AtomicU32::new(0),
             hint_instances,
         }
+    }
+
+    pub(crate) fn has_rtt(&self) -> bool {
+        self.srtt.load(Ordering::Relaxed) != 0
     }
 
     pub(crate) fn timeout(&self) -> Nanos {
@@ -294,6 +304,8 @@ impl Monitor {
             rtt: (srtt != 0).then(|| nanos_to_duration(srtt)),
             instances: (n != 0).then_some(n),
             failures_in_a_row: self.failures_in_a_row(),
+            shards: None,
+            shards_away: 0,
         }
     }
 }

@@ -9,7 +9,11 @@ use apiguard_core::clock::{duration_to_nanos, nanos_to_duration};
 use apiguard_core::{Clock, InvalidConfig, Nanos, Quota, QuotaPolicy, RateLimited};
 use apiguard_ratelimit::Limiter;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Cmd, ErrorKind, RedisError, Script, ServerErrorKind};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, RedisError, Script};
+
+use crate::cluster::Shards;
+use crate::conn::{Conn, cluster_client};
 
 use crate::debit::Debits;
 use crate::error::BuildError;
@@ -136,7 +140,9 @@ pub struct RedisLimiter {
 }
 
 pub(crate) struct Inner {
-    con: ConnectionManager,
+    con: Conn,
+    /// On a cluster: each master's monitor, by slot.
+    shards: Option<Arc<Shards>>,
     script: Script,
     units: Units,
     burst: u64,
@@ -203,9 +209,7 @@ impl RedisLimiter {
         if u64::from(cost) > inner.burst {
             return DecisionFuture::ready(inner.over_burst());
         }
-        let mut redis_key = String::with_capacity(inner.prefix.len() + 24);
-        redis_key.push_str(&inner.prefix);
-        key.write_key(&mut redis_key);
+        let redis_key = inner.redis_key(key);
 
         if let Some(leases) = &inner.leases
             && let Some((remaining, reset)) = leases.take(&redis_key, cost, inner.clock.now())
@@ -220,17 +224,21 @@ impl RedisLimiter {
             });
         }
 
-        let monitor = &inner.monitor;
+        let shard = inner
+            .shards
+            .as_ref()
+            .and_then(|s| s.monitor_for(&redis_key));
+        let monitor = shard.as_deref().unwrap_or(&inner.monitor);
         if monitor.is_away() {
             if monitor.take_probe(inner.clock.now()) {
-                tokio::spawn(probe(Arc::clone(inner), redis_key.clone()));
+                tokio::spawn(probe(Arc::clone(inner), redis_key.clone(), shard));
             }
             return DecisionFuture::ready(inner.fallback(&redis_key, cost, max_wait));
         }
         let debit = inner.debits.take(&redis_key);
         let timeout = monitor.timeout();
         let sent = inner.real.now();
-        let cmd = inner.script_cmd(&redis_key, cost, max_wait, sent, timeout, debit);
+        let cmd = inner.script_cmd(monitor, &redis_key, cost, max_wait, sent, timeout, debit);
         let call: Call = Box::pin(run_script(Arc::clone(inner), cmd));
         DecisionFuture::remote(
             call,
@@ -242,14 +250,41 @@ impl RedisLimiter {
                 key: redis_key,
                 sent,
                 debit,
+                shard,
             },
         )
     }
 
     /// How this limiter sees Redis now: [`Mode`](crate::Mode), the current
     /// timeout and round trip, the instance count the local share uses.
+    ///
+    /// On a cluster, [`Health::shards`] counts the masters of the slot map
+    /// and [`Health::shards_away`] those whose slots the failure policy
+    /// decides now; the mode is [`Fallback`](crate::Mode::Fallback) while
+    /// any is away, and the round trip and timeout are those of the first
+    /// master that answered (or of the limiter before the slot map is
+    /// known).
     pub fn health(&self) -> Health {
-        self.inner.monitor.health()
+        let mut h = self.inner.monitor.health();
+        if let Some(shards) = &self.inner.shards {
+            let (n, away) = shards.summary();
+            h.shards = Some(n);
+            h.shards_away = away;
+            if away > 0 {
+                h.mode = crate::Mode::Fallback;
+            }
+            if let Some(first) = shards.first_answered() {
+                let fh = first.health();
+                h.rtt = fh.rtt;
+                h.timeout = fh.timeout;
+            }
+        }
+        h
+    }
+
+    /// Whether this limiter talks to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.inner.con.is_cluster()
     }
 
     /// The quota this limiter enforces.
@@ -267,11 +302,11 @@ impl RedisLimiter {
         self.inner.burst
     }
 
-    /// The Redis key holding `key`'s bucket.
+    /// The Redis key holding `key`'s bucket: the prefix and the key's text
+    /// on one node; on a cluster the key's text is a hash tag,
+    /// `prefix{key}`, so its slot (and master) follows from the key alone.
     pub fn redis_key<K: RedisKey + ?Sized>(&self, key: &K) -> String {
-        let mut out = self.inner.prefix.clone();
-        key.write_key(&mut out);
-        out
+        self.inner.redis_key(key)
     }
 }
 
@@ -287,28 +322,21 @@ impl<K: RedisKey + ?Sized> Limiter<K> for RedisLimiter {
 /// remaining, wait (µs), reset (µs), leased tokens, Redis time (µs).
 pub(crate) type Reply = (i64, i64, i64, i64, i64, i64);
 
-/// Runs the decision script once, loading it again if Redis forgot it.
+/// Runs the decision script once, loading it again if Redis forgot it (a
+/// restarted or flushed node; on a cluster, a promoted replica).
 async fn run_script(inner: Arc<Inner>, cmd: Cmd) -> Result<Reply, RedisError> {
     let mut con = inner.con.clone();
-    match cmd.query_async(&mut con).await {
-        // A restarted or flushed Redis forgot the script: load it and ask
-        // again (what redis-rs' `Script::invoke_async` does, without its
-        // per-call argument vectors).
-        Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-            inner.script.load_async(&mut con).await?;
-            cmd.query_async(&mut con).await
-        }
-        reply => reply,
-    }
+    crate::conn::eval(&mut con, &inner.script, GCRA_LUA, &cmd).await
 }
 
 /// While away: asks Redis, in the background, a decision that costs nothing
 /// (it reads `TIME`, writes nothing) on `key`'s bucket; an answer in time
 /// brings the limiter back to Redis.
-async fn probe(inner: Arc<Inner>, key: String) {
-    let timeout = inner.monitor.timeout();
+async fn probe(inner: Arc<Inner>, key: String, shard: Option<Arc<Monitor>>) {
+    let monitor = shard.as_deref().unwrap_or(&inner.monitor);
+    let timeout = monitor.timeout();
     let sent = inner.real.now();
-    let cmd = inner.script_cmd(&key, 0, Duration::ZERO, sent, timeout, 0);
+    let cmd = inner.script_cmd(monitor, &key, 0, Duration::ZERO, sent, timeout, 0);
     let reply = tokio::time::timeout(
         nanos_to_duration(timeout),
         run_script(Arc::clone(&inner), cmd),
@@ -316,15 +344,15 @@ async fn probe(inner: Arc<Inner>, key: String) {
     .await;
     match reply {
         Ok(Ok(reply)) => {
-            inner.monitor.sample(sent, inner.real.now(), reply.5);
-            if reply.0 >= 0 && inner.monitor.answered() {
+            monitor.sample(sent, inner.real.now(), reply.5);
+            if reply.0 >= 0 && monitor.answered() {
                 inner.came_back();
             }
         }
         Ok(Err(err)) => tracing::debug!(error = %err, "redis rate limit: probe failed"),
         Err(_) => tracing::debug!("redis rate limit: probe timed out"),
     }
-    inner.monitor.probe_done(inner.clock.now());
+    monitor.probe_done(inner.clock.now());
 }
 
 impl Inner {
@@ -332,8 +360,10 @@ impl Inner {
     /// after `sent`: the script must run within the first half, so an
     /// admission has the other half to reach us; later, it refuses without
     /// spending (the caller has been answered without it).
+    #[allow(clippy::too_many_arguments)]
     fn script_cmd(
         &self,
+        monitor: &Monitor,
         key: &str,
         cost: u32,
         max_wait: Duration,
@@ -341,7 +371,7 @@ impl Inner {
         timeout: Nanos,
         debit: u64,
     ) -> Cmd {
-        let deadline = self.monitor.to_redis_us(sent.saturating_add(timeout / 2));
+        let deadline = monitor.to_redis_us(sent.saturating_add(timeout / 2));
         let u = self.units;
         let mut cmd = Cmd::with_capacity(12, 128 + key.len());
         cmd.arg("EVALSHA")
@@ -357,6 +387,25 @@ impl Inner {
             .arg(deadline.unwrap_or(0))
             .arg(debit);
         cmd
+    }
+
+    pub(crate) fn monitor(&self) -> &Monitor {
+        &self.monitor
+    }
+
+    /// `key`'s bucket: `prefix` + key on one node, `prefix{key}` on a
+    /// cluster.
+    fn redis_key<K: RedisKey + ?Sized>(&self, key: &K) -> String {
+        let mut out = String::with_capacity(self.prefix.len() + 26);
+        out.push_str(&self.prefix);
+        if self.shards.is_some() {
+            out.push('{');
+            key.write_key(&mut out);
+            out.push('}');
+        } else {
+            key.write_key(&mut out);
+        }
+        out
     }
 
     fn came_back(&self) {
@@ -390,11 +439,12 @@ impl Inner {
             Ok(reply) => reply,
             Err(err) => return self.on_miss(Failure::Error(&err), pending),
         };
-        self.monitor.sample(pending.sent, self.real.now(), now_us);
+        let monitor = pending.monitor(self);
+        monitor.sample(pending.sent, self.real.now(), now_us);
         if allowed < 0 {
             return self.on_miss(Failure::Late, pending);
         }
-        if self.monitor.answered() {
+        if monitor.answered() {
             self.came_back();
         }
         let remaining = u64::try_from(remaining).unwrap_or(0);
@@ -431,7 +481,8 @@ impl Inner {
         metrics::counter!("apiguard_redis_failures_total", "reason" => reason).increment(1);
         let key = pending.key.as_str();
         let now = self.clock.now();
-        match self.monitor.missed(now) {
+        let monitor = pending.monitor(self);
+        match monitor.missed(now) {
             Miss::Left => {
                 if let Some(local) = &self.local {
                     local.reset(self.monitor.instances());
@@ -439,7 +490,8 @@ impl Inner {
                 metrics::gauge!("apiguard_redis_fallback").set(1.0);
                 metrics::counter!("apiguard_redis_mode_changes_total", "to" => "fallback")
                     .increment(1);
-                let health = self.monitor.health();
+                let mut health = monitor.health();
+                health.instances = self.monitor.health().instances;
                 match failure {
                     Failure::Error(err) => tracing::warn!(
                         prefix = %self.prefix,
@@ -723,11 +775,88 @@ impl RedisLimiterBuilder {
     /// clone of the limiter is dropped); elsewhere there is none, and only
     /// the hint sizes the local share.
     pub fn build_lazy(self, con: ConnectionManager) -> Result<RedisLimiter, InvalidConfig> {
+        self.build_on(Conn::Single(con))
+    }
+
+    /// Connects to the Redis Cluster that the seed nodes `seeds`
+    /// (`redis://host:port/`, one or more of its nodes) belong to, with
+    /// [`cluster_client`](crate::cluster_client)'s settings, reads its slot
+    /// map, and builds the limiter. Fails if the configuration is invalid
+    /// (a prefix with `{`, see [`build_lazy_cluster`](Self::build_lazy_cluster))
+    /// or no seed answers now.
+    pub async fn connect_cluster<S: AsRef<str>>(
+        self,
+        seeds: &[S],
+    ) -> Result<RedisLimiter, BuildError> {
+        self.validate()?;
+        self.validate_cluster()?;
+        let con = cluster_client(seeds)?.get_async_connection().await?;
+        self.build_cluster(con).await
+    }
+
+    /// Builds the limiter on an existing cluster connection, reads the slot
+    /// map once (so the first decisions already know their master) and
+    /// loads the script on every node (best effort: a node that does not
+    /// have it gets it with its first decision).
+    pub async fn build_cluster(self, con: ClusterConnection) -> Result<RedisLimiter, BuildError> {
+        let limiter = self.build_lazy_cluster(con)?;
+        let inner = &limiter.inner;
+        let mut con = inner.con.clone();
+        let reply: redis::Value = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut con)
+            .await?;
+        if let (Some(shards), Some(ranges)) = (&inner.shards, crate::cluster::parse_slots(&reply)) {
+            shards.update(&ranges);
+        }
+        if let Err(err) = inner.script.load_async(&mut con).await {
+            tracing::debug!(error = %err, "redis cluster: SCRIPT LOAD failed on some node");
+        }
+        Ok(limiter)
+    }
+
+    /// Builds the limiter on a cluster connection without talking to Redis
+    /// (pair it with `ClusterClient::get_pending_async_connection_with_config`).
+    ///
+    /// On a cluster every bucket's key is `prefix{key}`: the key's text is
+    /// the hash tag, so each decision touches one slot and keys spread over
+    /// every master. A prefix containing `{` would put its own hash tag
+    /// first (every key on one master) and is refused (`prefix`).
+    ///
+    /// Called within a tokio runtime, it starts the heartbeat (as
+    /// [`build_lazy`](Self::build_lazy)) and a task that reads the slot map
+    /// (`CLUSTER SLOTS`) every [`SLOTS_REFRESH_EVERY`](crate::SLOTS_REFRESH_EVERY):
+    /// each master has its own round trip, deadline offset and failure
+    /// count, so the keys of a master that stops answering go to the
+    /// failure policy while the other masters keep deciding, and come back
+    /// to Redis as soon as the slot map names the promoted replica (or a
+    /// probe of the old master answers).
+    pub fn build_lazy_cluster(self, con: ClusterConnection) -> Result<RedisLimiter, InvalidConfig> {
+        self.validate_cluster()?;
+        self.build_on(Conn::Cluster(con))
+    }
+
+    fn validate_cluster(&self) -> Result<(), InvalidConfig> {
+        if self.prefix.contains('{') {
+            return Err(InvalidConfig::new(
+                "prefix",
+                "must not contain '{' on a Redis Cluster: the key's text is the hash tag \
+                 (`prefix{key}`), and a tag in the prefix would put every key on one master",
+            ));
+        }
+        Ok(())
+    }
+
+    fn build_on(self, con: Conn) -> Result<RedisLimiter, InvalidConfig> {
         let (units, burst) = self.validate()?;
         let local = matches!(self.policy, FailurePolicy::LocalShare)
             .then(|| LocalBuckets::new(self.quota, self.clock.clone()));
+        let shards = con
+            .is_cluster()
+            .then(|| Arc::new(Shards::new(self.timeout, self.probe_every, self.instances)));
         let inner = Arc::new(Inner {
             con,
+            shards,
             script: Script::new(GCRA_LUA),
             units,
             burst,
@@ -751,6 +880,12 @@ impl RedisLimiterBuilder {
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(heartbeat(Arc::downgrade(&inner)));
+            if let Some(shards) = &inner.shards {
+                rt.spawn(crate::cluster::refresh(
+                    inner.con.clone(),
+                    Arc::downgrade(shards),
+                ));
+            }
         }
         Ok(RedisLimiter { inner })
     }
@@ -806,6 +941,7 @@ async fn heartbeat(inner: Weak<Inner>) {
         SEQ.fetch_add(1, Ordering::Relaxed)
     );
     let script = Script::new(HEARTBEAT_LUA);
+    let mut register = String::new();
     let live_us = INSTANCE_LIVE_FOR.as_micros() as u64;
     let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -813,11 +949,13 @@ async fn heartbeat(inner: Weak<Inner>) {
         tick.tick().await;
         let Some(inner) = inner.upgrade() else { return };
         let mut con = inner.con.clone();
-        let mut register = inner.prefix.clone();
+        register.clear();
+        register.push_str(&inner.prefix);
         register.push_str(INSTANCES_SUFFIX);
-        let mut call = script.key(register);
-        call.arg(&id).arg(live_us);
-        let beat = tokio::time::timeout(HEARTBEAT_EVERY, call.invoke_async::<u32>(&mut con));
+        let mut cmd = crate::conn::evalsha(&script, &[&register]);
+        cmd.arg(&id).arg(live_us);
+        let call = crate::conn::eval::<u32>(&mut con, &script, HEARTBEAT_LUA, &cmd);
+        let beat = tokio::time::timeout(HEARTBEAT_EVERY, call);
         match beat.await {
             Ok(Ok(n)) => inner.monitor.set_learned_instances(n),
             Ok(Err(err)) => tracing::debug!(error = %err, "redis rate limit: heartbeat failed"),

@@ -14,8 +14,10 @@ use apiguard_core::{Clock, InvalidConfig};
 use http::uri::Authority;
 use redis::Script;
 use redis::aio::ConnectionManager;
+use redis::cluster_async::ClusterConnection;
 use tokio::sync::mpsc;
 
+use crate::conn::{Conn, cluster_client, slot};
 use crate::error::BuildError;
 use crate::limiter::connection_manager_config;
 use crate::warn::WarnGate;
@@ -220,8 +222,9 @@ impl SignalKey for Option<Authority> {
 /// makes one, held open, so that key is refused too. The index stays small:
 /// each publish trims its expired members, and it expires with its longest
 /// hold. Keyed and bound breakers of the same key text share one signal.
-/// On Redis Cluster, the script's two keys need one slot: give the prefix a
-/// hash tag (`{apiguard:cb}:`).
+/// On a Redis Cluster ([`SharedBreakerSignalBuilder::connect_cluster`])
+/// every key of the signal shares one slot: the prefix becomes a hash tag
+/// unless it has one.
 ///
 /// # Delay and bounds
 ///
@@ -256,7 +259,7 @@ pub struct SharedBreakerSignal {
 }
 
 struct SignalInner {
-    con: ConnectionManager,
+    con: Conn,
     script: Script,
     prefix: String,
     id: Arc<str>,
@@ -450,16 +453,14 @@ impl SignalInner {
         let ms = d.as_millis().clamp(1, i64::MAX as u128) as i64;
         let mut con = self.con.clone();
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        let mut inv = self.script.key(format!("{}{key}", self.prefix));
-        inv.key(&self.index)
-            .arg(format!("{}:{seq}", self.id))
-            .arg(ms)
-            .arg(key);
+        let signal_key = format!("{}{key}", self.prefix);
+        let mut cmd = crate::conn::evalsha(&self.script, &[&signal_key, &self.index]);
+        cmd.arg(format!("{}:{seq}", self.id)).arg(ms).arg(key);
         lock(&self.published)
             .entry(key.to_owned())
             .or_default()
             .pending += 1;
-        let call = inv.invoke_async::<(i64, i64)>(&mut con);
+        let call = crate::conn::eval::<(i64, i64)>(&mut con, &self.script, PUBLISH_LUA, &cmd);
         let reply = match tokio::time::timeout(self.timeout, call).await {
             Ok(r) => r,
             Err(_) => Err(timeout_error()),
@@ -595,6 +596,15 @@ impl SignalInner {
     }
 }
 
+/// Whether every key starting with `prefix` falls in one slot (the prefix
+/// has a non-empty hash tag).
+fn pins_a_slot(prefix: &str) -> bool {
+    let a = format!("{prefix}a");
+    let b = format!("{prefix}b");
+    let c = format!("{prefix}~open");
+    slot(a.as_bytes()) == slot(b.as_bytes()) && slot(a.as_bytes()) == slot(c.as_bytes())
+}
+
 fn timeout_error() -> redis::RedisError {
     redis::RedisError::from(std::io::Error::new(
         std::io::ErrorKind::TimedOut,
@@ -676,7 +686,52 @@ impl SharedBreakerSignalBuilder {
     /// Starts the signal on an existing connection (on the current tokio
     /// runtime). Needs no answer from Redis to start.
     pub fn build(self, con: ConnectionManager) -> Result<SharedBreakerSignal, InvalidConfig> {
+        self.build_on(Conn::Single(con))
+    }
+
+    /// Connects to the Redis Cluster that the seed nodes `seeds` belong
+    /// to (with [`cluster_client`](crate::cluster_client)'s settings) and
+    /// starts the background tasks (on the current tokio runtime).
+    pub async fn connect_cluster<S: AsRef<str>>(
+        self,
+        seeds: &[S],
+    ) -> Result<SharedBreakerSignal, BuildError> {
         self.validate()?;
+        let con = cluster_client(seeds)?.get_async_connection().await?;
+        Ok(self.build_cluster(con)?)
+    }
+
+    /// Starts the signal on a cluster connection (on the current tokio
+    /// runtime). Needs no answer from Redis to start.
+    ///
+    /// Every key of the signal (the keys and the index) lives in one slot,
+    /// so the publish script and each poll touch one master: a prefix
+    /// without a hash tag is made one (`apiguard:cb:` becomes
+    /// `{apiguard:cb:}`); a prefix with its own tag (`{apiguard:cb}:`) is
+    /// kept. [`redis_key`](SharedBreakerSignal::redis_key) gives the keys
+    /// as written.
+    ///
+    /// The signal polls rather than subscribes: sharded pub/sub
+    /// (`SSUBSCRIBE`) loses the messages published while a shard fails
+    /// over, and a missed "open" would never be heard again, while a poll
+    /// reads the state itself, so an instance learns of a trip within
+    /// `poll_every` plus a round trip once the slot's master answers
+    /// again. If that master is lost, holds already applied end on their
+    /// own (each is bounded by the published open time and by
+    /// [`max_hold`](Self::max_hold)), and nothing new holds a breaker open
+    /// until the promoted replica answers.
+    pub fn build_cluster(
+        self,
+        con: ClusterConnection,
+    ) -> Result<SharedBreakerSignal, InvalidConfig> {
+        self.build_on(Conn::Cluster(con))
+    }
+
+    fn build_on(mut self, con: Conn) -> Result<SharedBreakerSignal, InvalidConfig> {
+        self.validate()?;
+        if con.is_cluster() && !pins_a_slot(&self.prefix) {
+            self.prefix = format!("{{{}}}", self.prefix);
+        }
         let (tx, mut rx) = mpsc::channel::<(Arc<str>, Duration)>(QUEUE);
         let inner = Arc::new(SignalInner {
             con,

@@ -5,7 +5,13 @@
 //! apiguard-redis-fleet url=redis://127.0.0.1:6379/ key=k limit=50 burst=10 \
 //!     run_ms=5000 every_us=1000 start_at_us=<unix µs> [policy=local|closed|open] \
 //!     [instances=N] [prefix=p]
+//! apiguard-redis-fleet cluster=redis://127.0.0.1:7000/,redis://127.0.0.1:7001/ \
+//!     keys=a,b,c ...
 //! ```
+//!
+//! `cluster=` (comma-separated seed nodes) connects to a Redis Cluster
+//! instead of `url=`; `keys=` (comma-separated) decides for several keys in
+//! turn, one per tick, and then adds the key to the `A` and `R` lines.
 //!
 //! Connects with the builder's defaults (only what is given above is set),
 //! waits until `start_at_us` (wall clock, so several processes start
@@ -36,6 +42,8 @@ fn unix_us() -> u64 {
 
 struct Args {
     url: String,
+    cluster: Vec<String>,
+    keys: Vec<String>,
     key: String,
     limit: u64,
     burst: u64,
@@ -50,6 +58,8 @@ struct Args {
 fn parse() -> Result<Args, String> {
     let mut a = Args {
         url: String::new(),
+        cluster: Vec::new(),
+        keys: Vec::new(),
         key: "fleet".into(),
         limit: 50,
         burst: 10,
@@ -67,6 +77,8 @@ fn parse() -> Result<Args, String> {
         let num = |v: &str| v.parse::<u64>().map_err(|e| format!("{k}: {e}"));
         match k {
             "url" => a.url = v.into(),
+            "cluster" => a.cluster = v.split(',').map(str::to_owned).collect(),
+            "keys" => a.keys = v.split(',').map(str::to_owned).collect(),
             "key" => a.key = v.into(),
             "limit" => a.limit = num(v)?,
             "burst" => a.burst = num(v)?,
@@ -86,8 +98,8 @@ fn parse() -> Result<Args, String> {
             _ => return Err(format!("unknown argument {k:?}")),
         }
     }
-    if a.url.is_empty() {
-        return Err("url= is required".into());
+    if a.url.is_empty() && a.cluster.is_empty() {
+        return Err("url= or cluster= is required".into());
     }
     Ok(a)
 }
@@ -103,7 +115,18 @@ async fn run(a: Args) -> Result<String, String> {
     if let Some(p) = a.prefix {
         b = b.prefix(p);
     }
-    let l = b.connect(&a.url).await.map_err(|e| e.to_string())?;
+    let l = if a.cluster.is_empty() {
+        b.connect(&a.url).await
+    } else {
+        b.connect_cluster(&a.cluster).await
+    }
+    .map_err(|e| e.to_string())?;
+    let multi = !a.keys.is_empty();
+    let keys = if multi {
+        a.keys.clone()
+    } else {
+        vec![a.key.clone()]
+    };
 
     let now = unix_us();
     if a.start_at_us > now {
@@ -116,24 +139,29 @@ async fn run(a: Args) -> Result<String, String> {
     let first = unix_us();
     let end = first + a.run.as_micros() as u64;
     let mut last = first;
-    let mut was_redis = true;
+    let mut was_redis = vec![true; keys.len()];
+    let mut turn = 0;
     while last < end {
         tick.tick().await;
-        let d = l.decide(a.key.as_str(), 1, Duration::ZERO).await;
+        let k = turn % keys.len();
+        turn += 1;
+        let d = l.decide(keys[k].as_str(), 1, Duration::ZERO).await;
         last = unix_us();
         let label = d.decided_by.label();
         let c = counts.entry(label).or_default();
+        let key = if multi { keys[k].as_str() } else { "" };
+        let sep = if multi { " " } else { "" };
         if d.allowed {
             c.0 += 1;
-            let _ = writeln!(out, "A {last} {label}");
+            let _ = writeln!(out, "A {last} {label}{sep}{key}");
         } else {
             c.1 += 1;
         }
         let is_redis = d.decided_by == DecidedBy::Redis;
-        if is_redis && !was_redis {
-            let _ = writeln!(out, "R {last}");
+        if is_redis && !was_redis[k] {
+            let _ = writeln!(out, "R {last}{sep}{key}");
         }
-        was_redis = is_redis;
+        was_redis[k] = is_redis;
     }
     for (label, (yes, no)) in counts {
         let _ = writeln!(out, "N {label} {yes} {no}");

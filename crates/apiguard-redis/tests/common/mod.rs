@@ -143,3 +143,4 @@ pub fn redis_time_us(con: &mut redis::Connection) -> u64 {
     let (s, us): (u64, u64) = redis::cmd("TIME").query(con).expect("TIME");
     s * 1_000_000 + us
 }
+pub mod cluster;

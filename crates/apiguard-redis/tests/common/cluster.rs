@@ -1,0 +1,352 @@
+//! A throwaway Redis Cluster per test: three masters and three replicas
+//! (`redis-server --cluster-enabled yes` on free loopback ports, joined by
+//! `redis-cli --cluster create --cluster-replicas 1`), killed on drop.
+//!
+//! The nodes fail over fast (`cluster-node-timeout 1000`) and keep serving
+//! the slots they have while another shard is down
+//! (`cluster-require-full-coverage no`). Without `redis-server` or
+//! `redis-cli` on `PATH` the tests print why and pass without running,
+//! except under `CI`, where a missing binary fails them.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Wall-clock microseconds since the Unix epoch.
+pub fn unix_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
+/// The node timeout the cluster runs with: a master that stops answering
+/// is failed over after about twice this.
+pub const NODE_TIMEOUT_MS: u64 = 1000;
+
+pub struct Node {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+pub struct RedisCluster {
+    pub nodes: Vec<Node>,
+    dir: PathBuf,
+}
+
+/// Starts a cluster, or returns from the calling test when there is none to
+/// start (outside CI).
+#[macro_export]
+macro_rules! cluster_or_skip {
+    () => {
+        match common::cluster::RedisCluster::start() {
+            Some(cluster) => cluster,
+            None => return,
+        }
+    };
+}
+
+fn present(bin: &str) -> bool {
+    Command::new(bin)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+/// A free loopback port whose cluster bus port (+10000) is free too.
+fn free_port(taken: &[u16]) -> u16 {
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").expect("a free loopback port");
+        let port = l.local_addr().unwrap().port();
+        if port < 55_000
+            && !taken.contains(&port)
+            && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
+        {
+            return port;
+        }
+    }
+}
+
+impl RedisCluster {
+    pub fn start() -> Option<Self> {
+        for bin in ["redis-server", "redis-cli"] {
+            if !present(bin) {
+                if std::env::var_os("CI").is_some() {
+                    panic!(
+                        "{bin} is not on PATH, and CI is set: Redis Cluster tests must run in CI"
+                    );
+                }
+                eprintln!(
+                    "skipping: {bin} is not on PATH (install it to run the Redis Cluster tests)"
+                );
+                return None;
+            }
+        }
+        let dir = std::env::temp_dir().join(format!(
+            "apiguard-cluster-{}-{}",
+            std::process::id(),
+            unix_us()
+        ));
+        std::fs::create_dir_all(&dir).expect("a temporary directory");
+        let mut ports = Vec::new();
+        for _ in 0..6 {
+            ports.push(free_port(&ports));
+        }
+        let mut cluster = Self {
+            nodes: Vec::new(),
+            dir,
+        };
+        for &port in &ports {
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes"])
+                .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+                .args(["--cluster-node-timeout", &NODE_TIMEOUT_MS.to_string()])
+                .args(["--cluster-require-full-coverage", "no"])
+                // A replica may stand for election however long it has
+                // been apart from its master, and syncs at once.
+                .args(["--cluster-replica-validity-factor", "0"])
+                .args(["--repl-diskless-sync-delay", "0"])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(&cluster.dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server starts");
+            cluster.nodes.push(Node {
+                port,
+                child: Some(child),
+            });
+        }
+        for &port in &ports {
+            wait_for(Duration::from_secs(5), || ping(port), "PING");
+        }
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(ports.iter().map(|p| format!("127.0.0.1:{p}")))
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli runs");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        for &port in &ports {
+            wait_for(
+                Duration::from_secs(10),
+                || info(port).contains("cluster_state:ok"),
+                "cluster_state:ok",
+            );
+        }
+        // Every node sees three masters with replicas before tests start.
+        wait_for(
+            Duration::from_secs(10),
+            || ports.iter().all(|&p| masters_seen_by(p).len() == 3),
+            "three masters on every node",
+        );
+        // And every master has its replica in sync, so a killed master can
+        // fail over.
+        wait_for(
+            Duration::from_secs(10),
+            || {
+                let masters: Vec<u16> = masters_seen_by(ports[0]).iter().map(|r| r.2).collect();
+                !masters.is_empty()
+                    && masters.iter().all(|&m| {
+                        connect(m)
+                            .and_then(|mut c| {
+                                redis::cmd("INFO")
+                                    .arg("replication")
+                                    .query::<String>(&mut c)
+                                    .ok()
+                            })
+                            .is_some_and(|i| i.contains("state=online"))
+                    })
+            },
+            "replicas in sync",
+        );
+        Some(cluster)
+    }
+
+    /// The seed nodes, as `redis://127.0.0.1:port/`.
+    pub fn seeds(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}/", n.port))
+            .collect()
+    }
+
+    fn alive_port(&self) -> u16 {
+        self.nodes
+            .iter()
+            .find(|n| n.child.is_some())
+            .expect("a live node")
+            .port
+    }
+
+    /// The slot ranges and their master's port, as a live node sees them.
+    pub fn slot_map(&self) -> Vec<(u16, u16, u16)> {
+        masters_seen_by(self.alive_port())
+    }
+
+    /// The ports of the masters.
+    pub fn master_ports(&self) -> Vec<u16> {
+        let mut m: Vec<u16> = self.slot_map().iter().map(|r| r.2).collect();
+        m.sort_unstable();
+        m.dedup();
+        m
+    }
+
+    /// The slot of `key`, from the cluster itself.
+    pub fn keyslot(&self, key: &str) -> u16 {
+        let mut con = self.client(self.alive_port());
+        redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query(&mut con)
+            .expect("CLUSTER KEYSLOT")
+    }
+
+    /// The port of the master serving `key`.
+    pub fn master_of(&self, key: &str) -> u16 {
+        let slot = self.keyslot(key);
+        self.slot_map()
+            .iter()
+            .find(|(a, b, _)| *a <= slot && slot <= *b)
+            .expect("a master for the slot")
+            .2
+    }
+
+    /// A plain connection to one node.
+    pub fn client(&self, port: u16) -> redis::Connection {
+        redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+            .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(1)))
+            .expect("connects")
+    }
+
+    /// Kills the node on `port` (SIGKILL).
+    pub fn kill(&mut self, port: u16) {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .expect("a node on that port");
+        if let Some(mut child) = node.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits until a live node names another master than `old` for the
+    /// slot `slot` (its replica was promoted), and returns when it saw it
+    /// (unix µs) and the new master's port.
+    pub fn wait_promoted(&self, slot: u16, old: u16, within: Duration) -> (u64, u16) {
+        let mut seen = None;
+        wait_for(
+            within,
+            || {
+                let m = self
+                    .slot_map()
+                    .into_iter()
+                    .find(|(a, b, _)| *a <= slot && slot <= *b)
+                    .map(|r| r.2);
+                if let Some(m) = m.filter(|&m| m != old) {
+                    seen = Some((unix_us(), m));
+                    true
+                } else {
+                    false
+                }
+            },
+            "a replica promoted",
+        );
+        seen.unwrap()
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut child) = n.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn wait_for(within: Duration, mut ok: impl FnMut() -> bool, what: &str) {
+    let end = unix_us() + within.as_micros() as u64;
+    while unix_us() < end {
+        if ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("redis cluster: no {what} within {within:?}");
+}
+
+fn connect(port: u16) -> Option<redis::Connection> {
+    let c = redis::Client::open(format!("redis://127.0.0.1:{port}/")).ok()?;
+    let con = c
+        .get_connection_with_timeout(Duration::from_millis(500))
+        .ok()?;
+    con.set_read_timeout(Some(Duration::from_millis(500)))
+        .ok()?;
+    Some(con)
+}
+
+fn ping(port: u16) -> bool {
+    connect(port).is_some_and(|mut c| redis::cmd("PING").query::<String>(&mut c).is_ok())
+}
+
+fn info(port: u16) -> String {
+    connect(port)
+        .and_then(|mut c| {
+            redis::cmd("CLUSTER")
+                .arg("INFO")
+                .query::<String>(&mut c)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+/// `(first slot, last slot, master port)` from `CLUSTER SLOTS` on `port`.
+fn masters_seen_by(port: u16) -> Vec<(u16, u16, u16)> {
+    let Some(mut c) = connect(port) else {
+        return Vec::new();
+    };
+    let Ok(reply) = redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query::<redis::Value>(&mut c)
+    else {
+        return Vec::new();
+    };
+    let redis::Value::Array(ranges) = reply else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for r in ranges {
+        let redis::Value::Array(r) = r else { continue };
+        if let (
+            Some(redis::Value::Int(a)),
+            Some(redis::Value::Int(b)),
+            Some(redis::Value::Array(m)),
+        ) = (r.first(), r.get(1), r.get(2))
+            && let Some(redis::Value::Int(p)) = m.get(1)
+        {
+            out.push((*a as u16, *b as u16, *p as u16));
+        }
+    }
+    out.sort_unstable();
+    let mut masters: Vec<u16> = out.iter().map(|r| r.2).collect();
+    masters.sort_unstable();
+    masters.dedup();
+    if masters.len() < 3 { Vec::new() } else { out }
+}
