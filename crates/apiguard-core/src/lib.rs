@@ -26,8 +26,11 @@
 //! - [`classify`]: what counts as a failure ([`Outcome`], [`Classify`],
 //!   [`HttpClassifier`]);
 //! - [`headers`]: `Retry-After` and the IETF `RateLimit` fields;
+//! - [`grpc`]: gRPC status codes, `grpc-retry-pushback-ms`, and
+//!   [`GrpcClassifier`](grpc::GrpcClassifier);
 //! - [`clock`]: the one clock every decision reads;
-//! - [`RejectionResponseLayer`]: refusals into `429`/`503` responses.
+//! - [`RejectionResponseLayer`]: refusals into `429`/`503` responses (and
+//!   into `RESOURCE_EXHAUSTED`/`UNAVAILABLE` for gRPC requests).
 
 #![warn(
     missing_docs,
@@ -42,6 +45,7 @@ pub mod classify;
 pub mod clock;
 pub mod error;
 pub mod extract;
+pub mod grpc;
 pub mod headers;
 pub mod quota;
 pub mod rejection;
