@@ -26,10 +26,13 @@
 //! - [`classify`]: what counts as a failure ([`Outcome`], [`Classify`],
 //!   [`HttpClassifier`]);
 //! - [`headers`]: `Retry-After` and the IETF `RateLimit` fields;
+//! - [`grpc`]: gRPC status codes, `grpc-retry-pushback-ms`, and
+//!   [`GrpcClassifier`](grpc::GrpcClassifier);
 //! - [`clock`]: the one clock every decision reads;
 //! - [`map`]: [`BoundedMap`], the capped keyed map under every per-key
 //!   registry, with its one eviction rule;
-//! - [`RejectionResponseLayer`]: refusals into `429`/`503` responses.
+//! - [`RejectionResponseLayer`]: refusals into `429`/`503` responses (and
+//!   into `RESOURCE_EXHAUSTED`/`UNAVAILABLE` for gRPC requests).
 
 #![warn(
     missing_docs,
@@ -44,6 +47,7 @@ pub mod classify;
 pub mod clock;
 pub mod error;
 pub mod extract;
+pub mod grpc;
 pub mod headers;
 pub mod map;
 pub mod quota;

@@ -33,6 +33,20 @@
 //!
 //! With the `axum` feature, the refusals also implement axum's
 //! `IntoResponse` (the same responses), so a handler can return them.
+//!
+//! # gRPC
+//!
+//! A gRPC request (content type `application/grpc…`, see
+//! [`is_grpc`](crate::grpc::is_grpc)) is answered as gRPC answers: a
+//! trailers-only response, HTTP `200` with `content-type: application/grpc`
+//! and the status in the headers — `grpc-status: 8` (`RESOURCE_EXHAUSTED`)
+//! for `RateLimited`, `14` (`UNAVAILABLE`) for `CircuitOpen`, `3`
+//! (`INVALID_ARGUMENT`) for a [`MissingKey`] that is the client's fault,
+//! and `13` (`INTERNAL`) for other errors under the default
+//! [`InternalServerError`] — with a `grpc-message` and, when the wait is
+//! known, `grpc-retry-pushback-ms` (milliseconds, rounded up), which gRPC
+//! clients honour as their `Retry-After`. tonic surfaces these as
+//! `Status::resource_exhausted` and `Status::unavailable`.
 
 use std::convert::Infallible;
 use std::fmt;
@@ -46,6 +60,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::error::{BoxError, CircuitOpen, MissingKey, RateLimited};
+use crate::grpc::{APPLICATION_GRPC, Code, GRPC_MESSAGE, GRPC_RETRY_PUSHBACK_MS, GRPC_STATUS};
 use crate::headers::{
     RATELIMIT, RATELIMIT_POLICY, format_ratelimit, format_ratelimit_policy, format_retry_after,
 };
@@ -59,6 +74,12 @@ pub trait OtherErrors: Clone {
     type Error;
     /// Handles one error that is not a refusal.
     fn handle<B: Default>(&self, err: BoxError) -> Result<Response<B>, Self::Error>;
+
+    /// Handles one error that is not a refusal, of a gRPC request (by
+    /// default as [`handle`](Self::handle) does).
+    fn handle_grpc<B: Default>(&self, err: BoxError) -> Result<Response<B>, Self::Error> {
+        self.handle(err)
+    }
 }
 
 /// Errors that are not refusals stay errors ([`BoxError`]).
@@ -83,6 +104,11 @@ impl OtherErrors for InternalServerError {
         let mut res = Response::new(B::default());
         *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
         Ok(res)
+    }
+
+    fn handle_grpc<B: Default>(&self, err: BoxError) -> Result<Response<B>, Infallible> {
+        tracing::error!(target: "apiguard", error = %err, "unhandled error turned into grpc-status INTERNAL");
+        Ok(grpc_status_response(Code::Internal, "internal error", None))
     }
 }
 
@@ -181,9 +207,9 @@ impl<S, M> RejectionResponse<S, M> {
     }
 }
 
-impl<S, Req, B, M> Service<Req> for RejectionResponse<S, M>
+impl<S, ReqB, B, M> Service<http::Request<ReqB>> for RejectionResponse<S, M>
 where
-    S: Service<Req, Response = Response<B>>,
+    S: Service<http::Request<ReqB>, Response = Response<B>>,
     S::Error: Into<BoxError>,
     B: Default,
     M: OtherErrors,
@@ -206,7 +232,8 @@ where
         }
     }
 
-    fn call(&mut self, req: Req) -> Self::Future {
+    fn call(&mut self, req: http::Request<ReqB>) -> Self::Future {
+        let grpc = crate::grpc::is_grpc(req.headers());
         let state = match self.broken.take() {
             Some(err) => State::Failed { err: Some(err) },
             None => State::Called {
@@ -216,6 +243,7 @@ where
         ResponseFuture {
             state,
             other: self.other.clone(),
+            grpc,
         }
     }
 }
@@ -226,6 +254,8 @@ pin_project! {
         #[pin]
         state: State<F>,
         other: M,
+        // The request was gRPC: answer as gRPC does.
+        grpc: bool,
     }
 }
 
@@ -264,6 +294,12 @@ where
                 None => panic!("ResponseFuture polled after completion"),
             },
         };
+        if *this.grpc {
+            return Poll::Ready(match grpc_refusal_response(&*err) {
+                Some(res) => Ok(res),
+                None => this.other.handle_grpc(err),
+            });
+        }
         Poll::Ready(match refusal_response(&*err) {
             Some(res) => Ok(res),
             None => this.other.handle(err),
@@ -287,6 +323,55 @@ pub fn refusal_response<B: Default>(
         Some(missing) if missing.is_bad_request() => Some(bad_request_response()),
         _ => None,
     }
+}
+
+/// The trailers-only gRPC response for a refusal of a gRPC request, or
+/// `None` when `err` is not one (see the [module docs](self#grpc)).
+pub fn grpc_refusal_response<B: Default>(
+    err: &(dyn std::error::Error + 'static),
+) -> Option<Response<B>> {
+    if let Some(limited) = err.downcast_ref::<RateLimited>() {
+        return Some(grpc_status_response(
+            Code::ResourceExhausted,
+            "rate limited",
+            limited.retry_after(),
+        ));
+    }
+    if let Some(open) = err.downcast_ref::<CircuitOpen>() {
+        return Some(grpc_status_response(
+            Code::Unavailable,
+            "circuit open",
+            open.retry_after(),
+        ));
+    }
+    match err.downcast_ref::<MissingKey>() {
+        Some(missing) if missing.is_bad_request() => Some(grpc_status_response(
+            Code::InvalidArgument,
+            "missing rate limit key",
+            None,
+        )),
+        _ => None,
+    }
+}
+
+/// A trailers-only gRPC response: HTTP `200`, `content-type:
+/// application/grpc`, `grpc-status: code`, `grpc-message: message` (which
+/// must be plain ASCII without `%`, so it needs no percent-encoding) and,
+/// with a `pushback`, `grpc-retry-pushback-ms`.
+pub fn grpc_status_response<B: Default>(
+    code: Code,
+    message: &'static str,
+    pushback: Option<std::time::Duration>,
+) -> Response<B> {
+    let mut res = Response::new(B::default());
+    let headers = res.headers_mut();
+    headers.insert(http::header::CONTENT_TYPE, APPLICATION_GRPC);
+    headers.insert(GRPC_STATUS, code.to_header_value());
+    headers.insert(GRPC_MESSAGE, http::HeaderValue::from_static(message));
+    if let Some(wait) = pushback {
+        headers.insert(GRPC_RETRY_PUSHBACK_MS, crate::grpc::Pushback::format(wait));
+    }
+    res
 }
 
 /// `400 Bad Request`, for a request without the key the server asks for.
@@ -376,7 +461,21 @@ mod tests {
     use tower::{ServiceExt, service_fn};
 
     async fn answer(err: Option<BoxError>) -> Result<Response<String>, BoxError> {
-        let svc = service_fn(move |_req: ()| {
+        answer_to(http::Request::new(()), err).await
+    }
+
+    fn grpc_request() -> http::Request<()> {
+        http::Request::post("/grpc.health.v1.Health/Check")
+            .header("content-type", "application/grpc")
+            .body(())
+            .unwrap()
+    }
+
+    async fn answer_to(
+        req: http::Request<()>,
+        err: Option<BoxError>,
+    ) -> Result<Response<String>, BoxError> {
+        let svc = service_fn(move |_req: http::Request<()>| {
             let err = err.clone_box();
             async move {
                 match err {
@@ -388,7 +487,7 @@ mod tests {
         RejectionResponseLayer::new()
             .other_errors_pass_through()
             .layer(svc)
-            .oneshot(())
+            .oneshot(req)
             .await
     }
 
@@ -443,10 +542,14 @@ mod tests {
         assert_eq!(err.to_string(), "boom");
         assert_eq!(answer(None).await.unwrap().body(), "ok");
 
-        let svc = service_fn(|_req: ()| async { Err::<Response<String>, BoxError>("boom".into()) });
+        let svc = service_fn(|_req: http::Request<()>| async {
+            Err::<Response<String>, BoxError>("boom".into())
+        });
         // The default: a 500, and the service cannot fail.
-        let res: Result<Response<String>, Infallible> =
-            RejectionResponseLayer::new().layer(svc).oneshot(()).await;
+        let res: Result<Response<String>, Infallible> = RejectionResponseLayer::new()
+            .layer(svc)
+            .oneshot(http::Request::new(()))
+            .await;
         assert_eq!(res.unwrap().status(), StatusCode::INTERNAL_SERVER_ERROR);
     }
 
@@ -455,10 +558,55 @@ mod tests {
         let err: BoxError = Box::new(MissingKey::new().bad_request());
         let res = answer(Some(err)).await.unwrap();
         assert_eq!(res.status(), StatusCode::BAD_REQUEST);
-        let svc = service_fn(|_req: ()| async {
+        let svc = service_fn(|_req: http::Request<()>| async {
             Err::<Response<String>, BoxError>(Box::new(MissingKey::new()))
         });
-        let res = RejectionResponseLayer::new().layer(svc).oneshot(()).await;
+        let res = RejectionResponseLayer::new()
+            .layer(svc)
+            .oneshot(http::Request::new(()))
+            .await;
         assert_eq!(res.unwrap().status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    #[tokio::test]
+    async fn a_grpc_request_gets_resource_exhausted_with_pushback() {
+        let err: BoxError = Box::new(RateLimited::new(Duration::from_micros(1500)));
+        let res = answer_to(grpc_request(), Some(err)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let h = res.headers();
+        assert_eq!(h[http::header::CONTENT_TYPE], "application/grpc");
+        assert_eq!(h[GRPC_STATUS], "8");
+        assert_eq!(h[GRPC_RETRY_PUSHBACK_MS], "2");
+        assert_eq!(h[GRPC_MESSAGE], "rate limited");
+        assert!(h.get(RETRY_AFTER).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_grpc_request_gets_unavailable_for_an_open_circuit() {
+        let err: BoxError = Box::new(CircuitOpen::new(Some(Duration::from_secs(4))));
+        let res = answer_to(grpc_request(), Some(err)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.headers()[GRPC_STATUS], "14");
+        assert_eq!(res.headers()[GRPC_RETRY_PUSHBACK_MS], "4000");
+        let err: BoxError = Box::new(CircuitOpen::new(None));
+        let res = answer_to(grpc_request(), Some(err)).await.unwrap();
+        assert!(res.headers().get(GRPC_RETRY_PUSHBACK_MS).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_grpc_request_gets_internal_for_other_errors_and_http_still_gets_500() {
+        let svc = service_fn(|_req: http::Request<()>| async {
+            Err::<Response<String>, BoxError>("boom".into())
+        });
+        let layer = RejectionResponseLayer::new();
+        let res = layer.layer(svc).oneshot(grpc_request()).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.headers()[GRPC_STATUS], "13");
+        let res = layer
+            .layer(svc)
+            .oneshot(http::Request::new(()))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
     }
 }

@@ -58,6 +58,14 @@
 //! makes every request repeatable. Retryable responses also need a
 //! repeatable request: a `503` to a `POST` may have done half the work.
 //!
+//! # gRPC
+//!
+//! [`RetryPolicyBuilder::grpc`] adds gRPC's retry rules (gRFC A6) for gRPC
+//! requests: a trailers-only response is retried by its `grpc-status`
+//! (`UNAVAILABLE` by default), `grpc-retry-pushback-ms` is the server's
+//! wait (negative or malformed: no retry), and only the methods named
+//! idempotent are retried once the request may have reached the server.
+//!
 //! # How long it waits
 //!
 //! Before retry `n`: `base_delay · 2^(n-1)`, capped at `max_delay`, spread
@@ -128,6 +136,7 @@ mod budget;
 mod classify;
 pub mod error;
 pub mod future;
+mod grpc;
 mod layer;
 mod policy;
 mod service;
@@ -137,6 +146,7 @@ pub use backoff::{Backoff, Jitter, Random, SeededRandom, ThreadRandom};
 pub use body::{ReplayBody, TryCloneBody};
 pub use budget::RetryBudget;
 pub use classify::IDEMPOTENCY_KEY;
+pub use grpc::DEFAULT_GRPC_RETRYABLE_CODES;
 pub use layer::RetryLayer;
 pub use policy::{DEFAULT_RETRYABLE_STATUS_CODES, RetryPolicy, RetryPolicyBuilder, RetryState};
 pub use service::Retry;

@@ -17,6 +17,8 @@ use crate::body::{DEFAULT_MAX_REPLAY_BYTES, TryCloneBody};
 use crate::budget::{RetryBudget, Withdrawal};
 use crate::classify::{ErrorClass, classify_error, is_repeatable, response_hint};
 use crate::future::Wait;
+use crate::grpc::{DEFAULT_GRPC_RETRYABLE_CODES, GrpcRules, GrpcVerdict};
+use apiguard_core::grpc::Code;
 
 /// Decides whether and when to retry; drives [`RetryLayer`](crate::RetryLayer)
 /// and plain async closures ([`run`](Self::run)).
@@ -77,6 +79,7 @@ impl RetryState {
     }
 }
 
+#[derive(Clone)]
 struct Config {
     max_retries: u32,
     backoff: Backoff,
@@ -89,6 +92,8 @@ struct Config {
     max_replay_bytes: usize,
     clock: Clock,
     random: SharedRandom,
+    /// gRPC's rules, for gRPC requests.
+    grpc: Option<GrpcRules>,
 }
 
 /// Builds a [`RetryPolicy`]; see each setting for its default.
@@ -112,6 +117,7 @@ pub struct RetryPolicyBuilder {
     max_replay_bytes: usize,
     clock: Clock,
     random: SharedRandom,
+    grpc: Option<(Vec<Code>, Vec<String>)>,
 }
 
 /// The status codes retried by default.
@@ -133,11 +139,78 @@ impl Default for RetryPolicyBuilder {
             max_replay_bytes: DEFAULT_MAX_REPLAY_BYTES,
             clock: Clock::system(),
             random: Arc::new(ThreadRandom),
+            grpc: None,
         }
     }
 }
 
 impl RetryPolicyBuilder {
+    /// The defaults, with gRPC's retry rules (gRFC A6) for gRPC requests
+    /// (content type `application/grpc…`):
+    ///
+    /// - a response is retried by its gRPC status, read from a
+    ///   trailers-only response's headers (or mapped from a non-`200` HTTP
+    ///   status): by default `UNAVAILABLE` alone
+    ///   ([`grpc_retryable_codes`](Self::grpc_retryable_codes)). A status
+    ///   that comes in the trailers is never retried: the response has
+    ///   started, the call is committed;
+    /// - `grpc-retry-pushback-ms` replaces the backoff (bounded by
+    ///   [`max_retry_after`](Self::max_retry_after) and the deadline); a
+    ///   negative or malformed pushback means "do not retry";
+    /// - every gRPC call is an HTTP `POST`, so idempotency is the method's:
+    ///   only the methods named in
+    ///   [`grpc_idempotent_methods`](Self::grpc_idempotent_methods) are
+    ///   retried once the request may have reached the server (after a
+    ///   status, a reset, a timeout). A failure before the request was sent
+    ///   (connection refused) is retried for every method.
+    ///   [`retry_non_idempotent(true)`](Self::retry_non_idempotent) treats
+    ///   every method as idempotent.
+    ///
+    /// Requests that are not gRPC keep the HTTP rules.
+    ///
+    /// ```
+    /// use apiguard_core::grpc::Code;
+    /// use apiguard_retry::RetryPolicyBuilder;
+    ///
+    /// let policy = RetryPolicyBuilder::grpc()
+    ///     .grpc_retryable_codes([Code::Unavailable, Code::ResourceExhausted])
+    ///     .grpc_idempotent_methods(["grpc.health.v1.Health/Check"])
+    ///     .build()?;
+    /// assert!(policy.is_grpc());
+    /// # Ok::<(), apiguard_core::InvalidConfig>(())
+    /// ```
+    pub fn grpc() -> Self {
+        Self {
+            grpc: Some((DEFAULT_GRPC_RETRYABLE_CODES.to_vec(), Vec::new())),
+            ..Self::default()
+        }
+    }
+
+    /// The gRPC status codes retried (default `UNAVAILABLE` alone; `OK` is
+    /// refused by `build`). Turns gRPC's rules on, as
+    /// [`grpc`](Self::grpc) does.
+    pub fn grpc_retryable_codes(mut self, codes: impl IntoIterator<Item = Code>) -> Self {
+        let methods = self.grpc.take().map(|(_, m)| m).unwrap_or_default();
+        self.grpc = Some((codes.into_iter().collect(), methods));
+        self
+    }
+
+    /// The gRPC methods that may be sent twice: full names
+    /// (`pkg.Service/Method`, with or without the leading `/`) or whole
+    /// services (`pkg.Service/`). Default none. Turns gRPC's rules on, as
+    /// [`grpc`](Self::grpc) does.
+    pub fn grpc_idempotent_methods<M: Into<String>>(
+        mut self,
+        methods: impl IntoIterator<Item = M>,
+    ) -> Self {
+        let codes = self
+            .grpc
+            .take()
+            .map_or_else(|| DEFAULT_GRPC_RETRYABLE_CODES.to_vec(), |(c, _)| c);
+        self.grpc = Some((codes, methods.into_iter().map(Into::into).collect()));
+        self
+    }
+
     /// Retries after the first attempt (default 3; 0 turns retrying off).
     pub fn max_retries(mut self, n: u32) -> Self {
         self.max_retries = n;
@@ -264,6 +337,10 @@ impl RetryPolicyBuilder {
         if self.deadline == Some(Duration::ZERO) {
             return Err(InvalidConfig::new("deadline", "must be more than zero"));
         }
+        let grpc = match self.grpc {
+            Some((codes, methods)) => Some(GrpcRules::new(codes, methods)?),
+            None => None,
+        };
         Ok(RetryPolicy {
             cfg: Arc::new(Config {
                 max_retries: self.max_retries,
@@ -277,6 +354,7 @@ impl RetryPolicyBuilder {
                 max_replay_bytes: self.max_replay_bytes,
                 clock: self.clock,
                 random: self.random,
+                grpc,
             }),
             state: RetryState::default(),
         })
@@ -305,6 +383,8 @@ impl StatusSet {
 enum Signal {
     /// A retryable status, with the server's hint.
     Status(StatusCode, Option<Duration>),
+    /// A retryable gRPC status, with the server's pushback.
+    Grpc(Code, Option<Duration>),
     Error(ErrorClass),
     /// A failure as classified by `run`'s classifier.
     Failed,
@@ -314,6 +394,7 @@ impl fmt::Display for Signal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Signal::Status(s, _) => write!(f, "status {}", s.as_u16()),
+            Signal::Grpc(code, _) => write!(f, "grpc-status {code}"),
             Signal::Error(ErrorClass::Refused(_)) => f.write_str("refused by an inner layer"),
             Signal::Error(ErrorClass::NeverSent) => f.write_str("connection failed"),
             Signal::Error(ErrorClass::Transient) => f.write_str("transient error"),
@@ -369,6 +450,27 @@ impl RetryPolicy {
     /// Whether `status` is retried.
     pub fn is_retryable_status(&self, status: StatusCode) -> bool {
         self.cfg.statuses.contains(status)
+    }
+
+    /// Whether gRPC's rules apply to gRPC requests
+    /// ([`RetryPolicyBuilder::grpc`]).
+    pub fn is_grpc(&self) -> bool {
+        self.cfg.grpc.is_some()
+    }
+
+    /// This policy with gRPC's rules, the defaults of
+    /// [`RetryPolicyBuilder::grpc`], if it has none yet; the same policy
+    /// otherwise. A copy with rules of its own keeps sharing the budget.
+    pub fn with_grpc(&self) -> RetryPolicy {
+        if self.is_grpc() {
+            return self.clone();
+        }
+        let mut cfg = (*self.cfg).clone();
+        cfg.grpc = Some(GrpcRules::default());
+        RetryPolicy {
+            cfg: Arc::new(cfg),
+            state: self.state,
+        }
     }
 
     /// [`start`](Self::start) at `now`, read from this policy's
@@ -427,13 +529,25 @@ impl RetryPolicy {
         req: &Request<B>,
         result: &mut Result<Response<R>, BoxError>,
     ) -> Option<Wait> {
-        let signal = match result {
-            Ok(res) if !self.cfg.statuses.contains(res.status()) => return None,
-            Ok(res) => Signal::Status(res.status(), response_hint(res.headers())),
-            Err(e) => Signal::Error(classify_error(&**e)),
+        let grpc = match &self.cfg.grpc {
+            Some(rules) if apiguard_core::grpc::is_grpc(req.headers()) => Some(rules),
+            _ => None,
         };
-        let repeatable =
-            self.cfg.retry_non_idempotent || is_repeatable(req.method(), req.headers());
+        let signal = match (&*result, grpc) {
+            (Ok(res), Some(rules)) => match rules.verdict(res) {
+                GrpcVerdict::Final => return None,
+                GrpcVerdict::Retry(code, pushback) => Signal::Grpc(code, pushback),
+            },
+            (Ok(res), None) if !self.cfg.statuses.contains(res.status()) => return None,
+            (Ok(res), None) => Signal::Status(res.status(), response_hint(res.headers())),
+            (Err(e), _) => Signal::Error(classify_error(&**e)),
+        };
+        let repeatable = self.cfg.retry_non_idempotent
+            || match grpc {
+                // Every gRPC call is a POST: the method decides.
+                Some(rules) => rules.is_idempotent(req.uri().path()),
+                None => is_repeatable(req.method(), req.headers()),
+            };
         let decision = if req.body().can_replay() {
             self.decide(state, signal, repeatable, self.cfg.clock.now())
         } else {
@@ -470,7 +584,7 @@ impl RetryPolicy {
         now: Nanos,
     ) -> Decision {
         let (hint, needs_repeatable) = match signal {
-            Signal::Status(_, hint) => (hint, true),
+            Signal::Status(_, hint) | Signal::Grpc(_, hint) => (hint, true),
             Signal::Error(ErrorClass::Refused(None)) | Signal::Error(ErrorClass::Other) => {
                 return Decision::Stop(Stop::AsIs);
             }
@@ -667,6 +781,7 @@ impl fmt::Debug for RetryPolicy {
             .field("budget", &c.budget)
             .field("retry_non_idempotent", &c.retry_non_idempotent)
             .field("max_replay_bytes", &c.max_replay_bytes)
+            .field("grpc", &c.grpc)
             .field("retries", &self.state.retries)
             .finish_non_exhaustive()
     }
@@ -765,5 +880,59 @@ mod tests {
         for code in [200, 400, 404, 501, 599] {
             assert!(!p.is_retryable_status(StatusCode::from_u16(code).unwrap()));
         }
+    }
+
+    fn grpc_call(method: &str) -> Request<()> {
+        Request::post(format!("http://svc{method}"))
+            .header("content-type", "application/grpc")
+            .body(())
+            .unwrap()
+    }
+
+    fn grpc_answer(status: &str) -> Result<Response<()>, BoxError> {
+        Ok(Response::builder()
+            .header("content-type", "application/grpc")
+            .header("grpc-status", status)
+            .body(())
+            .unwrap())
+    }
+
+    #[tokio::test]
+    async fn grpc_unavailable_is_retried_only_for_idempotent_methods() {
+        let p = RetryPolicyBuilder::grpc()
+            .grpc_idempotent_methods(["pkg.S/Get"])
+            .no_budget()
+            .build()
+            .unwrap();
+        let mut st = p.start();
+        let get = grpc_call("/pkg.S/Get");
+        assert!(p.on_result(&mut st, &get, &mut grpc_answer("14")).is_some());
+        assert!(p.on_result(&mut st, &get, &mut grpc_answer("8")).is_none());
+        assert!(p.on_result(&mut st, &get, &mut grpc_answer("0")).is_none());
+        let mut st = p.start();
+        let put = grpc_call("/pkg.S/Put");
+        assert!(p.on_result(&mut st, &put, &mut grpc_answer("14")).is_none());
+        // A refused connection sent nothing: retried whatever the method.
+        let mut refused: Result<Response<()>, BoxError> = Err(Box::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused,
+        )));
+        assert!(p.on_result(&mut st, &put, &mut refused).is_some());
+        let mut reset: Result<Response<()>, BoxError> = Err(Box::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset,
+        )));
+        assert!(p.on_result(&mut st, &put, &mut reset).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_policy_without_grpc_rules_keeps_http_rules_for_grpc_calls() {
+        let p = RetryPolicy::builder().no_budget().build().unwrap();
+        assert!(!p.is_grpc());
+        let mut st = p.start();
+        let get = grpc_call("/pkg.S/Get");
+        assert!(p.on_result(&mut st, &get, &mut grpc_answer("14")).is_none());
+        let g = p.with_grpc();
+        assert!(g.is_grpc());
+        let g = g.clone();
+        let _ = g.with_grpc();
     }
 }

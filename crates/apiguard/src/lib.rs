@@ -54,7 +54,9 @@
 //!
 //! [`GuardLayer`] composes them in the order a client needs (see [`stack`]
 //! for the reasons), [`GuardedClient`] puts it on a `hyper_util` client, and
-//! [`server`] holds the server-side recipe.
+//! [`server`] holds the server-side recipe. [`grpc`] puts the stack in
+//! front of a tonic `Channel` (`GuardLayerBuilder::grpc`), and the
+//! server's refusals answer gRPC requests as gRPC does.
 //!
 //! # Observability
 //!
@@ -78,6 +80,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod client;
+pub mod grpc;
 pub mod hosts;
 #[cfg(feature = "metrics")]
 #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]

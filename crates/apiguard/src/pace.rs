@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
+use apiguard_core::grpc::{Code, Pushback};
 use apiguard_core::headers::{
     RATELIMIT, X_RATELIMIT_REMAINING, X_RATELIMIT_RESET, parse_retry_after,
 };
@@ -296,6 +297,62 @@ impl PaceSlot {
             report(&paced, paced.pacer.published(&quota, now));
         } else {
             report(&paced, paced.pacer.published(&hint, now));
+            report(&paced, paced.pacer.delivered(now));
+        }
+    }
+}
+
+impl PaceSlot {
+    /// As [`observe`](Self::observe), for a gRPC call: a trailers-only
+    /// `RESOURCE_EXHAUSTED` is the throttle, its `grpc-retry-pushback-ms`
+    /// the pause; other answers of a paced host let it speed up.
+    #[inline]
+    pub(crate) fn observe_grpc<R>(
+        &self,
+        host: &HostScope,
+        admitted: Nanos,
+        result: &Result<Response<R>, BoxError>,
+    ) {
+        let Ok(res) = result else {
+            return;
+        };
+        let throttled = Code::from_headers(res.headers()) == Some(Code::ResourceExhausted);
+        let paced = self.paced(host);
+        if paced.is_none() && !throttled {
+            return;
+        }
+        let pushback = if throttled {
+            Pushback::from_headers(res.headers()).and_then(Pushback::wait)
+        } else {
+            None
+        };
+        self.learn_grpc(host, paced.cloned(), throttled, admitted, pushback);
+    }
+
+    #[cold]
+    fn learn_grpc(
+        &self,
+        host: &HostScope,
+        paced: Option<Paced>,
+        throttled: bool,
+        admitted: Nanos,
+        pushback: Option<Duration>,
+    ) {
+        let paced = match paced {
+            Some(p) => p,
+            None => {
+                let Some(p) = self.paces.get_or_create(host) else {
+                    return;
+                };
+                let _ = self.paced.set(p.clone());
+                p
+            }
+        };
+        let now = self.paces.inner.clock.now();
+        if throttled {
+            let wait = pushback;
+            report(&paced, paced.pacer.throttled(wait, admitted, now));
+        } else {
             report(&paced, paced.pacer.delivered(now));
         }
     }

@@ -2,10 +2,12 @@
 //! decisions made on it: finding a request's host, asking its breaker and
 //! its bucket (or pace), and recording how the call ended.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use apiguard_breaker::{CircuitBreaker, HoldOpen, KeyedBreakers, RetryAfterHold, Ticket};
+use apiguard_core::classify::classify_error;
+use apiguard_core::grpc::{Code, GrpcClassifier, Pushback};
 use apiguard_core::{BoxError, CircuitOpen, Classify, HttpClassifier, Nanos, Outcome};
 use apiguard_ratelimit::{Reservation, TokenBucket};
 use apiguard_retry::RetryPolicy;
@@ -28,6 +30,8 @@ pub(super) struct Shared {
     pub(super) paces: Option<HostPaces>,
     pub(super) max_wait: Duration,
     pub(super) scope: Scope,
+    /// Classify by gRPC's status instead of HTTP's.
+    pub(super) grpc: bool,
 }
 
 /// A host's breaker and bucket, held by a service between calls.
@@ -36,6 +40,7 @@ pub(super) struct HostCache {
     breaker: Option<CircuitBreaker>,
     bucket: Option<TokenBucket>,
     pace: Option<PaceSlot>,
+    grpc: bool,
 }
 
 impl Shared {
@@ -74,6 +79,7 @@ impl Shared {
             bucket: self.limiter.as_ref().map(|l| l.bucket(&key)),
             pace: self.paces.as_ref().map(|p| PaceSlot::new(p, &key)),
             key,
+            grpc: self.grpc,
         }
     }
 }
@@ -97,9 +103,15 @@ impl Call {
     }
 
     /// Tells the breaker how the attempt ended; a `503` with `Retry-After`
-    /// holds it open as asked.
+    /// holds it open as asked. In gRPC mode, a response whose status is
+    /// still to come in the trailers takes the call along in its
+    /// extensions ([`Deferred`]), to be recorded when the body ends.
     #[inline]
-    pub(super) fn record<R>(mut self, result: &Result<http::Response<R>, BoxError>) {
+    pub(super) fn record<R>(mut self, result: &mut Result<http::Response<R>, BoxError>) {
+        if self.host.grpc {
+            return self.record_grpc(result);
+        }
+        let result = &*result;
         if let Some(pace) = &self.host.pace {
             pace.observe(&self.host.key, self.admitted, result);
         }
@@ -115,6 +127,67 @@ impl Call {
         {
             self.breaker().hold_open_for(d);
         }
+    }
+}
+
+impl Call {
+    /// [`record`](Self::record) in gRPC mode.
+    fn record_grpc<R>(mut self, result: &mut Result<http::Response<R>, BoxError>) {
+        if let Some(pace) = &self.host.pace {
+            pace.observe_grpc(&self.host.key, self.admitted, result);
+        }
+        let Some(ticket) = self.ticket.take() else {
+            return;
+        };
+        match result {
+            Ok(res) => match Code::of_response(res) {
+                Some(code) => {
+                    let breaker = self.breaker();
+                    breaker.record_ticket(ticket, GrpcClassifier::new().classify_code(code));
+                    // gRPC's `503 with Retry-After`.
+                    if code == Code::Unavailable
+                        && let Some(Pushback::After(d)) = Pushback::from_headers(res.headers())
+                    {
+                        breaker.hold_open_for(d.min(RetryAfterHold::default().max()));
+                    }
+                }
+                None => {
+                    self.ticket = Some(ticket);
+                    res.extensions_mut()
+                        .insert(Deferred(Arc::new(Mutex::new(Some(self)))));
+                }
+            },
+            Err(e) => self.breaker().record_ticket(ticket, classify_error(e)),
+        }
+    }
+}
+
+/// A call whose gRPC status comes in the trailers: left in the response's
+/// extensions by the stack, taken by
+/// [`GrpcTrailersLayer`](crate::grpc::GrpcTrailersLayer), which records it
+/// when the body ends. Dropped unrecorded (the body was dropped early, or
+/// no `GrpcTrailersLayer` took it), the call counts as cancelled.
+#[derive(Clone)]
+pub(crate) struct Deferred(Arc<Mutex<Option<Call>>>);
+
+impl Deferred {
+    /// Records the call with `outcome` (once; later calls do nothing).
+    pub(crate) fn finish(&self, outcome: Outcome) {
+        let call = match self.0.lock() {
+            Ok(mut slot) => slot.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        if let Some(mut call) = call
+            && let Some(ticket) = call.ticket.take()
+        {
+            call.breaker().record_ticket(ticket, outcome);
+        }
+    }
+}
+
+impl std::fmt::Debug for Deferred {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deferred").finish_non_exhaustive()
     }
 }
 

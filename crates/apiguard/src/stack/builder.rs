@@ -44,6 +44,7 @@ pub struct GuardLayerBuilder {
     max_hosts: usize,
     adaptive: bool,
     max_pause: Duration,
+    grpc: bool,
 }
 
 impl Default for GuardLayerBuilder {
@@ -59,6 +60,7 @@ impl Default for GuardLayerBuilder {
             max_hosts: 1024,
             adaptive: true,
             max_pause: crate::pace::DEFAULT_MAX_PAUSE,
+            grpc: false,
         }
     }
 }
@@ -141,6 +143,30 @@ impl GuardLayerBuilder {
         self
     }
 
+    /// Classifies calls as gRPC does (default off): for a stack in front
+    /// of a `tonic::transport::Channel` or any gRPC client.
+    ///
+    /// - The breaker reads the `grpc-status` of each call through
+    ///   [`GrpcClassifier`](apiguard_core::grpc::GrpcClassifier):
+    ///   `UNAVAILABLE`, `DEADLINE_EXCEEDED`, `INTERNAL`, `UNKNOWN` and
+    ///   `DATA_LOSS` count as failures (see [`apiguard_core::grpc`] for the
+    ///   table). A status in the trailers is recorded when the response body
+    ///   ends, which needs [`GrpcTrailersLayer`](crate::grpc::GrpcTrailersLayer)
+    ///   outside this layer; an `UNAVAILABLE` with `grpc-retry-pushback-ms`
+    ///   holds the breaker open that long (at most 5 minutes).
+    /// - Retry follows gRPC's rules: a policy built without them gets the
+    ///   defaults of `RetryPolicyBuilder::grpc` ([`RetryPolicy::with_grpc`]).
+    /// - Pacing takes a trailers-only `RESOURCE_EXHAUSTED` as the host's
+    ///   throttle, and its `grpc-retry-pushback-ms` as the pause.
+    ///
+    /// Requests that are not gRPC are still retried by HTTP's rules, but
+    /// their breaker and pace read the response as gRPC would (a `503` is
+    /// `UNAVAILABLE`): use one stack per protocol.
+    pub fn grpc(mut self, yes: bool) -> Self {
+        self.grpc = yes;
+        self
+    }
+
     /// Checks the combination and builds the layer.
     ///
     /// Refused: an attempt timeout longer than the total timeout (no attempt
@@ -189,6 +215,10 @@ impl GuardLayerBuilder {
         } else {
             None
         };
+        let retry = match self.retry {
+            Some(policy) if self.grpc => Some(policy.with_grpc()),
+            other => other,
+        };
         let needs_key = per_host_needs_key(self.per_host, &breakers, &limiter)
             || (self.per_host && paces.is_some());
         // The policy and the buckets read the same clock unless a test gave
@@ -204,6 +234,7 @@ impl GuardLayerBuilder {
             paces,
             max_wait: self.max_wait,
             scope: Scope::new(needs_key),
+            grpc: self.grpc,
         }))
     }
 }

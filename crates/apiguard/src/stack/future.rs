@@ -300,9 +300,9 @@ where
             unreachable!("polled as called")
         };
         if let Poll::Ready(result) = fut.poll(cx) {
-            let result = result.map_err(Into::into);
+            let mut result = result.map_err(Into::into);
             if let Some(call) = this.permit.take() {
-                call.record(&result);
+                call.record(&mut result);
             }
             return Flow::Attempted(result);
         }
@@ -311,9 +311,9 @@ where
             Some(Armed::Attempt) => {
                 // This attempt timed out; the request goes on.
                 this.step.set(Step::Done);
-                let result = Err(elapsed());
+                let mut result = Err(elapsed());
                 if let Some(call) = this.permit.take() {
-                    call.record(&result);
+                    call.record(&mut result);
                 }
                 Flow::Attempted(result)
             }
@@ -324,7 +324,7 @@ where
                 {
                     // With no attempt timeout, this is how a hang ends: the
                     // breaker counts it as a failure.
-                    call.record(&Err::<http::Response<R>, _>(elapsed()));
+                    call.record(&mut Err::<http::Response<R>, _>(elapsed()));
                 }
                 *this.slow = None;
                 Flow::Return(Poll::Ready(Err(elapsed())))

@@ -73,6 +73,7 @@ mod service;
 mod tests;
 mod timer;
 
+pub(crate) use admission::Deferred;
 pub use box_err::{BoxErr, BoxErrFuture};
 pub use builder::GuardLayerBuilder;
 pub use future::GuardFuture;
