@@ -57,8 +57,7 @@ async fn main() -> Result<(), BoxError> {
             RetryPolicyBuilder::grpc()
                 .max_retries(4)
                 .base_delay(Duration::from_millis(50))
-                .grpc_idempotent_methods(["grpc.health.v1.Health/Check"])
-                .build()?,
+                .grpc_idempotent_methods(["grpc.health.v1.Health/Check"]),
         )
         .circuit_breaker(CircuitBreaker::builder().failure_threshold(5))
         .build()?;

@@ -293,9 +293,7 @@ async fn resource_exhausted_with_pushback_delays_the_retry_by_at_least_the_pushb
         .retry(
             grpc_retry()
                 .grpc_retryable_codes([Code::Unavailable, Code::ResourceExhausted])
-                .grpc_idempotent_methods([CHECK])
-                .build()
-                .unwrap(),
+                .grpc_idempotent_methods([CHECK]),
         )
         .build()
         .unwrap();
@@ -317,12 +315,7 @@ async fn resource_exhausted_is_not_retried_unless_listed() {
     let guard = GuardLayer::builder()
         .grpc(true)
         .adaptive(false)
-        .retry(
-            grpc_retry()
-                .grpc_idempotent_methods([CHECK])
-                .build()
-                .unwrap(),
-        )
+        .retry(grpc_retry().grpc_idempotent_methods([CHECK]))
         .build()
         .unwrap();
     let mut client = guarded(addr, guard);
@@ -337,12 +330,7 @@ async fn a_negative_pushback_means_do_not_retry() {
     let addr = serve(&plan).await;
     let guard = GuardLayer::builder()
         .grpc(true)
-        .retry(
-            grpc_retry()
-                .grpc_idempotent_methods([CHECK])
-                .build()
-                .unwrap(),
-        )
+        .retry(grpc_retry().grpc_idempotent_methods([CHECK]))
         .build()
         .unwrap();
     let mut client = guarded(addr, guard);
@@ -357,12 +345,7 @@ async fn an_idempotent_method_is_retried_after_unavailable() {
     let addr = serve(&plan).await;
     let guard = GuardLayer::builder()
         .grpc(true)
-        .retry(
-            grpc_retry()
-                .grpc_idempotent_methods([CHECK])
-                .build()
-                .unwrap(),
-        )
+        .retry(grpc_retry().grpc_idempotent_methods([CHECK]))
         .build()
         .unwrap();
     let mut client = guarded(addr, guard);
@@ -377,7 +360,7 @@ async fn a_non_idempotent_method_is_not_retried_once_it_reached_the_server() {
     // No method named idempotent: Check may not be sent twice.
     let guard = GuardLayer::builder()
         .grpc(true)
-        .retry(grpc_retry().build().unwrap())
+        .retry(grpc_retry())
         .build()
         .unwrap();
     let mut client = guarded(addr, guard);
@@ -392,12 +375,7 @@ async fn a_whole_service_can_be_named_idempotent() {
     let addr = serve(&plan).await;
     let guard = GuardLayer::builder()
         .grpc(true)
-        .retry(
-            grpc_retry()
-                .grpc_idempotent_methods(["grpc.health.v1.Health/"])
-                .build()
-                .unwrap(),
-        )
+        .retry(grpc_retry().grpc_idempotent_methods(["grpc.health.v1.Health/"]))
         .build()
         .unwrap();
     let mut client = guarded(addr, guard);
@@ -411,12 +389,7 @@ async fn a_status_in_the_trailers_is_never_retried_the_call_is_committed() {
     let addr = serve(&plan).await;
     let guard = GuardLayer::builder()
         .grpc(true)
-        .retry(
-            grpc_retry()
-                .grpc_idempotent_methods([CHECK])
-                .build()
-                .unwrap(),
-        )
+        .retry(grpc_retry().grpc_idempotent_methods([CHECK]))
         .build()
         .unwrap();
     let mut client = guarded(addr, guard);
@@ -433,7 +406,7 @@ async fn grpc_mode_gives_a_plain_retry_policy_grpc_rules() {
     let addr = serve(&plan).await;
     let guard = GuardLayer::builder()
         .grpc(true)
-        .retry(apiguard::RetryPolicy::builder().build().unwrap())
+        .retry(apiguard::RetryPolicy::builder())
         .build()
         .unwrap();
     assert!(guard.retry_policy().unwrap().is_grpc());
@@ -457,9 +430,7 @@ async fn a_refused_connection_is_retried_for_any_method() {
                 .base_delay(Duration::from_millis(100))
                 .max_delay(Duration::from_millis(200))
                 .jitter(apiguard::Jitter::None)
-                .no_budget()
-                .build()
-                .unwrap(),
+                .no_budget(),
         )
         .build()
         .unwrap();
@@ -626,9 +597,7 @@ async fn a_guarded_client_waits_out_the_servers_pushback_and_gets_through() {
             grpc_retry()
                 .grpc_retryable_codes([Code::ResourceExhausted])
                 .grpc_idempotent_methods([CHECK])
-                .max_retry_after(Duration::from_secs(1))
-                .build()
-                .unwrap(),
+                .max_retry_after(Duration::from_secs(1)),
         )
         .build()
         .unwrap();

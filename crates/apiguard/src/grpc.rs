@@ -15,7 +15,7 @@
 //!
 //! let guard = GuardLayer::builder()
 //!     .grpc(true)
-//!     .retry(RetryPolicyBuilder::grpc().max_retries(0).build()?)
+//!     .retry(RetryPolicyBuilder::grpc().max_retries(0))
 //!     .circuit_breaker(CircuitBreaker::builder().failure_threshold(2))
 //!     .max_wait(Duration::ZERO) // refuse at once while the breaker is open
 //!     .build()?;

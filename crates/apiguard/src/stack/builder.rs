@@ -215,7 +215,7 @@ impl GuardLayerBuilder {
         } else {
             None
         };
-        let retry = match self.retry {
+        let retry = match retry {
             Some(policy) if self.grpc => Some(policy.with_grpc()),
             other => other,
         };
