@@ -11,7 +11,9 @@
 //! server in an outage (`503`): the host's breaker opens after 3 failures
 //! and refuses at once with `CircuitOpen`, sparing the server.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use apiguard::{CircuitOpen, GuardedClient};
 use apiguard_reqwest::GuardMiddleware;

@@ -20,7 +20,7 @@ use reqwest_middleware::ClientWithMiddleware;
 /// One of the two front doors to the same guard.
 #[derive(Clone)]
 enum Client {
-    Guarded(GuardedClient),
+    Guarded(Box<GuardedClient>),
     Reqwest(ClientWithMiddleware),
 }
 
@@ -41,7 +41,7 @@ impl Client {
         let reqwest = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
             .with(GuardMiddleware::new(settings).unwrap())
             .build();
-        [Client::Guarded(guarded), Client::Reqwest(reqwest)]
+        [Client::Guarded(Box::new(guarded)), Client::Reqwest(reqwest)]
     }
 
     fn name(&self) -> &'static str {
