@@ -232,6 +232,17 @@ impl GuardedClientBuilder {
 }
 
 impl GuardedClientBuilder {
+    /// The stack these settings describe, without the client: the same
+    /// retry, breakers, limits, pacing and timeouts, to put over another
+    /// transport (`apiguard-reqwest` puts it in a reqwest middleware).
+    /// The client's own settings — `base_url`, `default_header` and
+    /// `error_for_status` — are not part of it.
+    pub fn build_layer(self) -> Result<GuardLayer, InvalidConfig> {
+        self.stack()?.build()
+    }
+}
+
+impl GuardedClientBuilder {
     /// The base URL without its trailing `/`, if it is one this build can
     /// speak to.
     fn checked_base_url(&self) -> Result<Option<String>, InvalidConfig> {
