@@ -155,7 +155,7 @@ impl GuardLayerBuilder {
     ///   outside this layer; an `UNAVAILABLE` with `grpc-retry-pushback-ms`
     ///   holds the breaker open that long (at most 5 minutes).
     /// - Retry follows gRPC's rules: a policy built without them gets the
-    ///   defaults of `RetryPolicyBuilder::grpc` ([`RetryPolicy::with_grpc`]).
+    ///   defaults of `RetryPolicyBuilder::grpc` ([`RetryPolicy::with_grpc`](apiguard_retry::RetryPolicy::with_grpc)).
     /// - Pacing takes a trailers-only `RESOURCE_EXHAUSTED` as the host's
     ///   throttle, and its `grpc-retry-pushback-ms` as the pause.
     ///
