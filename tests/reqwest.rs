@@ -202,6 +202,34 @@ async fn both_breakers_open_after_the_same_failures_and_close_after_recovery() {
     assert_eq!(results[0], results[1]);
 }
 
+/// (b') The same outage with retries on: the breaker opens inside the
+/// first call's retries and ends them, so the server sees the three
+/// failures that opened it and nothing more while it is open.
+#[tokio::test]
+async fn an_open_breaker_ends_the_retries_of_both_clients() {
+    let settings = settings()
+        .max_retries(4)
+        .failure_threshold(3)
+        .recovery_timeout(Duration::from_secs(5))
+        // Shorter than the open period: refused at once, not waited out.
+        .max_wait(Duration::from_millis(100));
+    for client in Client::both(settings) {
+        let name = client.name();
+        let up = Upstream::start(Behavior::Status(503)).await.unwrap();
+        let url = format!("{}/", up.url());
+        let mut got = Vec::new();
+        for _ in 0..6 {
+            got.push(client.get(&url).await);
+        }
+        assert_eq!(got, vec![Got::CircuitOpen; 6], "{name}");
+        assert_eq!(
+            up.requests(),
+            3,
+            "{name}: the open breaker spared the server"
+        );
+    }
+}
+
 /// (c) The first answer is `503` with `Retry-After: 1`: the retry goes out
 /// no sooner than a second later.
 async fn retry_after(client: Client) -> (Got, Vec<Duration>) {

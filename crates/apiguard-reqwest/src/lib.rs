@@ -8,11 +8,11 @@
 //! # let url = format!("http://{}/", listener.local_addr()?);
 //! # let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
 //! # tokio::spawn(async move { axum::serve(listener, app).await });
-//! use apiguard::GuardedClient;
+//! use apiguard::{GuardedClient, Quota};
 //! use apiguard_reqwest::GuardMiddleware;
 //!
 //! let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
-//!     .with(GuardMiddleware::new(GuardedClient::builder().rate_limit(10, 5.0))?)
+//!     .with(GuardMiddleware::new(GuardedClient::builder().rate_limit(Quota::from_rate(10, 5.0)))?)
 //!     .build();
 //!
 //! // `url` is a server on loopback that answers "ok".
