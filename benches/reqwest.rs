@@ -23,7 +23,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use apiguard::{GuardedClient, Quota};
 use apiguard_reqwest::GuardMiddleware;
@@ -35,6 +35,7 @@ use hyper_util::rt::TokioIo;
 use reqwest_middleware::ClientWithMiddleware;
 use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
+use tokio::time::Instant;
 
 /// Concurrent tasks in `reqwest_concurrent`.
 const TASKS: u64 = 16;
