@@ -9,13 +9,17 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use apiguard::breaker::State;
 use apiguard::client::GuardedClientBuilder;
-use apiguard::{CircuitOpen, GuardedClient, RateLimited, RetriesExhausted};
+use apiguard::{CircuitOpen, GuardedClient, HostState, RateLimited, RetriesExhausted};
 use apiguard_reqwest::GuardMiddleware;
 use apiguard_suite::{Behavior, Upstream};
 use bytes::Bytes;
 use http_body_util::Full;
 use reqwest_middleware::ClientWithMiddleware;
+
+/// One host's state, by name, from one of the clients.
+type Inspect = Box<dyn Fn(&str) -> HostState>;
 
 /// One of the two front doors to the same guard.
 #[derive(Clone)]
@@ -42,6 +46,28 @@ impl Client {
             .with(GuardMiddleware::new(settings).unwrap())
             .build();
         [Client::Guarded(Box::new(guarded)), Client::Reqwest(reqwest)]
+    }
+
+    /// Both clients, each with its inspection call (the middleware's from
+    /// a handle kept beside it: the chain owns the middleware).
+    fn inspected(settings: GuardedClientBuilder) -> [(Client, Inspect); 2] {
+        let guarded = settings.clone().build().unwrap();
+        let middleware = GuardMiddleware::new(settings).unwrap();
+        let handle = middleware.clone();
+        let reqwest = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+            .with(middleware)
+            .build();
+        let g = guarded.clone();
+        [
+            (
+                Client::Guarded(Box::new(guarded)),
+                Box::new(move |h: &str| g.host(h).unwrap()),
+            ),
+            (
+                Client::Reqwest(reqwest),
+                Box::new(move |h: &str| handle.host(h).unwrap()),
+            ),
+        ]
     }
 
     fn name(&self) -> &'static str {
@@ -213,10 +239,12 @@ async fn an_open_breaker_ends_the_retries_of_both_clients() {
         .recovery_timeout(Duration::from_secs(5))
         // Shorter than the open period: refused at once, not waited out.
         .max_wait(Duration::from_millis(100));
-    for client in Client::both(settings) {
+    for (client, inspect) in Client::inspected(settings) {
         let name = client.name();
         let up = Upstream::start(Behavior::Status(503)).await.unwrap();
         let url = format!("{}/", up.url());
+        let host = up.addr().to_string();
+        assert_eq!(inspect(&host).breaker, Some(State::Closed), "{name}");
         let mut got = Vec::new();
         for _ in 0..6 {
             got.push(client.get(&url).await);
@@ -227,6 +255,45 @@ async fn an_open_breaker_ends_the_retries_of_both_clients() {
             3,
             "{name}: the open breaker spared the server"
         );
+        // One call names the host and shows its breaker open; another
+        // host's is untouched.
+        assert_eq!(inspect(&host).breaker, Some(State::Open), "{name}");
+        assert_eq!(inspect(&url).breaker, Some(State::Open), "{name}: by URL");
+        assert_eq!(
+            inspect("other.example:80").breaker,
+            Some(State::Closed),
+            "{name}"
+        );
+    }
+}
+
+/// After a server's `429`s, each client shows the host paced, by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_clients_show_a_pushing_back_host_as_paced() {
+    for (client, inspect) in Client::inspected(settings().max_retries(10)) {
+        let name = client.name();
+        let up = Upstream::start(Behavior::Limit {
+            per_sec: 10,
+            http_date: false,
+        })
+        .await
+        .unwrap();
+        let (url, host) = (format!("{}/", up.url()), up.addr().to_string());
+        assert_eq!(inspect(&host).pace, None, "{name}: paced before any 429");
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..30 {
+            let (client, url) = (client.clone(), url.clone());
+            set.spawn(async move { client.get(&url).await });
+        }
+        while let Some(got) = set.join_next().await {
+            assert_eq!(got.unwrap(), Got::Status(200), "{name}");
+        }
+        assert!(
+            up.stats().too_many.load(Ordering::SeqCst) > 0,
+            "{name}: the server never pushed back"
+        );
+        let pace = inspect(&host).pace;
+        assert!(pace.is_some_and(|p| p > 0.0), "{name}: {pace:?}");
     }
 }
 

@@ -1,7 +1,7 @@
 //! [`GuardMiddleware`]: the guard in a reqwest-middleware chain.
 
 use apiguard::client::GuardedClientBuilder;
-use apiguard::{GuardLayer, InvalidConfig};
+use apiguard::{GuardLayer, HostState, InvalidConfig, NotAHost};
 use http::Extensions;
 use reqwest::{Request, Response};
 use reqwest_middleware::{Middleware, Next, Result};
@@ -54,6 +54,13 @@ impl GuardMiddleware {
     /// The guard, to inspect its breakers, buckets and pacers.
     pub fn layer(&self) -> &GuardLayer {
         &self.layer
+    }
+
+    /// One host's breaker state, tokens and pace, by its name
+    /// (`"api.example.com"`, `"127.0.0.1:8080"`, or a URL): see
+    /// [`GuardLayer::host`].
+    pub fn host(&self, host: &str) -> std::result::Result<HostState, NotAHost> {
+        self.layer.host(host)
     }
 }
 

@@ -108,4 +108,4 @@ pub use apiguard_retry::{Jitter, RetryBudget, RetryLayer, RetryPolicy};
 pub use client::{ClientError, ClientStats, ErrorKind, GuardedClient, StatusError};
 pub use hosts::HostLimits;
 pub use pace::HostPaces;
-pub use stack::{GuardLayer, GuardLayerBuilder};
+pub use stack::{GuardLayer, GuardLayerBuilder, HostState, NotAHost};

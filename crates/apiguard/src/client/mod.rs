@@ -89,6 +89,13 @@ impl GuardedClient {
         &self.layer
     }
 
+    /// One host's breaker state, tokens and pace, by its name
+    /// (`"api.example.com"`, `"127.0.0.1:8080"`, or a URL): see
+    /// [`GuardLayer::host`].
+    pub fn host(&self, host: &str) -> Result<crate::HostState, crate::NotAHost> {
+        self.layer.host(host)
+    }
+
     /// What this client (and its clones) did so far.
     pub fn stats(&self) -> ClientStats {
         self.stats.snapshot()

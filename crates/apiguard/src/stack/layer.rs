@@ -65,6 +65,11 @@ impl GuardLayer {
     pub fn retry_policy(&self) -> Option<&RetryPolicy> {
         self.shared.retry.as_ref()
     }
+
+    /// Whether each host has its own breaker and bucket.
+    pub(super) fn per_host(&self) -> bool {
+        self.shared.scope.per_host
+    }
 }
 
 impl<S> Layer<S> for GuardLayer {

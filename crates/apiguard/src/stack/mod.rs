@@ -59,13 +59,15 @@
 //! and the breaker and bucket decisions), `timer` (both timeouts),
 //! `future` ([`GuardFuture`], the per-request state machine), `box_err`
 //! (the inner service with its error boxed), `service` ([`Guard`]),
-//! `layer` ([`GuardLayer`]) and `builder` ([`GuardLayerBuilder`], which
+//! `layer` ([`GuardLayer`]), `inspect` ([`HostState`], one host's state
+//! by its name) and `builder` ([`GuardLayerBuilder`], which
 //! makes the registries the layer holds).
 
 mod admission;
 mod box_err;
 mod builder;
 mod future;
+mod inspect;
 mod layer;
 mod scope;
 mod service;
@@ -77,6 +79,7 @@ pub(crate) use admission::Deferred;
 pub use box_err::{BoxErr, BoxErrFuture};
 pub use builder::GuardLayerBuilder;
 pub use future::GuardFuture;
+pub use inspect::{HostState, NotAHost};
 pub use layer::GuardLayer;
 pub use scope::{HostScope, Scope};
 pub use service::Guard;
