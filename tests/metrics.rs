@@ -167,3 +167,87 @@ fn a_throttled_host_gets_a_pace_gauge_labelled_by_host() {
         "{rate}"
     );
 }
+
+/// The gauge `name` labelled `host`, if it was set.
+fn host_gauge(entries: &Entries, name: &str, host: &str) -> Option<f64> {
+    entries.iter().find_map(|(key, _, _, value)| {
+        let labelled = key
+            .key()
+            .labels()
+            .any(|l| l.key() == "host" && l.value() == host);
+        match value {
+            DebugValue::Gauge(g) if key.key().name() == name && labelled => Some(g.into_inner()),
+            _ => None,
+        }
+    })
+}
+
+/// Two hosts, one in an outage: its breaker's state and transitions carry
+/// its host (and the reason), the healthy host's breaker records nothing,
+/// and every metric comes with its description.
+#[test]
+fn breaker_state_and_transitions_are_labelled_by_host_and_described() {
+    let recorder = DebuggingRecorder::new();
+    let snap = recorder.snapshotter();
+    let (down, up) = metrics::with_local_recorder(&recorder, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let down = Upstream::start(Behavior::Status(503)).await.unwrap();
+            let up = Upstream::start(Behavior::Ok).await.unwrap();
+            let client = GuardedClient::builder()
+                .max_retries(0)
+                .failure_threshold(2)
+                .recovery_timeout(Duration::from_secs(600))
+                .build()
+                .unwrap();
+            for _ in 0..3 {
+                let _ = client.get(&format!("{}/", down.url())).await;
+                let res = client.get(&format!("{}/", up.url())).await.unwrap();
+                assert_eq!(res.status(), 200);
+            }
+            (down.addr().to_string(), up.addr().to_string())
+        })
+    });
+    let snap = snap.snapshot().into_vec();
+    assert_eq!(
+        host_gauge(&snap, "apiguard_breaker_state", &down),
+        Some(2.0),
+        "the failing host's breaker is open"
+    );
+    assert_eq!(
+        host_gauge(&snap, "apiguard_breaker_state", &up),
+        None,
+        "the healthy host's breaker never moved"
+    );
+    let opened = snap
+        .iter()
+        .filter(|(key, ..)| key.key().name() == "apiguard_breaker_transitions_total")
+        .filter(|(key, ..)| {
+            let has = |k: &str, v: &str| key.key().labels().any(|l| l.key() == k && l.value() == v);
+            has("host", &down) && has("to", "open") && has("reason", "consecutive_failures")
+        })
+        .count();
+    assert_eq!(
+        opened, 1,
+        "one transition to open, labelled with host and reason"
+    );
+    assert!(
+        snap.iter()
+            .filter(|(key, ..)| key.key().name() == "apiguard_breaker_transitions_total")
+            .all(|(key, ..)| key.key().labels().any(|l| l.key() == "host")),
+        "no unlabelled transition series"
+    );
+    for name in [
+        "apiguard_requests_total",
+        "apiguard_breaker_state",
+        "apiguard_breaker_transitions_total",
+    ] {
+        let described = snap
+            .iter()
+            .any(|(key, _, desc, _)| key.key().name() == name && desc.is_some());
+        assert!(described, "{name} has a description");
+    }
+}

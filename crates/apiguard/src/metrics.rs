@@ -11,19 +11,38 @@
 //! | `apiguard_attempts_total` | counter | | attempts sent on the network (client) |
 //! | `apiguard_retries_total` | counter | | of which retries (client) |
 //! | `apiguard_wait_seconds` | histogram | | time a request waited (tokens, backoff, open circuit) rather than spent on the network (client) |
-//! | `apiguard_breaker_transitions_total` | counter | `from`, `to` | breaker transitions (see [`record_transition`]) |
-//! | `apiguard_breaker_state` | gauge | | last state entered: 0 closed, 1 half-open, 2 open, 3 forced open, 4 disabled |
-//! | `apiguard_host_pace` | gauge | `host` | a paced host's current pace, requests per second (see [`pace`](crate::pace): at most 32 host labels, then `other`) |
+//! | `apiguard_breaker_transitions_total` | counter | `host`, `from`, `to`, `reason` | transitions of the breakers a [`GuardLayer`](crate::GuardLayer) (and so `GuardedClient`) makes, one per host |
+//! | `apiguard_breaker_state` | gauge | `host` | the state each host's breaker last entered: 0 closed, 1 half-open, 2 open, 3 forced open, 4 disabled |
+//! | `apiguard_host_pace` | gauge | `host` | a paced host's current pace, requests per second (see [`pace`](crate::pace)) |
+//!
+//! # Host labels
+//!
+//! The first [`MAX_LABELLED_HOSTS`](crate::pace::MAX_LABELLED_HOSTS) hosts
+//! a stack labels get their own `host` label (`api.example.com:443` as
+//! requests name it, `*` when hosts share one breaker); later ones share
+//! `other`, so a client calling many hosts keeps a bounded number of
+//! series. The `other` state gauge holds the last transition of any of
+//! them. The shared overflow breaker of a full host registry has no host
+//! and records nothing.
+//!
+//! A breaker you build yourself records through [`record_transition`]
+//! (no `host` label) when you hook it in.
+//!
+//! [`describe`] registers each metric's description and unit with the
+//! installed recorder; building a `GuardLayer` calls it, so call it again
+//! only if the recorder is installed later.
 //!
 //! Recording costs a few atomic operations per request once a recorder is
 //! installed, and almost nothing without one.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
-use apiguard_breaker::{State, Transition};
+use apiguard_breaker::{Reason, State, Transition};
 use apiguard_core::BoxError;
 use apiguard_core::clock::{Clock, Nanos};
 use pin_project_lite::pin_project;
@@ -31,6 +50,8 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::client::ErrorKind;
+use crate::pace::MAX_LABELLED_HOSTS;
+use crate::stack::HostScope;
 
 /// Records `apiguard_requests_total` and `apiguard_request_seconds` for the
 /// service it wraps.
@@ -187,10 +208,116 @@ fn state_level(s: State) -> f64 {
     }
 }
 
+fn reason_label(r: Reason) -> &'static str {
+    match r {
+        Reason::ConsecutiveFailures => "consecutive_failures",
+        Reason::FailureRate => "failure_rate",
+        Reason::SlowCallRate => "slow_call_rate",
+        Reason::RecoveryTimeout => "recovery_timeout",
+        Reason::ProbeFailed => "probe_failed",
+        Reason::ProbeTimeout => "probe_timeout",
+        Reason::ProbesSucceeded => "probes_succeeded",
+        Reason::HeldOpen => "held_open",
+        Reason::Forced => "forced",
+        Reason::Disabled => "disabled",
+        Reason::Reset => "reset",
+        _ => "other",
+    }
+}
+
+/// The `host` labels of one stack: the first [`MAX_LABELLED_HOSTS`] hosts
+/// by name, the rest `other`.
+#[derive(Default)]
+struct HostLabels {
+    names: Mutex<HashMap<HostScope, Arc<str>>>,
+}
+
+impl HostLabels {
+    fn label(&self, host: &HostScope) -> Arc<str> {
+        let mut names = self.names.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(name) = names.get(host) {
+            return name.clone();
+        }
+        if names.len() >= MAX_LABELLED_HOSTS {
+            return Arc::from("other");
+        }
+        let name: Arc<str> = match host {
+            Some(a) => Arc::from(a.as_str()),
+            None => Arc::from("*"),
+        };
+        names.insert(host.clone(), name.clone());
+        name
+    }
+}
+
+/// The hook a [`GuardLayer`](crate::GuardLayer) puts on its per-host
+/// breakers: transitions and state labelled by host (transitions are
+/// rare, so a lock here costs nothing that matters).
+pub(crate) fn host_transition_hook() -> impl Fn(&HostScope, &Transition) + Send + Sync + 'static {
+    let labels = HostLabels::default();
+    move |host, t| {
+        let host = labels.label(host);
+        metrics::counter!(
+            "apiguard_breaker_transitions_total",
+            "host" => host.to_string(),
+            "from" => state_label(t.from),
+            "to" => state_label(t.to),
+            "reason" => reason_label(t.reason)
+        )
+        .increment(1);
+        metrics::gauge!("apiguard_breaker_state", "host" => host.to_string())
+            .set(state_level(t.to));
+    }
+}
+
+/// Registers the description and unit of every metric above with the
+/// installed recorder (an exporter shows them as `# HELP` and units).
+pub fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "apiguard_requests_total",
+        Unit::Count,
+        "Requests through the stack, by how they ended (outcome)."
+    );
+    describe_histogram!(
+        "apiguard_request_seconds",
+        Unit::Seconds,
+        "Time each request spent in the stack, waits and retries included."
+    );
+    describe_counter!(
+        "apiguard_attempts_total",
+        Unit::Count,
+        "Attempts sent on the network."
+    );
+    describe_counter!(
+        "apiguard_retries_total",
+        Unit::Count,
+        "Attempts that were retries."
+    );
+    describe_histogram!(
+        "apiguard_wait_seconds",
+        Unit::Seconds,
+        "Time a request waited for a token, a backoff or an open circuit."
+    );
+    describe_counter!(
+        "apiguard_breaker_transitions_total",
+        Unit::Count,
+        "Circuit breaker transitions, by host, from, to and reason."
+    );
+    describe_gauge!(
+        "apiguard_breaker_state",
+        "State each host's breaker last entered: 0 closed, 1 half-open, 2 open, 3 forced open, 4 disabled."
+    );
+    describe_gauge!(
+        "apiguard_host_pace",
+        "Pace learned from a host's pushback, requests per second."
+    );
+}
+
 /// Records a breaker transition: call it from your own
 /// [`on_transition`](apiguard_breaker::CircuitBreakerBuilder::on_transition)
-/// hook. `GuardedClient` installs it on the breakers it builds from its own
-/// knobs.
+/// hook. Not needed on a [`GuardLayer`](crate::GuardLayer)'s breakers:
+/// the layer records theirs, labelled by host.
 pub fn record_transition(t: &Transition) {
     metrics::counter!(
         "apiguard_breaker_transitions_total",
@@ -204,4 +331,25 @@ pub fn record_transition(t: &Transition) {
 /// Sets a paced host's gauge.
 pub(crate) fn record_pace(host: &str, rate: f64) {
     metrics::gauge!("apiguard_host_pace", "host" => host.to_owned()).set(rate);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{HostLabels, MAX_LABELLED_HOSTS};
+
+    #[test]
+    fn the_first_hosts_keep_their_names_and_the_rest_share_other() {
+        let labels = HostLabels::default();
+        let host = |i: usize| Some(format!("h{i}.example:80").parse().unwrap());
+        for i in 0..MAX_LABELLED_HOSTS {
+            assert_eq!(&*labels.label(&host(i)), format!("h{i}.example:80"));
+        }
+        assert_eq!(&*labels.label(&host(MAX_LABELLED_HOSTS)), "other");
+        assert_eq!(
+            &*labels.label(&host(0)),
+            "h0.example:80",
+            "a named host stays named"
+        );
+        assert_eq!(&*labels.label(&None), "other");
+    }
 }

@@ -283,13 +283,10 @@ impl GuardedClientBuilder {
             stack = stack.retry(p);
         }
         let breaker = self.breaker.clone().unwrap_or_else(|| {
-            let b = CircuitBreakerBuilder::default()
+            CircuitBreakerBuilder::default()
                 .failure_threshold(self.failure_threshold)
                 .recovery_timeout(self.recovery_timeout)
-                .success_threshold(self.success_threshold);
-            #[cfg(feature = "metrics")]
-            let b = b.on_transition(crate::metrics::record_transition);
-            b
+                .success_threshold(self.success_threshold)
         });
         stack = stack.circuit_breaker(breaker);
         if let Some(quota) = self.limit {

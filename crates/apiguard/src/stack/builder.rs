@@ -188,10 +188,15 @@ impl GuardLayerBuilder {
                         ),
                     ));
                 }
-                Some(KeyedBreakers::new(template, self.max_hosts)?)
+                let breakers = KeyedBreakers::new(template, self.max_hosts)?;
+                #[cfg(feature = "metrics")]
+                let breakers = breakers.on_transition(crate::metrics::host_transition_hook());
+                Some(breakers)
             }
             None => None,
         };
+        #[cfg(feature = "metrics")]
+        crate::metrics::describe();
         let limiter = match self.limit {
             Some(quota) => Some(HostLimits::new(quota, self.max_hosts)?),
             None => None,
