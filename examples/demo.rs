@@ -32,6 +32,11 @@ struct Args {
     /// No progress lines, only the final table.
     #[arg(long)]
     quiet: bool,
+    /// Serve the run's metrics for Prometheus at http://ADDR/metrics (per-host
+    /// breaker state, pace, requests by outcome…), and keep serving them
+    /// after the run until Ctrl-C.
+    #[arg(long, value_name = "ADDR")]
+    prometheus: Option<std::net::SocketAddr>,
 }
 
 #[tokio::main]
@@ -46,6 +51,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     }
     if args.limit == 0 {
         return Err("--limit must be at least 1".into());
+    }
+    if let Some(addr) = args.prometheus {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .map_err(|e| format!("--prometheus {addr}: {e}"))?;
+        println!("metrics at http://{addr}/metrics");
     }
     let cfg = Config {
         duration: Duration::from_secs_f64(args.duration),
@@ -63,6 +75,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     if let Some(path) = args.plot {
         report.plot(&path).map_err(|e| e.to_string())?;
         println!("\ntimeline written to {}", path.display());
+    }
+    if let Some(addr) = args.prometheus {
+        println!("\nstill serving http://{addr}/metrics; Ctrl-C to stop");
+        tokio::signal::ctrl_c().await?;
     }
     Ok(())
 }

@@ -251,3 +251,50 @@ fn breaker_state_and_transitions_are_labelled_by_host_and_described() {
         assert!(described, "{name} has a description");
     }
 }
+
+/// What a Prometheus scrape shows after a host's outage and another's
+/// `429`: each host's breaker state and pace under its own `host` label,
+/// with `# HELP` lines (the exposition format, rendered by the Prometheus
+/// exporter the demo's `--prometheus` serves).
+#[test]
+fn a_prometheus_scrape_shows_each_hosts_breaker_state_and_pace() {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    let (down, busy) = metrics::with_local_recorder(&recorder, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let down = Upstream::start(Behavior::Status(503)).await.unwrap();
+            let busy = Upstream::start(Behavior::Status(429)).await.unwrap();
+            let client = GuardedClient::builder()
+                .max_retries(0)
+                .failure_threshold(1)
+                .recovery_timeout(Duration::from_secs(600))
+                .build()
+                .unwrap();
+            let _ = client.get(&format!("{}/", down.url())).await;
+            let _ = client.get(&format!("{}/", busy.url())).await;
+            (down.addr().to_string(), busy.addr().to_string())
+        })
+    });
+    let scrape = handle.render();
+    assert!(
+        scrape.contains(&format!("apiguard_breaker_state{{host=\"{down}\"}} 2")),
+        "{scrape}"
+    );
+    let pace = scrape
+        .lines()
+        .find(|l| l.starts_with(&format!("apiguard_host_pace{{host=\"{busy}\"}}")))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    assert!(pace.is_some_and(|p| p > 0.0), "{scrape}");
+    assert!(
+        scrape.contains("# HELP apiguard_breaker_state "),
+        "{scrape}"
+    );
+    assert!(
+        !scrape.contains(&format!("apiguard_host_pace{{host=\"{down}\"}}")),
+        "the failing host was not paced: {scrape}"
+    );
+}
