@@ -76,7 +76,7 @@ impl<F, C, H> ResponseFuture<F, C, H> {
     pub(crate) fn refused(open: CircuitOpen, classifier: C, hold: H) -> Self {
         tracing::debug!(
             target: "apiguard::breaker",
-            retry_after = ?open.retry_after(),
+            retry_after_ms = open.retry_after().map(|d| d.as_millis() as u64),
             "call refused: circuit open"
         );
         Self {

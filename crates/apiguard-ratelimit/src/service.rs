@@ -233,7 +233,7 @@ where
             ResponseFuture::waiting(ready, req, wait, hold)
         }
         Some(Err(refused)) => {
-            tracing::debug!(target: "apiguard::ratelimit", retry_after = ?refused.retry_after(), "rate limited");
+            tracing::debug!(target: "apiguard::ratelimit", retry_after_ms = refused.retry_after().map(|d| d.as_millis() as u64), "rate limited");
             ResponseFuture::refused(refused)
         }
         None => {

@@ -504,7 +504,7 @@ impl Inner {
                     _ => tracing::warn!(
                         prefix = %self.prefix,
                         reason,
-                        timeout = ?health.timeout,
+                        timeout_ms = health.timeout.as_millis() as u64,
                         policy = self.policy.label(),
                         instances = ?health.instances,
                         "redis rate limit: no answer in time {} times in a row; the failure policy decides until redis answers again",
@@ -519,7 +519,7 @@ impl Inner {
                     tracing::warn!(
                         prefix = %self.prefix,
                         reason,
-                        timeout = ?pending.timeout,
+                        timeout_ms = pending.timeout.as_millis() as u64,
                         suppressed,
                         "redis rate limit: one decision missed; decided alone, redis stays in charge"
                     );
@@ -604,7 +604,7 @@ pub(crate) fn record(d: &Decision) {
     tracing::trace!(
         decided_by = d.decided_by.label(),
         allowed = d.allowed,
-        wait = ?d.wait,
+        wait_ms = d.wait.as_millis() as u64,
         remaining = d.remaining,
         "redis rate limit decision"
     );

@@ -230,7 +230,7 @@ impl Shared {
                     })
                 }
                 Err(open) => {
-                    tracing::debug!(target: "apiguard::breaker", retry_after = ?open.retry_after(), "call refused: circuit open");
+                    tracing::debug!(target: "apiguard::breaker", retry_after_ms = open.retry_after().map(|d| d.as_millis() as u64), "call refused: circuit open");
                     return Admission::Open(open, breaker.clone());
                 }
             }
