@@ -1,4 +1,4 @@
-//! The pace-change events, alone in their own test binary (tracing caches
+//! The pace-change and breaker-transition events, alone in their own test binary (tracing caches
 //! a callsite's interest the first time it is hit: a thread-local
 //! subscriber beside parallel tests can miss events).
 
@@ -36,10 +36,11 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Capture {
                 self.0.push((f.name().into(), format!("debug:{v:?}")));
             }
         }
-        if event.metadata().target() != "apiguard::pace" {
+        let target = event.metadata().target();
+        if target != "apiguard::pace" && target != "apiguard::breaker" {
             return;
         }
-        let mut v = Visit(Vec::new());
+        let mut v = Visit(vec![("target".into(), target.into())]);
         event.record(&mut v);
         self.0.lock().unwrap().push(v.0);
     }
@@ -95,4 +96,51 @@ async fn a_throttle_emits_a_pace_event_with_host_rates_pause_and_reason() {
         .expect("new_rate is an f64");
     assert!((new_rate - 27.0).abs() < 0.01, "{new_rate}");
     assert_eq!(field(throttle, "pause_ms"), "u64:2000");
+}
+
+/// A per-host breaker's transition event names its host (not the
+/// template's empty name), its reason, and how long it stays open in
+/// numeric milliseconds.
+#[tokio::test(start_paused = true)]
+async fn a_host_breaker_transition_event_names_the_host_and_reason() {
+    let capture = Capture::default();
+    let _guard =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(capture.clone()));
+    let up = service_fn(|_req: Request<Full<Bytes>>| async {
+        let mut res = Response::new(Full::<Bytes>::default());
+        *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        Ok::<_, Infallible>(res)
+    });
+    let layer = GuardLayer::builder()
+        .circuit_breaker(
+            apiguard::CircuitBreaker::builder()
+                .failure_threshold(1)
+                .recovery_timeout(std::time::Duration::from_secs(30)),
+        )
+        .build()
+        .unwrap();
+    let res = layer
+        .layer(up)
+        .oneshot(
+            Request::get("http://down.test:8080/")
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let events = capture.0.lock().unwrap().clone();
+    let field = |e: &Fields, name: &str| {
+        e.iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let opened = events
+        .iter()
+        .find(|e| field(e, "target") == "apiguard::breaker" && field(e, "to") == "debug:Open")
+        .expect("a transition to open");
+    assert_eq!(field(opened, "breaker"), "str:down.test:8080");
+    assert_eq!(field(opened, "reason"), "debug:ConsecutiveFailures");
+    assert_eq!(field(opened, "open_for_ms"), "u64:30000");
 }

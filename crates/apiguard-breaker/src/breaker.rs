@@ -358,6 +358,22 @@ impl CircuitBreakerBuilder {
     /// [`build`](Self::build) without giving up the builder: the keyed
     /// registry builds every key's breaker from its one template.
     pub(crate) fn build_shared(&self) -> Result<CircuitBreaker, InvalidConfig> {
+        self.build_named(self.name.clone())
+    }
+
+    /// `name` under this template's name (`template/name`), or alone.
+    pub(crate) fn sub_name(&self, name: &str) -> Arc<str> {
+        match &self.name {
+            Some(template) => Arc::from(format!("{template}/{name}")),
+            None => Arc::from(name),
+        }
+    }
+
+    /// The same, logging as `name` rather than the template's name.
+    pub(crate) fn build_named(
+        &self,
+        name: Option<Arc<str>>,
+    ) -> Result<CircuitBreaker, InvalidConfig> {
         let config = self.validate()?;
         let window = config.window.map(|w| match w {
             SlidingWindow::Count(n) => Window::Count(CountWindow::new(n)),
@@ -378,7 +394,7 @@ impl CircuitBreakerBuilder {
                 registry_hook: OnceLock::new(),
                 jitter_source: self.jitter_source.clone(),
                 waiters: Waiters::default(),
-                name: self.name.clone(),
+                name,
                 config,
             }),
         })
@@ -1387,7 +1403,7 @@ impl Inner {
             breaker = name,
             ?from,
             ?to,
-            ?open_for,
+            open_for_ms = open_for.map(|d| d.as_millis() as u64),
             ?reason,
             "circuit breaker transition"
         );

@@ -75,6 +75,7 @@ pub struct KeyedBreakers<K> {
 type KeyedHook<K> = Arc<dyn Fn(&K, &Transition) + Send + Sync + 'static>;
 type HookSlot<K> = Arc<RwLock<Option<KeyedHook<K>>>>;
 type Attach<K> = Box<dyn Fn(&K, &CircuitBreaker) + Send + Sync + 'static>;
+type Namer<K> = Box<dyn Fn(&K) -> Arc<str> + Send + Sync + 'static>;
 
 struct Registry<K> {
     map: BoundedMap<K, CircuitBreaker>,
@@ -85,6 +86,8 @@ struct Registry<K> {
     /// `hook` with its key. Until then breakers get nothing, so a registry
     /// without a hook does no work for it.
     attach: OnceLock<Attach<K>>,
+    /// Set by `name_breakers`: each breaker's name, from its key.
+    namer: OnceLock<Namer<K>>,
 }
 
 impl<K> Clone for KeyedBreakers<K> {
@@ -120,8 +123,29 @@ impl<K: Hash + Eq + Clone> KeyedBreakers<K> {
                 template,
                 hook: Arc::new(RwLock::new(None)),
                 attach: OnceLock::new(),
+                namer: OnceLock::new(),
             }),
         })
+    }
+
+    /// Names each breaker after its key in its `tracing` events (the
+    /// `breaker` field): `name(key)`, after the template's name and a `/`
+    /// when it has one, called once per breaker, when it is made. Set once; a later call
+    /// does nothing. Breakers made before keep their name.
+    ///
+    /// ```
+    /// use apiguard_breaker::{CircuitBreaker, KeyedBreakers};
+    ///
+    /// let breakers = KeyedBreakers::<String>::new(CircuitBreaker::builder(), 1_000)?
+    ///     .name_breakers(|key| format!("payments/{key}").into());
+    /// # Ok::<(), apiguard_core::InvalidConfig>(())
+    /// ```
+    pub fn name_breakers(self, name: impl Fn(&K) -> Arc<str> + Send + Sync + 'static) -> Self
+    where
+        K: 'static,
+    {
+        let _ = self.inner.namer.set(Box::new(name));
+        self
     }
 
     /// Adds a hook called with the key on every transition of every
@@ -213,9 +237,15 @@ impl<K: Hash + Eq + Clone> KeyedBreakers<K> {
             key,
             || {
                 // The template was checked in `new`.
-                reg.template
-                    .build_shared()
-                    .unwrap_or_else(|_| unreachable!())
+                let name = reg
+                    .namer
+                    .get()
+                    .map(|name| reg.template.sub_name(&name(key)));
+                let built = match name {
+                    Some(name) => reg.template.build_named(Some(name)),
+                    None => reg.template.build_shared(),
+                };
+                built.unwrap_or_else(|_| unreachable!())
             },
             Some(&mut |_, b: &CircuitBreaker| b.is_idle()),
         );

@@ -188,7 +188,13 @@ impl GuardLayerBuilder {
                         ),
                     ));
                 }
-                let breakers = KeyedBreakers::new(template, self.max_hosts)?;
+                // Each host's breaker logs its host (`*` when all share one).
+                let breakers = KeyedBreakers::new(template, self.max_hosts)?.name_breakers(
+                    |host: &HostScope| {
+                        host.as_ref()
+                            .map_or_else(|| "*".into(), |a| a.as_str().into())
+                    },
+                );
                 #[cfg(feature = "metrics")]
                 let breakers = breakers.on_transition(crate::metrics::host_transition_hook());
                 Some(breakers)
