@@ -123,9 +123,12 @@ mod waiters;
 mod window;
 
 pub use apiguard_core::{CircuitOpen, KeyExtractor};
+// For apiguard's facade; see `CircuitBreaker::try_acquire_ticket`.
+#[doc(hidden)]
+pub use breaker::Ticket;
 pub use breaker::{
     CircuitBreaker, CircuitBreakerBuilder, OwnedPermit, Permit, Reason, SlidingWindow, State,
-    Stats, Ticket, Transition,
+    Stats, Transition,
 };
 pub use error::CallError;
 pub use hold::{HoldOpen, NoHold, RetryAfterHold};

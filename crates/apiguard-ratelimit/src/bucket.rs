@@ -154,6 +154,10 @@ impl TokenBucket {
 
     /// How many handles (clones) of this bucket exist, this one included:
     /// a registry holding the only one may let the bucket go.
+    // Hidden: for the registries of apiguard's facade (`HostLimits`,
+    // `HostPaces`), which let go of what nobody else holds. Not covered by
+    // semver.
+    #[doc(hidden)]
     pub fn handles(&self) -> usize {
         Arc::strong_count(&self.inner)
     }

@@ -469,6 +469,10 @@ impl Pacer {
 
     /// How many handles (clones) of this pacer exist, this one included:
     /// a registry holding the only one may let it go.
+    // Hidden: for the registries of apiguard's facade (`HostLimits`,
+    // `HostPaces`), which let go of what nobody else holds. Not covered by
+    // semver.
+    #[doc(hidden)]
     pub fn handles(&self) -> usize {
         Arc::strong_count(&self.inner)
     }

@@ -17,7 +17,7 @@
 //!
 //! # Host labels
 //!
-//! The first [`MAX_LABELLED_HOSTS`](crate::pace::MAX_LABELLED_HOSTS) hosts
+//! The first [`MAX_LABELLED_HOSTS`] hosts
 //! a stack labels get their own `host` label (`api.example.com:443` as
 //! requests name it, `*` when hosts share one breaker); later ones share
 //! `other`, so a client calling many hosts keeps a bounded number of

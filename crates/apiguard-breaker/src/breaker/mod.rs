@@ -13,7 +13,10 @@ mod word;
 pub(crate) use builder::Config;
 pub use builder::{CircuitBreakerBuilder, SlidingWindow};
 pub(crate) use permit::Kind;
-pub use permit::{OwnedPermit, Permit, Ticket};
+pub use permit::{OwnedPermit, Permit};
+// See `try_acquire_ticket`: for the facade, hidden.
+#[doc(hidden)]
+pub use permit::Ticket;
 pub(crate) use state::{Hook, JitterSource};
 pub use state::{Reason, State, Stats, Transition};
 use word::*;
@@ -144,6 +147,10 @@ impl CircuitBreaker {
 
     /// [`try_acquire`](Self::try_acquire), for a caller that keeps this
     /// breaker at hand: see [`Ticket`].
+    // Hidden: the facade's per-request future keeps a ticket beside its own
+    // handle on the breaker; users have `Permit` (borrowed, as cheap) and
+    // `OwnedPermit`. Not covered by semver.
+    #[doc(hidden)]
     #[inline]
     pub fn try_acquire_ticket(&self) -> Result<Ticket, CircuitOpen> {
         let inner = &*self.inner;
@@ -165,6 +172,7 @@ impl CircuitBreaker {
     /// [`Outcome::Ignored`] for a cancelled call, which frees its probe
     /// slot. A ticket of another breaker is recorded there as nothing
     /// sensible: keep each ticket with its breaker.
+    #[doc(hidden)]
     #[inline]
     pub fn record_ticket(&self, ticket: Ticket, outcome: Outcome) {
         let Ticket { mut kind, started } = ticket;

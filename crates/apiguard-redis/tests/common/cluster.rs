@@ -91,39 +91,28 @@ impl RedisCluster {
             unix_us()
         ));
         std::fs::create_dir_all(&dir).expect("a temporary directory");
-        let mut ports = Vec::new();
-        for _ in 0..6 {
-            ports.push(free_port(&ports));
-        }
         let mut cluster = Self {
             nodes: Vec::new(),
             dir,
         };
-        for &port in &ports {
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--cluster-enabled", "yes"])
-                .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
-                .args(["--cluster-node-timeout", &NODE_TIMEOUT_MS.to_string()])
-                .args(["--cluster-require-full-coverage", "no"])
-                // A replica may stand for election however long it has
-                // been apart from its master, and syncs at once.
-                .args(["--cluster-replica-validity-factor", "0"])
-                .args(["--repl-diskless-sync-delay", "0"])
-                .args(["--save", "", "--appendonly", "no"])
-                .arg("--dir")
-                .arg(&cluster.dir)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server starts");
-            cluster.nodes.push(Node {
-                port,
-                child: Some(child),
-            });
-        }
-        for &port in &ports {
-            wait_for(Duration::from_secs(5), || ping(port), "PING");
+        // A port found free can be taken (by another test's node) before
+        // its redis-server binds it; such a node never answers. Start the
+        // six again on other ports then.
+        let mut ports = Vec::new();
+        for attempt in 1..=3 {
+            ports.clear();
+            for _ in 0..6 {
+                ports.push(free_port(&ports));
+            }
+            cluster.spawn(&ports);
+            if ports
+                .iter()
+                .all(|&port| until(Duration::from_secs(15), || ping(port)))
+            {
+                break;
+            }
+            assert!(attempt < 3, "redis cluster: a node never answered PING");
+            cluster.stop_all();
         }
         let out = Command::new("redis-cli")
             .arg("--cluster")
@@ -140,21 +129,21 @@ impl RedisCluster {
         );
         for &port in &ports {
             wait_for(
-                Duration::from_secs(10),
+                Duration::from_secs(30),
                 || info(port).contains("cluster_state:ok"),
                 "cluster_state:ok",
             );
         }
         // Every node sees three masters with replicas before tests start.
         wait_for(
-            Duration::from_secs(10),
+            Duration::from_secs(30),
             || ports.iter().all(|&p| masters_seen_by(p).len() == 3),
             "three masters on every node",
         );
         // And every master has its replica in sync, so a killed master can
         // fail over.
         wait_for(
-            Duration::from_secs(10),
+            Duration::from_secs(30),
             || {
                 let masters: Vec<u16> = masters_seen_by(ports[0]).iter().map(|r| r.2).collect();
                 !masters.is_empty()
@@ -172,6 +161,43 @@ impl RedisCluster {
             "replicas in sync",
         );
         Some(cluster)
+    }
+
+    /// Starts a `redis-server` in cluster mode on each of `ports`.
+    fn spawn(&mut self, ports: &[u16]) {
+        for &port in ports {
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes"])
+                .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+                .args(["--cluster-node-timeout", &NODE_TIMEOUT_MS.to_string()])
+                .args(["--cluster-require-full-coverage", "no"])
+                // A replica may stand for election however long it has
+                // been apart from its master, and syncs at once.
+                .args(["--cluster-replica-validity-factor", "0"])
+                .args(["--repl-diskless-sync-delay", "0"])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(&self.dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server starts");
+            self.nodes.push(Node {
+                port,
+                child: Some(child),
+            });
+        }
+    }
+
+    /// Kills every node and forgets it.
+    fn stop_all(&mut self) {
+        for mut n in self.nodes.drain(..) {
+            if let Some(mut child) = n.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
     }
 
     /// The seed nodes, as `redis://127.0.0.1:port/`.
@@ -281,15 +307,23 @@ impl Drop for RedisCluster {
     }
 }
 
-fn wait_for(within: Duration, mut ok: impl FnMut() -> bool, what: &str) {
+/// Whether `ok` held within `within`, asked every 20 ms.
+fn until(within: Duration, mut ok: impl FnMut() -> bool) -> bool {
     let end = unix_us() + within.as_micros() as u64;
     while unix_us() < end {
         if ok() {
-            return;
+            return true;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    panic!("redis cluster: no {what} within {within:?}");
+    false
+}
+
+fn wait_for(within: Duration, ok: impl FnMut() -> bool, what: &str) {
+    assert!(
+        until(within, ok),
+        "redis cluster: no {what} within {within:?}"
+    );
 }
 
 fn connect(port: u16) -> Option<redis::Connection> {

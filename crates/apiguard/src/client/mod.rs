@@ -27,7 +27,6 @@ pub use builder::GuardedClientBuilder;
 pub(crate) use error::kind_of;
 pub use error::{ClientError, ErrorKind, StatusError};
 pub use stats::ClientStats;
-pub use transport::{Counted, CountedFuture};
 
 use error::{fails_request, is_error_status};
 use stats::Counters;

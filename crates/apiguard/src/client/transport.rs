@@ -54,7 +54,7 @@ pub(super) fn connector() -> Connector {
 
 /// The transport with attempt counting.
 #[derive(Clone, Debug)]
-pub struct Counted<S> {
+pub(crate) struct Counted<S> {
     pub(super) inner: S,
     pub(super) stats: Arc<Counters>,
 }
@@ -102,7 +102,7 @@ impl<S: Service<Request<B>>, B> Service<Request<B>> for Counted<S> {
 pin_project! {
     /// Response future of [`Counted`].
     #[derive(Debug)]
-    pub struct CountedFuture<F> {
+    pub(crate) struct CountedFuture<F> {
         #[pin]
         inner: F,
         stats: Arc<Counters>,

@@ -76,6 +76,9 @@ mod tests;
 mod timer;
 
 pub(crate) use admission::Deferred;
+// Named in `Guard`'s future type (`GuardFuture<BoxErr<S>, B>`), so it
+// stays public, but no user needs to name it: hidden from the docs.
+#[doc(hidden)]
 pub use box_err::{BoxErr, BoxErrFuture};
 pub use builder::GuardLayerBuilder;
 pub use future::GuardFuture;
