@@ -295,13 +295,32 @@ impl CircuitBreakerBuilder {
         })
     }
 
+    /// Every setting checked, in the form the breaker uses.
     fn validate(&self) -> Result<Config, InvalidConfig> {
-        fn rate(field: &'static str, r: f64) -> Result<u64, InvalidConfig> {
-            if r.is_nan() || r <= 0.0 || r > 1.0 {
-                return Err(InvalidConfig::new(field, "must be in (0, 1]"));
-            }
-            Ok((r * 1_000_000.0).round().max(1.0) as u64)
-        }
+        self.check_thresholds()?;
+        let (failure_rate_ppm, slow) = self.rate_trips()?;
+        let (window, minimum_calls) =
+            self.window_and_minimum(failure_rate_ppm.is_some() || slow.is_some())?;
+        let max_open = self.open_bounds()?;
+        Ok(Config {
+            failure_threshold: self.failure_threshold,
+            recovery_timeout: self.recovery_timeout,
+            success_threshold: self.success_threshold,
+            half_open_probes: self.half_open_probes,
+            half_open_timeout: duration_to_nanos(self.half_open_timeout),
+            failure_rate_ppm,
+            slow,
+            window,
+            minimum_calls,
+            backoff_multiplier: self.backoff_multiplier,
+            max_open,
+            jitter: self.jitter,
+            slow_start: duration_to_nanos(self.slow_start),
+        })
+    }
+
+    /// The counts and periods of the closed → open → half-open cycle.
+    fn check_thresholds(&self) -> Result<(), InvalidConfig> {
         if self.failure_threshold == 0 {
             return Err(InvalidConfig::new(
                 "failure_threshold",
@@ -326,6 +345,19 @@ impl CircuitBreakerBuilder {
         if self.half_open_timeout.is_zero() {
             return Err(InvalidConfig::new("half_open_timeout", "must be positive"));
         }
+        Ok(())
+    }
+
+    /// The failure-rate trip (parts per million) and the slow-call trip
+    /// (threshold in nanos, rate in parts per million), when set.
+    #[allow(clippy::type_complexity)]
+    fn rate_trips(&self) -> Result<(Option<u64>, Option<(Nanos, u64)>), InvalidConfig> {
+        fn rate(field: &'static str, r: f64) -> Result<u64, InvalidConfig> {
+            if r.is_nan() || r <= 0.0 || r > 1.0 {
+                return Err(InvalidConfig::new(field, "must be in (0, 1]"));
+            }
+            Ok((r * 1_000_000.0).round().max(1.0) as u64)
+        }
         let failure_rate_ppm = self
             .failure_rate
             .map(|r| rate("failure_rate", r))
@@ -342,7 +374,16 @@ impl CircuitBreakerBuilder {
             }
             None => None,
         };
-        let window = match (self.window, failure_rate_ppm.is_some() || slow.is_some()) {
+        Ok((failure_rate_ppm, slow))
+    }
+
+    /// The sliding window the rate trips count in (none without a rate
+    /// trip), and the calls it needs before they judge.
+    fn window_and_minimum(
+        &self,
+        has_rate_trip: bool,
+    ) -> Result<(Option<SlidingWindow>, u64), InvalidConfig> {
+        let window = match (self.window, has_rate_trip) {
             (Some(SlidingWindow::Count(n)), _) if n == 0 || n > MAX_COUNT_WINDOW => {
                 return Err(InvalidConfig::new(
                     "sliding_window",
@@ -372,6 +413,11 @@ impl CircuitBreakerBuilder {
             (None, Some(SlidingWindow::Count(n))) => u64::from(n.min(100)),
             (None, _) => 100,
         };
+        Ok((window, minimum_calls))
+    }
+
+    /// How the open period grows (multiplier, jitter) and its ceiling.
+    fn open_bounds(&self) -> Result<Duration, InvalidConfig> {
         if self.backoff_multiplier.is_nan() || self.backoff_multiplier < 1.0 {
             return Err(InvalidConfig::new(
                 "backoff_multiplier",
@@ -381,31 +427,14 @@ impl CircuitBreakerBuilder {
         if self.jitter.is_nan() || !(0.0..=1.0).contains(&self.jitter) {
             return Err(InvalidConfig::new("jitter", "must be in [0, 1]"));
         }
-        let max_open = match self.max_recovery_timeout {
-            Some(m) if m < self.recovery_timeout => {
-                return Err(InvalidConfig::new(
-                    "max_recovery_timeout",
-                    "must not be below recovery_timeout",
-                ));
-            }
-            Some(m) => m,
-            None => self.recovery_timeout.saturating_mul(10),
-        };
-        Ok(Config {
-            failure_threshold: self.failure_threshold,
-            recovery_timeout: self.recovery_timeout,
-            success_threshold: self.success_threshold,
-            half_open_probes: self.half_open_probes,
-            half_open_timeout: duration_to_nanos(self.half_open_timeout),
-            failure_rate_ppm,
-            slow,
-            window,
-            minimum_calls,
-            backoff_multiplier: self.backoff_multiplier,
-            max_open,
-            jitter: self.jitter,
-            slow_start: duration_to_nanos(self.slow_start),
-        })
+        match self.max_recovery_timeout {
+            Some(m) if m < self.recovery_timeout => Err(InvalidConfig::new(
+                "max_recovery_timeout",
+                "must not be below recovery_timeout",
+            )),
+            Some(m) => Ok(m),
+            None => Ok(self.recovery_timeout.saturating_mul(10)),
+        }
     }
 }
 
