@@ -2,39 +2,30 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
-use apiguard_core::{Clock, InvalidConfig, Nanos, Quota};
+use apiguard_core::map::BoundedMap;
+use apiguard_core::{Clock, InvalidConfig, Quota};
 use apiguard_ratelimit::TokenBucket;
-use dashmap::DashMap;
 
 use crate::stack::HostScope;
-
-type Hasher = foldhash::fast::RandomState;
-
-/// After a sweep frees nothing, new hosts go to the overflow bucket
-/// without sweeping again for this long.
-const SWEEP_PAUSE: Nanos = 100_000_000;
 
 /// The token buckets of a [`GuardLayer`](crate::GuardLayer), one per host.
 ///
 /// Each host gets a bucket of the layer's capacity and refill rate. At
-/// most `max_hosts` are tracked; when a new host finds no room, buckets
-/// that are full again and that no request or service is using are let go
-/// (a full bucket holds nothing worth keeping). A host that still finds no
-/// room shares one *overflow bucket* with every other such host until room
-/// is made: a flood of new hosts can neither grow memory nor reset the
-/// buckets of the hosts already tracked.
+/// most `max_hosts` are tracked, in an
+/// [`apiguard_core::map::BoundedMap`] (the map under every registry of
+/// per-key state, with its one eviction rule): buckets that are full
+/// again and that no request or service is using are let go when the map
+/// sweeps (a full bucket holds nothing worth keeping). A host that still
+/// finds no room shares one *overflow bucket* with every other such host
+/// until room is made: a flood of new hosts can neither grow memory nor
+/// reset the buckets of the hosts already tracked.
 ///
 /// Services of the layer keep a handle on the bucket of the host they
 /// called last, so a client that calls one host again and again finds its
 /// bucket without a lookup; such a bucket is never let go while held.
 /// A service that was given the overflow bucket for its host keeps it
 /// while it keeps calling that host, even after room is made.
-///
-/// Threads adding new hosts at the same instant may each pass the room
-/// check: the map can exceed `max_hosts` by at most their number, until
-/// the next new host sweeps.
 ///
 /// Clones share the buckets.
 #[derive(Clone)]
@@ -43,12 +34,9 @@ pub struct HostLimits {
 }
 
 struct Inner {
-    map: DashMap<HostScope, TokenBucket, Hasher>,
+    map: BoundedMap<HostScope, TokenBucket>,
     template: TokenBucket,
-    overflow: TokenBucket,
-    max_hosts: usize,
     clock: Clock,
-    sweep_not_before: AtomicU64,
 }
 
 impl fmt::Debug for HostLimits {
@@ -56,46 +44,46 @@ impl fmt::Debug for HostLimits {
         f.debug_struct("HostLimits")
             .field("capacity", &self.capacity())
             .field("refill_per_sec", &self.refill_per_sec())
-            .field("max_hosts", &self.inner.max_hosts)
+            .field("max_hosts", &self.max_hosts())
             .field("tracked", &self.len())
             .finish()
     }
 }
 
 impl HostLimits {
-    /// Buckets of `quota`, for at most `max_hosts` hosts.
     pub(crate) fn new(quota: Quota, max_hosts: usize) -> Result<Self, InvalidConfig> {
         let template = TokenBucket::new(quota)?;
-        let overflow = TokenBucket::new(quota)?;
+        let clock = template.clock().clone();
+        Self::on_clock(template, max_hosts, clock)
+    }
+
+    fn on_clock(
+        template: TokenBucket,
+        max_hosts: usize,
+        clock: Clock,
+    ) -> Result<Self, InvalidConfig> {
+        let overflow = TokenBucket::new(template.quota())?.with_clock(clock.clone());
         Ok(Self {
             inner: Arc::new(Inner {
-                map: DashMap::with_hasher(Hasher::default()),
-                clock: template.clock().clone(),
+                map: BoundedMap::new(max_hosts, overflow).with_clock(clock.clone()),
                 template,
-                overflow,
-                max_hosts,
-                sweep_not_before: AtomicU64::new(0),
+                clock,
             }),
         })
     }
 
-    /// The same, reading `clock` (tests).
     #[cfg(test)]
     fn with_clock(self, clock: Clock) -> Self {
-        let inner = Arc::try_unwrap(self.inner).unwrap_or_else(|_| unreachable!("not shared yet"));
-        Self {
-            inner: Arc::new(Inner {
-                overflow: inner.overflow.with_clock(clock.clone()),
-                clock,
-                ..inner
-            }),
-        }
+        let template = self.inner.template.clone();
+        Self::on_clock(template, self.max_hosts(), clock)
+            .unwrap_or_else(|_| unreachable!("the template's settings were checked"))
     }
 
-    /// The bucket of `host`, made (full) if need be.
+    /// The bucket of `host`, made if need be (the overflow bucket when
+    /// there is no room).
+    #[inline]
     pub(crate) fn bucket(&self, host: &HostScope) -> TokenBucket {
-        let inner = &*self.inner;
-        if let Some(b) = inner.map.get(host) {
+        if let Some(b) = self.inner.map.get(host) {
             return b.clone();
         }
         self.new_bucket(host)
@@ -104,39 +92,23 @@ impl HostLimits {
     #[cold]
     fn new_bucket(&self, host: &HostScope) -> TokenBucket {
         let inner = &*self.inner;
-        if inner.map.len() >= inner.max_hosts && !self.sweep() {
-            return inner.overflow.clone();
-        }
-        inner
-            .map
-            .entry(host.clone())
-            .or_insert_with(|| {
-                let t = &inner.template;
-                TokenBucket::new(t.quota())
-                    .unwrap_or_else(|_| unreachable!("the template's settings were checked"))
-                    .with_clock(inner.clock.clone())
-            })
-            .clone()
-    }
-
-    /// Lets go of full buckets no one holds; says whether room was made.
-    fn sweep(&self) -> bool {
-        let inner = &*self.inner;
         let now = inner.clock.now();
-        if now < inner.sweep_not_before.load(Ordering::Relaxed) {
-            return false;
-        }
         let capacity = f64::from(inner.template.capacity());
+        // Idle: held by the map alone, and full again.
+        let mut idle =
+            |_: &HostScope, b: &TokenBucket| b.handles() == 1 && b.available_at(now) >= capacity;
         inner
             .map
-            .retain(|_, b| b.handles() > 1 || b.available_at(now) < capacity);
-        let room = inner.map.len() < inner.max_hosts;
-        if !room {
-            inner
-                .sweep_not_before
-                .store(now.saturating_add(SWEEP_PAUSE), Ordering::Relaxed);
-        }
-        room
+            .get_or_insert_with(
+                host,
+                || {
+                    TokenBucket::new(inner.template.quota())
+                        .unwrap_or_else(|_| unreachable!("the template's settings were checked"))
+                        .with_clock(inner.clock.clone())
+                },
+                Some(&mut idle),
+            )
+            .clone()
     }
 
     /// Tokens `host` has now (a host without a bucket has a full one).
@@ -164,7 +136,7 @@ impl HostLimits {
 
     /// The cap on hosts with a bucket of their own.
     pub fn max_hosts(&self) -> usize {
-        self.inner.max_hosts
+        self.inner.map.max_keys()
     }
 
     /// Each bucket's capacity (burst size).
