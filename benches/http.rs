@@ -30,7 +30,6 @@
 
 mod support;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -42,7 +41,7 @@ use axum::Router;
 use axum::routing::get;
 use axum::serve::ListenerExt;
 use bytes::Bytes;
-use http::{Request, Response};
+use http::Request;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -207,29 +206,6 @@ fn servers() -> Vec<(&'static str, Router)> {
     ]
 }
 
-/// A hyper server answering `ok` at once, for the client cases.
-fn serve_hyper(rt: &Runtime) -> SocketAddr {
-    rt.block_on(async {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            loop {
-                let (stream, _) = listener.accept().await.unwrap();
-                stream.set_nodelay(true).unwrap();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(|_req| async {
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
-        addr
-    })
-}
-
 struct Row {
     section: &'static str,
     setup: String,
@@ -290,7 +266,7 @@ fn main() {
         // The client under test gets one worker, the server two.
         let server_rt = runtime(2);
         let client_rt = runtime(1);
-        let addr = serve_hyper(&server_rt);
+        let addr = support::serve_hyper(&server_rt);
         let base = format!("http://{addr}");
         let uri: http::Uri = format!("{base}/").parse().unwrap();
         let bare = client_rt

@@ -21,49 +21,20 @@
 //!
 //! Run: `cargo bench -p apiguard-benches --bench reqwest`.
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use apiguard::{GuardedClient, Quota};
 use apiguard_reqwest::GuardMiddleware;
-use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use http::Response;
-use http_body_util::Full;
-use hyper_util::rt::TokioIo;
 use reqwest_middleware::ClientWithMiddleware;
-use tokio::net::TcpListener;
-use tokio::runtime::Runtime;
 use tokio::time::Instant;
+
+mod support;
+
+use support::serve_hyper;
 
 /// Concurrent tasks in `reqwest_concurrent`.
 const TASKS: u64 = 16;
-
-/// A hyper server answering `ok` at once, on `rt`.
-fn serve(rt: &Runtime) -> SocketAddr {
-    rt.block_on(async {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(|_req| async {
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
-        addr
-    })
-}
 
 /// The three ways to send the same request.
 #[derive(Clone)]
@@ -114,7 +85,7 @@ fn bench(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let url = format!("http://{}/", serve(&server_rt));
+    let url = format!("http://{}/", serve_hyper(&server_rt));
     let client = rt.block_on(async { reqwest::Client::builder().build().unwrap() });
     let contenders = rt.block_on(async { contenders(&client) });
 

@@ -5,7 +5,9 @@
 // Each bench binary includes this module and uses a different part of it.
 #![allow(dead_code)]
 
+use std::convert::Infallible;
 use std::future::{Future, Ready, ready};
+use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
@@ -16,6 +18,9 @@ use apiguard_core::BoxError;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::runtime::Runtime;
 use tower::retry::Policy;
 use tower::retry::backoff::{Backoff, ExponentialBackoff, ExponentialBackoffMaker, MakeBackoff};
 use tower::util::rng::HasherRng;
@@ -382,4 +387,28 @@ pub fn write_result(name: &str, contents: &str) {
     let path = dir.join(name);
     std::fs::write(&path, contents).unwrap();
     println!("wrote {}", path.display());
+}
+
+/// A hyper server on loopback answering `ok` at once, on `rt`: the
+/// upstream of the client benches (`http`, `reqwest`).
+pub fn serve_hyper(rt: &Runtime) -> SocketAddr {
+    rt.block_on(async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                stream.set_nodelay(true).unwrap();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req| async {
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    })
 }

@@ -149,18 +149,7 @@ fn a_throttled_host_gets_a_pace_gauge_labelled_by_host() {
         })
     });
     let snap = snap.snapshot().into_vec();
-    let gauge = snap.iter().find_map(|(key, _, _, value)| {
-        let labelled = key
-            .key()
-            .labels()
-            .any(|l| l.key() == "host" && l.value() == host);
-        match value {
-            DebugValue::Gauge(g) if key.key().name() == "apiguard_host_pace" && labelled => {
-                Some(g.into_inner())
-            }
-            _ => None,
-        }
-    });
+    let gauge = host_gauge(&snap, "apiguard_host_pace", &host);
     let rate = gauge.expect("a pace gauge for the throttled host");
     assert!(
         rate > 0.0 && rate <= apiguard::ratelimit::pace::START_RATE,

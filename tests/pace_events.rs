@@ -16,6 +16,14 @@ use tracing_subscriber::layer::SubscriberExt;
 /// One event's fields: name, and the value with its kind.
 type Fields = Vec<(String, String)>;
 
+/// The value of an event's field `name` (empty when it has none).
+fn field(e: &Fields, name: &str) -> String {
+    e.iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default()
+}
+
 #[derive(Clone, Default)]
 struct Capture(Arc<Mutex<Vec<Fields>>>);
 
@@ -78,12 +86,6 @@ async fn a_throttle_emits_a_pace_event_with_host_rates_pause_and_reason() {
     svc.clone().oneshot(req()).await.unwrap();
     svc.oneshot(req()).await.unwrap();
     let events = capture.0.lock().unwrap().clone();
-    let field = |e: &Fields, name: &str| {
-        e.iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default()
-    };
     let throttle = events
         .iter()
         .find(|e| field(e, "reason") == "str:throttled")
@@ -130,12 +132,6 @@ async fn a_host_breaker_transition_event_names_the_host_and_reason() {
         .unwrap();
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     let events = capture.0.lock().unwrap().clone();
-    let field = |e: &Fields, name: &str| {
-        e.iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default()
-    };
     let opened = events
         .iter()
         .find(|e| field(e, "target") == "apiguard::breaker" && field(e, "to") == "debug:Open")
