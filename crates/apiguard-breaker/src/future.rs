@@ -51,8 +51,13 @@ pin_project! {
 }
 
 impl<F, C, H> ResponseFuture<F, C, H> {
+    #[inline]
     pub(crate) fn called(future: F, permit: OwnedPermit, classifier: C, hold: H) -> Self {
-        tracing::trace!(target: "apiguard::breaker", probe = permit.is_probe(), "call admitted");
+        // Only a probe is worth an event: one per admitted call would put
+        // the event's checks on every request's path.
+        if permit.is_probe() {
+            trace_probe();
+        }
         Self {
             kind: Kind::Called { future },
             permit: Some(permit),
@@ -154,6 +159,12 @@ where
             }
         }
     }
+}
+
+#[cold]
+#[inline(never)]
+fn trace_probe() {
+    tracing::trace!(target: "apiguard::breaker", "half-open probe admitted");
 }
 
 /// Records the outcome, then holds the breaker open as the server asked.

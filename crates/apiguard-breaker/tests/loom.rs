@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use apiguard_breaker::{CircuitBreaker, State};
+use apiguard_breaker::{CircuitBreaker, SlidingWindow, State};
 use apiguard_core::ManualClock;
 use loom::thread;
 
@@ -177,6 +177,42 @@ fn racing_failures_in_the_closed_state_trip_it_exactly_once() {
         }
         assert_eq!(b.state(), State::Open);
         assert_eq!(transitions.load(Ordering::SeqCst), 1);
+    });
+}
+
+#[test]
+fn racing_records_on_one_window_slot_keep_the_totals_exact() {
+    loom::model(|| {
+        // A window of one call, so every record lands on the same slot; it
+        // never trips (two calls needed, one counted). Two failures and a
+        // success race over a slot holding a success: whatever the
+        // interleaving, the totals must stay the slot's content (a failure
+        // counted twice shows as two failures in a window of one).
+        let b = CircuitBreaker::builder()
+            .failure_threshold(100)
+            .failure_rate(1.0)
+            .sliding_window(SlidingWindow::Count(1))
+            .minimum_calls(2)
+            .clock(ManualClock::new().clock())
+            .build()
+            .unwrap();
+        b.try_acquire().unwrap().success();
+        let permits: Vec<_> = (0..3).map(|_| b.try_acquire_owned().unwrap()).collect();
+        let handles: Vec<_> = permits
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| thread::spawn(move || if i < 2 { p.failure() } else { p.success() }))
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        let s = b.stats();
+        assert_eq!(s.window_calls, 1);
+        assert!(s.window_failures <= 1, "{s:?}");
+        // One more success replaces whatever the race left.
+        b.try_acquire().unwrap().success();
+        let s = b.stats();
+        assert_eq!((s.window_calls, s.window_failures), (1, 0), "{s:?}");
     });
 }
 
