@@ -205,7 +205,8 @@ where
     L: Limiter<K> + Clone,
 {
     if limiter.take_now(&key, cost) {
-        tracing::trace!(target: "apiguard::ratelimit", "admitted");
+        // No event for a plain admission: its checks would sit on every
+        // request's path, and the admission says nothing a metric does not.
         return ResponseFuture::called(inner.call(req));
     }
     match limiter.reserve_now(&key, cost, max_wait) {
@@ -219,7 +220,11 @@ where
                 );
                 return ResponseFuture::called(inner.call(req));
             }
-            tracing::trace!(target: "apiguard::ratelimit", ?wait, "waiting for tokens");
+            tracing::trace!(
+                target: "apiguard::ratelimit",
+                wait_ms = wait.as_millis() as u64,
+                "waiting for tokens"
+            );
             // `inner` is ready now but will be called later: take the ready
             // one and leave a clone (tower-service's "be careful when cloning
             // inner services"); the future drives its readiness again.
