@@ -101,6 +101,47 @@ async fn an_attempt_refused_by_the_breaker_spends_no_token() {
     assert_eq!(limiter.available(&host_key()).floor(), 9.0);
 }
 
+/// `max_wait` bounds a request's waits for its host's open circuit across
+/// all its attempts, even under a retry policy of the user's own whose
+/// `max_local_wait` is longer: a circuit open for longer than `max_wait` is
+/// a refusal at once, not a wait for the next probe.
+#[tokio::test]
+async fn max_wait_ends_the_retries_of_a_layer_built_by_hand() {
+    let up = Upstream::start(Behavior::Status(503)).await.unwrap();
+    let layer = GuardLayer::builder()
+        .retry(
+            RetryPolicy::builder()
+                .max_retries(4)
+                .base_delay(Duration::from_millis(5))
+                // Longer than the open period: only `max_wait` can stop
+                // the wait for the probe.
+                .max_retry_after(Duration::from_secs(60))
+                .max_local_wait(Duration::from_secs(60)),
+        )
+        .circuit_breaker(
+            CircuitBreaker::builder()
+                .failure_threshold(3)
+                .recovery_timeout(Duration::from_secs(5)),
+        )
+        .max_wait(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let svc = layer.layer(Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>());
+    let url = format!("{}/", up.url());
+    let started = tokio::time::Instant::now();
+    for i in 0..6 {
+        let req = Request::get(&url).body(Full::default()).unwrap();
+        let err = svc.clone().oneshot(req).await.unwrap_err();
+        assert!(err.is::<apiguard::CircuitOpen>(), "request {i}: {err}");
+    }
+    assert_eq!(up.requests(), 3, "only the calls that opened the circuit");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a request waited for the probe: {:?}",
+        started.elapsed()
+    );
+}
+
 #[test]
 fn invalid_combinations_are_refused_with_a_reason() {
     let err = GuardLayer::builder()

@@ -265,6 +265,12 @@ impl RetryPolicyBuilder {
         self
     }
 
+    /// The bound [`max_local_wait`](Self::max_local_wait) set (60 s unless
+    /// set), for a stack that must keep it within a wait bound of its own.
+    pub fn local_wait_limit(&self) -> Duration {
+        self.max_local_wait
+    }
+
     /// A total time bound over all attempts and waits of one request
     /// (default none). A retry whose wait would end past it is not made.
     /// An attempt in flight is not cut short: put a timeout layer outside

@@ -96,9 +96,9 @@ impl GuardedClientBuilder {
     /// The longest a request waits for a token, or for its host's open
     /// circuit to let it through (default 30 s; the total timeout bounds
     /// both too). A circuit whose next probe comes later refuses at once
-    /// with `CircuitOpen`, and retry does not wait it out either: with the
-    /// default retry policy, `max_wait` bounds a request's waits across all
-    /// its attempts. Waiting spends no retry attempt and no budget.
+    /// with `CircuitOpen`, and retry does not wait it out either:
+    /// `max_wait` bounds a request's waits across all its attempts, whatever
+    /// retry policy is given. Waiting spends no retry attempt and no budget.
     pub fn max_wait(mut self, d: Duration) -> Self {
         self.max_wait = d;
         self
@@ -308,10 +308,7 @@ impl GuardedClientBuilder {
                     .deadline(self.total_timeout)
                     // Wait out a server's or an open circuit's hint only
                     // when it is short; a longer one comes back at once.
-                    .max_retry_after(Duration::from_secs(10).min(self.total_timeout))
-                    // `max_wait` bounds all of a request's waits for its
-                    // host's bucket or open circuit, across its attempts.
-                    .max_local_wait(self.max_wait),
+                    .max_retry_after(Duration::from_secs(10).min(self.total_timeout)),
             )),
         }
     }

@@ -97,7 +97,11 @@ impl GuardLayerBuilder {
     /// `RateLimited`, and for its host's open breaker to let it through
     /// before it is refused with `CircuitOpen` (default 30 s; the total
     /// timeout bounds both too). A breaker whose next probe comes later is
-    /// not waited for. Such waits spend no retry attempt and no budget.
+    /// not waited for, and the retry policy does not wait it out either:
+    /// `max_wait` also bounds the policy's
+    /// [`max_local_wait`](RetryPolicyBuilder::max_local_wait), so it bounds
+    /// a request's waits across all its attempts. Such waits spend no retry
+    /// attempt and no budget.
     pub fn max_wait(mut self, d: Duration) -> Self {
         self.max_wait = d;
         self
@@ -208,7 +212,13 @@ impl GuardLayerBuilder {
             None => None,
         };
         let retry = match self.retry {
-            Some(policy) => Some(policy.build()?),
+            // `max_wait` bounds all of a request's waits for its host's
+            // bucket or open circuit, across its attempts: a policy may
+            // wait less, never more.
+            Some(policy) => {
+                let bound = policy.local_wait_limit().min(self.max_wait);
+                Some(policy.max_local_wait(bound).build()?)
+            }
             None => None,
         };
         let paces = if self.adaptive {
