@@ -145,9 +145,7 @@ pin_project! {
         Refused { err: Option<RateLimited> },
         MissingKey { err: Option<MissingKey> },
         Reserving { #[pin] fut: R, svc: Option<(S, Req)> },
-        // Boxed: a `Sleep` is larger than the rest of the future, and
-        // only a waiting call (the slow path) needs one.
-        Waiting { sleep: Pin<Box<Sleep>>, svc: Option<(S, Req)> },
+        Waiting { #[pin] sleep: Sleep, svc: Option<(S, Req)> },
         Ready { svc: Option<(S, Req)> },
         Called { #[pin] fut: F },
     }
@@ -182,7 +180,7 @@ where
     pub(crate) fn waiting(svc: S, req: Req, wait: Duration, hold: Hold<L, K>) -> Self {
         Self {
             state: State::Waiting {
-                sleep: Box::pin(sleep(wait)),
+                sleep: sleep(wait),
                 svc: Some((svc, req)),
             },
             hold: Some(hold),
@@ -253,13 +251,13 @@ where
                         this.state.set(State::Ready { svc });
                     } else {
                         this.state.set(State::Waiting {
-                            sleep: Box::pin(sleep(grant.wait)),
+                            sleep: sleep(grant.wait),
                             svc,
                         });
                     }
                 }
                 StateProj::Waiting { sleep, svc } => {
-                    ready!(sleep.as_mut().poll(cx));
+                    ready!(sleep.poll(cx));
                     let svc = svc.take();
                     this.state.set(State::Ready { svc });
                 }
