@@ -287,3 +287,116 @@ fn a_prometheus_scrape_shows_each_hosts_breaker_state_and_pace() {
         "the failing host was not paced: {scrape}"
     );
 }
+
+/// The samples of `name` whose labels include every one of `labels`.
+fn histogram_samples(entries: &Entries, name: &str, labels: &[(&str, &str)]) -> usize {
+    entries
+        .iter()
+        .filter(|(key, ..)| key.key().name() == name)
+        .filter(|(key, ..)| {
+            labels
+                .iter()
+                .all(|(k, v)| key.key().labels().any(|l| l.key() == *k && l.value() == *v))
+        })
+        .map(|(.., value)| match value {
+            DebugValue::Histogram(samples) => samples.len(),
+            _ => 0,
+        })
+        .sum()
+}
+
+/// Each attempt on the network is one `http.client.request.duration`
+/// sample with OpenTelemetry's attributes: a retried `503` is two samples
+/// whose `error.type` is the status, a `200` one without an error, a
+/// refused connection two with `error.type = connect`; and the metric is
+/// described in seconds.
+#[test]
+fn each_attempt_is_an_opentelemetry_http_client_duration_sample() {
+    let recorder = DebuggingRecorder::new();
+    let snap = recorder.snapshotter();
+    let (failing_port, ok_port, closed_port) = metrics::with_local_recorder(&recorder, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let failing = Upstream::start(Behavior::Status(503)).await.unwrap();
+            let ok = Upstream::start(Behavior::Ok).await.unwrap();
+            // A port nobody listens on: bound, then let go.
+            let closed = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap();
+            let client = GuardedClient::builder()
+                .max_retries(1)
+                .base_delay(Duration::from_millis(1))
+                .failure_threshold(10)
+                .build()
+                .unwrap();
+            let res = client.get(&format!("{}/", failing.url())).await.unwrap();
+            assert_eq!(res.status(), 503);
+            let res = client.get(&format!("{}/", ok.url())).await.unwrap();
+            assert_eq!(res.status(), 200);
+            let err = client.get(&format!("http://{closed}/")).await.unwrap_err();
+            assert!(!err.is_circuit_open(), "{err}");
+            (
+                failing.addr().port().to_string(),
+                ok.addr().port().to_string(),
+                closed.port().to_string(),
+            )
+        })
+    });
+    let snap = snap.snapshot().into_vec();
+    let name = "http.client.request.duration";
+    let host = ("server.address", "127.0.0.1");
+    let get = ("http.request.method", "GET");
+    assert_eq!(
+        histogram_samples(
+            &snap,
+            name,
+            &[
+                get,
+                host,
+                ("server.port", &failing_port),
+                ("http.response.status_code", "503"),
+                ("error.type", "503"),
+            ]
+        ),
+        2,
+        "{snap:#?}"
+    );
+    assert_eq!(
+        histogram_samples(
+            &snap,
+            name,
+            &[
+                get,
+                host,
+                ("server.port", &ok_port),
+                ("http.response.status_code", "200"),
+                ("error.type", ""),
+            ]
+        ),
+        1
+    );
+    assert_eq!(
+        histogram_samples(
+            &snap,
+            name,
+            &[
+                get,
+                host,
+                ("server.port", &closed_port),
+                ("http.response.status_code", ""),
+                ("error.type", "connect"),
+            ]
+        ),
+        2
+    );
+    assert_eq!(histogram_samples(&snap, name, &[]), 5);
+    let described = snap
+        .iter()
+        .find(|(key, ..)| key.key().name() == name)
+        .map(|(_, unit, desc, _)| (*unit, desc.is_some()));
+    assert_eq!(described, Some((Some(metrics::Unit::Seconds), true)));
+}

@@ -14,6 +14,7 @@
 //! | `apiguard_breaker_transitions_total` | counter | `host`, `from`, `to`, `reason` | transitions of the breakers a [`GuardLayer`](crate::GuardLayer) (and so `GuardedClient`) makes, one per host |
 //! | `apiguard_breaker_state` | gauge | `host` | the state each host's breaker last entered: 0 closed, 1 half-open, 2 open, 3 forced open, 4 disabled |
 //! | `apiguard_host_pace` | gauge | `host` | a paced host's current pace, requests per second (see [`pace`](crate::pace)) |
+//! | `http.client.request.duration` | histogram (s) | `http.request.method`, `server.address`, `server.port`, `http.response.status_code`, `error.type` | each attempt `GuardedClient` sends on the network, named and labelled as OpenTelemetry's HTTP client conventions name it (a Prometheus exporter shows `http_client_request_duration`) |
 //!
 //! # Host labels
 //!
@@ -24,6 +25,18 @@
 //! series. The `other` state gauge holds the last transition of any of
 //! them. The shared overflow breaker of a full host registry has no host
 //! and records nothing.
+//!
+//! # OpenTelemetry names
+//!
+//! Where a metric has an equivalent in OpenTelemetry's semantic
+//! conventions for HTTP clients, it takes that name and those attributes:
+//! `http.client.request.duration` is one sample per attempt, as the
+//! conventions count a retry as a request of its own. `error.type` is the
+//! status code of a `4xx`/`5xx` answer, `connect` or `timeout` for an
+//! attempt that got none, else `_OTHER`; a method outside the standard
+//! ones is `_OTHER`. The `apiguard_*` metrics have no equivalent there
+//! (a request's whole time in the stack, waits, breakers, pace) and keep
+//! their names. `server.address` follows the host cap below.
 //!
 //! A breaker you build yourself records through [`record_transition`]
 //! (no `host` label) when you hook it in.
@@ -228,9 +241,17 @@ fn reason_label(r: Reason) -> &'static str {
 /// The `host` labels of one stack: the first [`MAX_LABELLED_HOSTS`] hosts
 /// by name, the rest `other`.
 #[derive(Default)]
-struct HostLabels {
+pub(crate) struct HostLabels {
     names: Mutex<HashMap<HostScope, Arc<str>>>,
 }
+
+impl fmt::Debug for HostLabels {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HostLabels").finish_non_exhaustive()
+    }
+}
+
+const OTHER: &str = "other";
 
 impl HostLabels {
     fn label(&self, host: &HostScope) -> Arc<str> {
@@ -239,7 +260,7 @@ impl HostLabels {
             return name.clone();
         }
         if names.len() >= MAX_LABELLED_HOSTS {
-            return Arc::from("other");
+            return Arc::from(OTHER);
         }
         let name: Arc<str> = match host {
             Some(a) => Arc::from(a.as_str()),
@@ -247,6 +268,109 @@ impl HostLabels {
         };
         names.insert(host.clone(), name.clone());
         name
+    }
+
+    /// Whether `host` has a label of its own (within the cap).
+    fn is_named(&self, host: &HostScope) -> bool {
+        &*self.label(host) != OTHER
+    }
+}
+
+/// What one attempt's `http.client.request.duration` sample needs from its
+/// request, taken before the request is handed on.
+#[derive(Debug)]
+pub(crate) struct AttemptLabels {
+    method: &'static str,
+    address: String,
+    port: String,
+}
+
+impl AttemptLabels {
+    pub(crate) fn of<B>(req: &http::Request<B>, hosts: &HostLabels) -> Self {
+        let uri = req.uri();
+        let host: HostScope = uri.authority().cloned();
+        let (address, port) = match uri.host() {
+            Some(name) if hosts.is_named(&host) => {
+                let port = uri.port_u16().or(match uri.scheme_str() {
+                    Some("https") => Some(443),
+                    Some("http") => Some(80),
+                    _ => None,
+                });
+                (
+                    name.trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .to_owned(),
+                    port.map_or_else(String::new, |p| p.to_string()),
+                )
+            }
+            Some(_) => (OTHER.to_owned(), OTHER.to_owned()),
+            None => (String::new(), String::new()),
+        };
+        Self {
+            method: method_label(req.method()),
+            address,
+            port,
+        }
+    }
+
+    /// Records the attempt: `status` if it got an answer, else the error.
+    pub(crate) fn record(
+        self,
+        seconds: f64,
+        status: Option<http::StatusCode>,
+        err: Option<&(dyn std::error::Error + 'static)>,
+    ) {
+        let code = status.map(|s| s.as_u16());
+        let error = match (code, err) {
+            (Some(c), _) if c >= 400 => c.to_string(),
+            (Some(_), _) => String::new(),
+            (None, Some(e)) if is_connect(e) => "connect".to_owned(),
+            (None, Some(e)) if is_timeout(e) => "timeout".to_owned(),
+            (None, _) => "_OTHER".to_owned(),
+        };
+        metrics::histogram!(
+            "http.client.request.duration",
+            "http.request.method" => self.method,
+            "server.address" => self.address,
+            "server.port" => self.port,
+            "http.response.status_code" => code.map_or_else(String::new, |c| c.to_string()),
+            "error.type" => error
+        )
+        .record(seconds);
+    }
+}
+
+fn is_connect(e: &(dyn std::error::Error + 'static)) -> bool {
+    e.downcast_ref::<hyper_util::client::legacy::Error>()
+        .is_some_and(|e| e.is_connect())
+}
+
+fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::TimedOut
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// The method as OpenTelemetry names it: the standard ones, else `_OTHER`.
+fn method_label(m: &http::Method) -> &'static str {
+    match *m {
+        http::Method::GET => "GET",
+        http::Method::HEAD => "HEAD",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::DELETE => "DELETE",
+        http::Method::CONNECT => "CONNECT",
+        http::Method::OPTIONS => "OPTIONS",
+        http::Method::TRACE => "TRACE",
+        http::Method::PATCH => "PATCH",
+        _ => "_OTHER",
     }
 }
 
@@ -311,6 +435,11 @@ pub fn describe() {
     describe_gauge!(
         "apiguard_host_pace",
         "Pace learned from a host's pushback, requests per second."
+    );
+    describe_histogram!(
+        "http.client.request.duration",
+        Unit::Seconds,
+        "Duration of each HTTP attempt sent on the network (OpenTelemetry's HTTP client conventions)."
     );
 }
 

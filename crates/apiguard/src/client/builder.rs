@@ -212,6 +212,8 @@ impl GuardedClientBuilder {
         let transport = Counted {
             inner: Client::builder(TokioExecutor::new()).build(connector()),
             stats: stats.clone(),
+            #[cfg(feature = "metrics")]
+            hosts: Default::default(),
         };
         let mut service = layer.layer(transport);
         if let Some(base) = &base {

@@ -57,6 +57,9 @@ pub(super) fn connector() -> Connector {
 pub(crate) struct Counted<S> {
     pub(super) inner: S,
     pub(super) stats: Arc<Counters>,
+    /// The `server.address` labels of `http.client.request.duration`.
+    #[cfg(feature = "metrics")]
+    pub(super) hosts: Arc<crate::metrics::HostLabels>,
 }
 
 /// Per-request bookkeeping the retry layer copies into every attempt.
@@ -69,7 +72,11 @@ pub(super) struct AttemptState {
     pub(super) nanos: AtomicU64,
 }
 
-impl<S: Service<Request<B>>, B> Service<Request<B>> for Counted<S> {
+impl<S, B, RB> Service<Request<B>> for Counted<S>
+where
+    S: Service<Request<B>, Response = http::Response<RB>>,
+    S::Error: std::error::Error + 'static,
+{
     type Response = S::Response;
     type Error = S::Error;
     type Future = CountedFuture<S::Future>;
@@ -90,11 +97,16 @@ impl<S: Service<Request<B>>, B> Service<Request<B>> for Counted<S> {
         #[cfg(feature = "metrics")]
         crate::metrics::record_attempt(retry);
         let request = req.extensions().get::<Attempted>().map(|a| a.0.clone());
+        #[cfg(feature = "metrics")]
+        let labels = Some(crate::metrics::AttemptLabels::of(&req, &self.hosts));
+        #[cfg(not(feature = "metrics"))]
+        let labels = ();
         CountedFuture {
             inner: self.inner.call(req),
             stats: self.stats.clone(),
             request,
             started: Clock::system().now(),
+            labels,
         }
     }
 }
@@ -108,19 +120,39 @@ pin_project! {
         stats: Arc<Counters>,
         request: Option<Arc<AttemptState>>,
         started: Nanos,
+        labels: Labels,
     }
 }
 
-impl<F: Future> Future for CountedFuture<F> {
+/// What the attempt's metric sample needs (nothing without `metrics`).
+#[cfg(feature = "metrics")]
+type Labels = Option<crate::metrics::AttemptLabels>;
+#[cfg(not(feature = "metrics"))]
+type Labels = ();
+
+impl<F, RB, E> Future for CountedFuture<F>
+where
+    F: Future<Output = Result<http::Response<RB>, E>>,
+    E: std::error::Error + 'static,
+{
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
         let this = self.project();
         let out = std::task::ready!(this.inner.poll(cx));
         let spent = Clock::system().now().saturating_sub(*this.started);
         this.stats.attempt_nanos.fetch_add(spent, Ordering::Relaxed);
         if let Some(request) = this.request {
             request.nanos.fetch_add(spent, Ordering::Relaxed);
+        }
+        #[cfg(feature = "metrics")]
+        if let Some(labels) = this.labels.take() {
+            let (status, err) = match &out {
+                Ok(res) => (Some(res.status()), None),
+                Err(e) => (None, Some(e as &(dyn std::error::Error + 'static))),
+            };
+            labels.record(spent as f64 / 1e9, status, err);
         }
         Poll::Ready(out)
     }
