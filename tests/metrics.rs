@@ -400,3 +400,65 @@ fn each_attempt_is_an_opentelemetry_http_client_duration_sample() {
         .map(|(_, unit, desc, _)| (*unit, desc.is_some()));
     assert_eq!(described, Some((Some(metrics::Unit::Seconds), true)));
 }
+
+/// Hosts past `max_hosts`, while every host breaker is in use, share the
+/// overflow breaker: its transitions are recorded under `host="other"`,
+/// and the named host's series stay its own.
+#[test]
+fn the_overflow_breaker_of_a_full_host_registry_is_labelled_other() {
+    let recorder = DebuggingRecorder::new();
+    let snap = recorder.snapshotter();
+    let named = metrics::with_local_recorder(&recorder, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let first = Upstream::start(Behavior::Status(503)).await.unwrap();
+            let second = Upstream::start(Behavior::Status(503)).await.unwrap();
+            let client = GuardedClient::builder()
+                .max_retries(0)
+                .failure_threshold(2)
+                .recovery_timeout(Duration::from_secs(600))
+                .max_hosts(1)
+                .build()
+                .unwrap();
+            // The first host's breaker holds a failure: it is in use, the
+            // registry is full, and the second host gets the overflow one.
+            let res = client.get(&format!("{}/", first.url())).await.unwrap();
+            assert_eq!(res.status(), 503);
+            for _ in 0..2 {
+                let res = client.get(&format!("{}/", second.url())).await.unwrap();
+                assert_eq!(res.status(), 503);
+            }
+            assert!(
+                client
+                    .get(&format!("{}/", second.url()))
+                    .await
+                    .unwrap_err()
+                    .is_circuit_open()
+            );
+            first.addr().to_string()
+        })
+    });
+    let snap = snap.snapshot().into_vec();
+    let opened = |host: &str| {
+        snap.iter()
+            .filter(|(key, ..)| key.key().name() == "apiguard_breaker_transitions_total")
+            .filter(|(key, ..)| {
+                let labels: Vec<_> = key.key().labels().map(|l| (l.key(), l.value())).collect();
+                labels.contains(&("host", host)) && labels.contains(&("to", "open"))
+            })
+            .map(|(.., value)| match value {
+                DebugValue::Counter(n) => *n,
+                _ => 0,
+            })
+            .sum::<u64>()
+    };
+    assert_eq!(opened("other"), 1, "{snap:#?}");
+    assert_eq!(opened(&named), 0);
+    assert_eq!(
+        host_gauge(&snap, "apiguard_breaker_state", "other"),
+        Some(2.0)
+    );
+}

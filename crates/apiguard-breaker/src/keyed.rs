@@ -65,7 +65,8 @@ impl<B> KeyExtractor<Request<B>> for PathKey {
 /// [`on_transition`](CircuitBreakerBuilder::on_transition) hook, which does
 /// not know the key; [`on_transition`](Self::on_transition) adds a hook that
 /// does; the overflow breaker has no key and calls the template's hook
-/// only.
+/// and the one [`on_overflow_transition`](Self::on_overflow_transition)
+/// adds.
 ///
 /// Cloning is cheap and clones share the registry.
 pub struct KeyedBreakers<K> {
@@ -184,6 +185,16 @@ impl<K: Hash + Eq + Clone> KeyedBreakers<K> {
         if let Some(attach) = reg.attach.get() {
             reg.map.for_each(|k, b| attach(k, b));
         }
+        self
+    }
+
+    /// Adds a hook called on every transition of the shared overflow
+    /// breaker (which has no key, so [`on_transition`](Self::on_transition)
+    /// does not reach it), after the template's own hook. Only the first
+    /// such hook is kept: a registry has one overflow breaker, and one
+    /// place to report it.
+    pub fn on_overflow_transition(self, f: impl Fn(&Transition) + Send + Sync + 'static) -> Self {
+        self.overflow().attach_registry_hook(|| Arc::new(f));
         self
     }
 

@@ -23,8 +23,8 @@
 //! requests name it, `*` when hosts share one breaker); later ones share
 //! `other`, so a client calling many hosts keeps a bounded number of
 //! series. The `other` state gauge holds the last transition of any of
-//! them. The shared overflow breaker of a full host registry has no host
-//! and records nothing.
+//! them, and of the overflow breaker that hosts past `max_hosts` share
+//! while the registry is full of breakers in use.
 //!
 //! # OpenTelemetry names
 //!
@@ -374,24 +374,32 @@ fn method_label(m: &http::Method) -> &'static str {
     }
 }
 
-/// The hook a [`GuardLayer`](crate::GuardLayer) puts on its per-host
-/// breakers: transitions and state labelled by host (transitions are
-/// rare, so a lock here costs nothing that matters).
-pub(crate) fn host_transition_hook() -> impl Fn(&HostScope, &Transition) + Send + Sync + 'static {
+/// The hooks a [`GuardLayer`](crate::GuardLayer) puts on its per-host
+/// breakers and on the overflow breaker hosts share when its registry is
+/// full: transitions and state labelled by host, `other` for the overflow
+/// breaker as for hosts past the label cap (transitions are rare, so a
+/// lock here costs nothing that matters).
+pub(crate) fn host_transition_hooks() -> (
+    impl Fn(&HostScope, &Transition) + Send + Sync + 'static,
+    impl Fn(&Transition) + Send + Sync + 'static,
+) {
     let labels = HostLabels::default();
-    move |host, t| {
-        let host = labels.label(host);
-        metrics::counter!(
-            "apiguard_breaker_transitions_total",
-            "host" => host.to_string(),
-            "from" => state_label(t.from),
-            "to" => state_label(t.to),
-            "reason" => reason_label(t.reason)
-        )
-        .increment(1);
-        metrics::gauge!("apiguard_breaker_state", "host" => host.to_string())
-            .set(state_level(t.to));
-    }
+    let hosts =
+        move |host: &HostScope, t: &Transition| record_host_transition(&labels.label(host), t);
+    let overflow = |t: &Transition| record_host_transition(OTHER, t);
+    (hosts, overflow)
+}
+
+fn record_host_transition(host: &str, t: &Transition) {
+    metrics::counter!(
+        "apiguard_breaker_transitions_total",
+        "host" => host.to_owned(),
+        "from" => state_label(t.from),
+        "to" => state_label(t.to),
+        "reason" => reason_label(t.reason)
+    )
+    .increment(1);
+    metrics::gauge!("apiguard_breaker_state", "host" => host.to_owned()).set(state_level(t.to));
 }
 
 /// Registers the description and unit of every metric above with the

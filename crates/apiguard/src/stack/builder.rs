@@ -200,7 +200,12 @@ impl GuardLayerBuilder {
                     },
                 );
                 #[cfg(feature = "metrics")]
-                let breakers = breakers.on_transition(crate::metrics::host_transition_hook());
+                let breakers = {
+                    let (hosts, overflow) = crate::metrics::host_transition_hooks();
+                    breakers
+                        .on_transition(hosts)
+                        .on_overflow_transition(overflow)
+                };
                 Some(breakers)
             }
             None => None,
