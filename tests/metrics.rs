@@ -15,18 +15,35 @@ type Entries = Vec<(
     DebugValue,
 )>;
 
-fn counter(entries: &Entries, name: &str, label: Option<(&str, &str)>) -> u64 {
+/// The values of `name`'s series whose labels include every one of `labels`.
+fn values<'a>(
+    entries: &'a Entries,
+    name: &'a str,
+    labels: &'a [(&str, &str)],
+) -> impl Iterator<Item = &'a DebugValue> {
     entries
         .iter()
-        .filter(|(key, ..)| key.key().name() == name)
-        .filter(|(key, ..)| {
-            label.is_none_or(|(k, v)| key.key().labels().any(|l| l.key() == k && l.value() == v))
+        .filter(move |(key, ..)| key.key().name() == name)
+        .filter(move |(key, ..)| {
+            labels
+                .iter()
+                .all(|(k, v)| key.key().labels().any(|l| l.key() == *k && l.value() == *v))
         })
-        .map(|(.., value)| match value {
+        .map(|(.., value)| value)
+}
+
+/// The sum of `name`'s counters with all of `labels`.
+fn counter_with(entries: &Entries, name: &str, labels: &[(&str, &str)]) -> u64 {
+    values(entries, name, labels)
+        .map(|value| match value {
             DebugValue::Counter(n) => *n,
             _ => 0,
         })
         .sum()
+}
+
+fn counter(entries: &Entries, name: &str, label: Option<(&str, &str)>) -> u64 {
+    counter_with(entries, name, label.as_slice())
 }
 
 #[test]
@@ -290,15 +307,8 @@ fn a_prometheus_scrape_shows_each_hosts_breaker_state_and_pace() {
 
 /// The samples of `name` whose labels include every one of `labels`.
 fn histogram_samples(entries: &Entries, name: &str, labels: &[(&str, &str)]) -> usize {
-    entries
-        .iter()
-        .filter(|(key, ..)| key.key().name() == name)
-        .filter(|(key, ..)| {
-            labels
-                .iter()
-                .all(|(k, v)| key.key().labels().any(|l| l.key() == *k && l.value() == *v))
-        })
-        .map(|(.., value)| match value {
+    values(entries, name, labels)
+        .map(|value| match value {
             DebugValue::Histogram(samples) => samples.len(),
             _ => 0,
         })
@@ -443,17 +453,11 @@ fn the_overflow_breaker_of_a_full_host_registry_is_labelled_other() {
     });
     let snap = snap.snapshot().into_vec();
     let opened = |host: &str| {
-        snap.iter()
-            .filter(|(key, ..)| key.key().name() == "apiguard_breaker_transitions_total")
-            .filter(|(key, ..)| {
-                let labels: Vec<_> = key.key().labels().map(|l| (l.key(), l.value())).collect();
-                labels.contains(&("host", host)) && labels.contains(&("to", "open"))
-            })
-            .map(|(.., value)| match value {
-                DebugValue::Counter(n) => *n,
-                _ => 0,
-            })
-            .sum::<u64>()
+        counter_with(
+            &snap,
+            "apiguard_breaker_transitions_total",
+            &[("host", host), ("to", "open")],
+        )
     };
     assert_eq!(opened("other"), 1, "{snap:#?}");
     assert_eq!(opened(&named), 0);

@@ -242,7 +242,18 @@ fn reason_label(r: Reason) -> &'static str {
 /// by name, the rest `other`.
 #[derive(Default)]
 pub(crate) struct HostLabels {
-    names: Mutex<HashMap<HostScope, Arc<str>>>,
+    names: Mutex<HashMap<HostScope, Arc<Named>>>,
+}
+
+/// A labelled host's label values, made once.
+#[derive(Debug)]
+pub(crate) struct Named {
+    /// `host:port` as requests name it (`*` when hosts share one breaker).
+    label: Arc<str>,
+    /// The host alone (IPv6 without brackets), for `server.address`.
+    address: Arc<str>,
+    /// The explicit port, for `server.port`.
+    port: Option<Arc<str>>,
 }
 
 impl fmt::Debug for HostLabels {
@@ -255,61 +266,63 @@ const OTHER: &str = "other";
 
 impl HostLabels {
     fn label(&self, host: &HostScope) -> Arc<str> {
-        let mut names = self.names.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(name) = names.get(host) {
-            return name.clone();
-        }
-        if names.len() >= MAX_LABELLED_HOSTS {
-            return Arc::from(OTHER);
-        }
-        let name: Arc<str> = match host {
-            Some(a) => Arc::from(a.as_str()),
-            None => Arc::from("*"),
-        };
-        names.insert(host.clone(), name.clone());
-        name
+        self.named(host)
+            .map_or_else(|| Arc::from(OTHER), |n| n.label.clone())
     }
 
-    /// Whether `host` has a label of its own (within the cap).
-    fn is_named(&self, host: &HostScope) -> bool {
-        &*self.label(host) != OTHER
+    /// `host`'s labels, or `None` past the cap.
+    fn named(&self, host: &HostScope) -> Option<Arc<Named>> {
+        let mut names = self.names.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(named) = names.get(host) {
+            return Some(named.clone());
+        }
+        if names.len() >= MAX_LABELLED_HOSTS {
+            return None;
+        }
+        let named = Arc::new(match host {
+            Some(a) => Named {
+                label: Arc::from(a.as_str()),
+                address: Arc::from(a.host().trim_start_matches('[').trim_end_matches(']')),
+                port: a.port_u16().map(|p| Arc::from(p.to_string())),
+            },
+            None => Named {
+                label: Arc::from("*"),
+                address: Arc::from(""),
+                port: None,
+            },
+        });
+        names.insert(host.clone(), named.clone());
+        Some(named)
     }
 }
 
 /// What one attempt's `http.client.request.duration` sample needs from its
-/// request, taken before the request is handed on.
+/// request, taken before the request is handed on: the host's labels are
+/// made once per host, so an attempt only clones them.
 #[derive(Debug)]
 pub(crate) struct AttemptLabels {
     method: &'static str,
-    address: String,
-    port: String,
+    /// `None` past the host cap (labelled `other`) or without a host.
+    host: Option<Arc<Named>>,
+    has_host: bool,
+    default_port: &'static str,
 }
 
 impl AttemptLabels {
     pub(crate) fn of<B>(req: &http::Request<B>, hosts: &HostLabels) -> Self {
         let uri = req.uri();
-        let host: HostScope = uri.authority().cloned();
-        let (address, port) = match uri.host() {
-            Some(name) if hosts.is_named(&host) => {
-                let port = uri.port_u16().or(match uri.scheme_str() {
-                    Some("https") => Some(443),
-                    Some("http") => Some(80),
-                    _ => None,
-                });
-                (
-                    name.trim_start_matches('[')
-                        .trim_end_matches(']')
-                        .to_owned(),
-                    port.map_or_else(String::new, |p| p.to_string()),
-                )
-            }
-            Some(_) => (OTHER.to_owned(), OTHER.to_owned()),
-            None => (String::new(), String::new()),
-        };
+        let has_host = uri.authority().is_some();
         Self {
             method: method_label(req.method()),
-            address,
-            port,
+            host: has_host
+                .then(|| hosts.named(&uri.authority().cloned()))
+                .flatten(),
+            has_host,
+            default_port: match uri.scheme_str() {
+                Some("https") => "443",
+                Some("http") => "80",
+                _ => "",
+            },
         }
     }
 
@@ -320,6 +333,15 @@ impl AttemptLabels {
         status: Option<http::StatusCode>,
         err: Option<&(dyn std::error::Error + 'static)>,
     ) {
+        let (address, port): (metrics::SharedString, metrics::SharedString) =
+            match (self.host, self.has_host) {
+                (Some(n), _) => (
+                    n.address.clone().into(),
+                    n.port.clone().map_or(self.default_port.into(), Into::into),
+                ),
+                (None, true) => (OTHER.into(), OTHER.into()),
+                (None, false) => ("".into(), "".into()),
+            };
         let code = status.map(|s| s.as_u16());
         let error = match (code, err) {
             (Some(c), _) if c >= 400 => c.to_string(),
@@ -331,8 +353,8 @@ impl AttemptLabels {
         metrics::histogram!(
             "http.client.request.duration",
             "http.request.method" => self.method,
-            "server.address" => self.address,
-            "server.port" => self.port,
+            "server.address" => address,
+            "server.port" => port,
             "http.response.status_code" => code.map_or_else(String::new, |c| c.to_string()),
             "error.type" => error
         )
