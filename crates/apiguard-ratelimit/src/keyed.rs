@@ -436,6 +436,13 @@ impl<K: Hash + Eq + Clone> Limiter<K> for KeyedLimiter<K> {
         Some(KeyedLimiter::reserve(self, key, cost, max_wait))
     }
 
+    /// The admit path without a [`Grant`]: a reservation's wait, tokens
+    /// left and policy cost two divisions the admitted request never reads.
+    #[inline]
+    fn take_now(&self, key: &K, cost: u32) -> bool {
+        self.try_acquire(key, cost).is_ok()
+    }
+
     fn cancel(&self, key: &K, reservation: &Reservation) {
         KeyedLimiter::cancel(self, key, reservation);
     }
@@ -453,6 +460,26 @@ mod tests {
             .with_max_keys(max_keys)
             .with_clock(manual.clock());
         (limiter, manual)
+    }
+
+    #[test]
+    fn take_now_takes_what_is_there_and_a_refusal_takes_nothing() {
+        let (l, clock) = limiter(2, 1.0, 100);
+        l.set_quota(7, Quota::per_second(1).with_burst(1)).unwrap();
+        assert!(Limiter::take_now(&l, &1, 2));
+        assert!(!Limiter::take_now(&l, &1, 1));
+        // The key with its own quota holds one token, not the default two.
+        assert!(Limiter::take_now(&l, &7, 1));
+        assert!(!Limiter::take_now(&l, &7, 1));
+        assert!(!Limiter::take_now(&l, &2, 3), "more than the capacity");
+        clock.advance(Duration::from_secs(1));
+        // One token came back; had a refusal taken one, none would be here.
+        assert!(Limiter::take_now(&l, &1, 1));
+        assert!(!Limiter::take_now(&l, &1, 1));
+        assert!(
+            Limiter::take_now(&l, &2, 2),
+            "a refused key kept its tokens"
+        );
     }
 
     #[test]
