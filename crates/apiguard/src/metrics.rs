@@ -302,22 +302,33 @@ impl HostLabels {
 #[derive(Debug)]
 pub(crate) struct AttemptLabels {
     method: &'static str,
-    /// `None` past the host cap (labelled `other`) or without a host.
-    host: Option<Arc<Named>>,
-    has_host: bool,
+    server: Server,
     default_port: &'static str,
+}
+
+/// The server an attempt went to, as its labels name it.
+#[derive(Debug)]
+enum Server {
+    /// A host within the cap, with labels of its own.
+    Named(Arc<Named>),
+    /// A host past the cap: `other`.
+    Other,
+    /// A request without a host: empty labels.
+    Unknown,
 }
 
 impl AttemptLabels {
     pub(crate) fn of<B>(req: &http::Request<B>, hosts: &HostLabels) -> Self {
         let uri = req.uri();
-        let has_host = uri.authority().is_some();
+        let server = match uri.authority() {
+            Some(a) => hosts
+                .named(&Some(a.clone()))
+                .map_or(Server::Other, Server::Named),
+            None => Server::Unknown,
+        };
         Self {
             method: method_label(req.method()),
-            host: has_host
-                .then(|| hosts.named(&uri.authority().cloned()))
-                .flatten(),
-            has_host,
+            server,
             default_port: match uri.scheme_str() {
                 Some("https") => "443",
                 Some("http") => "80",
@@ -333,15 +344,14 @@ impl AttemptLabels {
         status: Option<http::StatusCode>,
         err: Option<&(dyn std::error::Error + 'static)>,
     ) {
-        let (address, port): (metrics::SharedString, metrics::SharedString) =
-            match (self.host, self.has_host) {
-                (Some(n), _) => (
-                    n.address.clone().into(),
-                    n.port.clone().map_or(self.default_port.into(), Into::into),
-                ),
-                (None, true) => (OTHER.into(), OTHER.into()),
-                (None, false) => ("".into(), "".into()),
-            };
+        let (address, port): (metrics::SharedString, metrics::SharedString) = match self.server {
+            Server::Named(n) => (
+                n.address.clone().into(),
+                n.port.clone().map_or(self.default_port.into(), Into::into),
+            ),
+            Server::Other => (OTHER.into(), OTHER.into()),
+            Server::Unknown => ("".into(), "".into()),
+        };
         let code = status.map(|s| s.as_u16());
         let error = match (code, err) {
             (Some(c), _) if c >= 400 => c.to_string(),
