@@ -12,7 +12,9 @@
 //! - `client`: `GuardedClient` (retry, per-host breaker and rate limit,
 //!   both timeouts) against a bare `hyper_util` legacy client with the same
 //!   connector, `CLIENT_TASKS` tasks sharing one client, against a bare
-//!   hyper server that answers at once.
+//!   hyper server that answers at once; and the bare client behind tower's
+//!   `Timeout` (60 s, `GuardedClient`'s default total timeout), to tell the
+//!   cost of a timer per request from the rest of the guard.
 //!
 //! The side under test gets a runtime with one worker thread and the
 //! other side two, so the side under test is the bottleneck (on a 2-core
@@ -48,6 +50,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
 use tokio::time::Instant;
+use tower::ServiceExt;
 
 const CONNECTIONS: usize = 64;
 const CLIENT_TASKS: usize = 32;
@@ -281,7 +284,7 @@ fn main() {
                 .build()
                 .unwrap()
         });
-        let mut runs: [Vec<Outcome>; 2] = [Vec::new(), Vec::new()];
+        let mut runs: [Vec<Outcome>; 3] = [Vec::new(), Vec::new(), Vec::new()];
         for round in 0..ROUNDS {
             let o = drive(&client_rt, CLIENT_TASKS, |w| {
                 let client = bare.clone();
@@ -312,10 +315,27 @@ fn main() {
             });
             print("client", round, "GuardedClient", &o);
             runs[1].push(o);
+            let o = drive(&client_rt, CLIENT_TASKS, |w| {
+                let client = tower::timeout::Timeout::new(bare.clone(), Duration::from_secs(60));
+                let uri = uri.clone();
+                async move {
+                    w.run(|| {
+                        let mut req = Request::new(Full::new(Bytes::new()));
+                        *req.uri_mut() = uri.clone();
+                        let res = client.clone().oneshot(req);
+                        async move {
+                            res.await.unwrap().into_body().collect().await.unwrap();
+                        }
+                    })
+                    .await
+                }
+            });
+            print("client", round, "hyper_util client + tower Timeout", &o);
+            runs[2].push(o);
         }
         let setup =
             format!("{CLIENT_TASKS} tasks sharing one client on 1 worker, bare hyper server on 2");
-        let [a, b] = runs;
+        let [a, b, c] = runs;
         rows.push(Row {
             section: "client",
             setup: setup.clone(),
@@ -324,9 +344,15 @@ fn main() {
         });
         rows.push(Row {
             section: "client",
-            setup,
+            setup: setup.clone(),
             name: "GuardedClient",
             best: median(b),
+        });
+        rows.push(Row {
+            section: "client",
+            setup,
+            name: "hyper_util client + tower Timeout",
+            best: median(c),
         });
     }
 
