@@ -432,12 +432,40 @@ fn configure(g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallT
 criterion_group!(benches, closed, open, permit, threads);
 
 fn main() {
+    if let Some(who) = std::env::var_os("BREAKER_COUNT") {
+        count(&who.to_string_lossy());
+        return;
+    }
     if std::env::var_os("BREAKER_RATIOS").is_some() {
         ratios();
         return;
     }
     benches();
     Criterion::default().configure_from_args().final_summary();
+}
+
+// --- instruction counts ---------------------------------------------------
+//
+// `BREAKER_COUNT=<contender>` makes exactly 1 000 000 closed-path calls of
+// one contender and exits, so that `valgrind --tool=callgrind` counts what
+// a call executes (instructions repeat on a busy machine; times do not).
+// Contenders: `none`, `ours_window`, `ours_consecutive`, `recloser`. Run:
+// `BREAKER_COUNT=ours_window valgrind --tool=callgrind <bench binary>`,
+// minus the `none` run's total, divided by 1 000 000.
+
+fn count(who: &str) {
+    fn run<S: Service<()>>(mut svc: S) {
+        for _ in 0..1_000_000 {
+            std::hint::black_box(once(&mut svc));
+        }
+    }
+    match who {
+        "none" => run(OK),
+        "ours_window" => run(CircuitBreakerLayer::new(ours_window()).layer(OK)),
+        "ours_consecutive" => run(CircuitBreakerLayer::new(ours_consecutive()).layer(OK)),
+        "recloser" => run(recloser(OK)),
+        other => panic!("BREAKER_COUNT: no contender {other:?}"),
+    }
 }
 
 // --- interleaved ratios ---------------------------------------------------

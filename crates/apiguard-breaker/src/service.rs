@@ -79,7 +79,7 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         match self.breaker.try_acquire_owned() {
             Ok(permit) => ResponseFuture::called(
-                self.inner.call(req),
+                || self.inner.call(req),
                 permit,
                 self.classifier.clone(),
                 self.hold.clone(),
@@ -190,7 +190,7 @@ where
         });
         match acquired {
             Ok(permit) => ResponseFuture::called(
-                self.inner.call(req),
+                || self.inner.call(req),
                 permit,
                 self.classifier.clone(),
                 self.hold.clone(),

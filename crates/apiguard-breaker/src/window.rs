@@ -228,6 +228,7 @@ pub(crate) enum Window {
 impl Window {
     /// Records one call; returns the totals when the call could raise a
     /// rate (a failed or slow one).
+    #[inline]
     pub(crate) fn record(&self, outcome: u8, now: u64) -> Option<Counts> {
         match self {
             Window::Count(w) => {

@@ -462,17 +462,27 @@ impl Inner {
         }
     }
 
-    /// The common case inline — a success, no window: two loads — and the
+    /// The common cases inline — a success with no failure streak to
+    /// reset, and either no window (two loads) or a count window and no
+    /// slow-call rule (one more load, and the ring's cursor) — and the
     /// rest out of line.
     #[inline]
     fn record_closed(&self, word: u64, outcome: Outcome, started: Nanos) {
-        if outcome == Outcome::Success
-            && self.window.is_none()
-            && self.consecutive.load(Ordering::Relaxed) == 0
-        {
-            // Nothing to reset and nothing to count: whichever closed
-            // period this call belonged to, there is nothing to record.
-            return;
+        if outcome == Outcome::Success && self.consecutive.load(Ordering::Relaxed) == 0 {
+            match &*self.window {
+                // Nothing to reset and nothing to count: whichever closed
+                // period this call belonged to, there is nothing to record.
+                None => return,
+                // What `record_closed_slow` does for this case: a success
+                // raises no rate, so there is nothing to trip.
+                Some(Window::Count(w)) if self.config.slow.is_none() => {
+                    if self.state.load(Ordering::Acquire) == word {
+                        w.record(encode(false, false));
+                    }
+                    return;
+                }
+                Some(_) => {}
+            }
         }
         self.record_closed_slow(word, outcome, started);
     }
