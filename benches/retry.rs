@@ -37,7 +37,7 @@ use std::time::Duration;
 use apiguard_core::BoxError;
 use apiguard_retry::{ReplayBody, RetryLayer, RetryPolicy, TryCloneBody};
 use bytes::Bytes;
-use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BatchSize, Criterion, Throughput, criterion_group};
 use http::{Request, Response};
 use http_body_util::Full;
 use tower::retry::Policy;
@@ -236,4 +236,50 @@ fn budget(c: &mut Criterion) {
 }
 
 criterion_group!(benches, success_path, request_clone, budget);
-criterion_main!(benches);
+
+fn main() {
+    if let Some(who) = std::env::var_os("RETRY_COUNT") {
+        count(&who.to_string_lossy());
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
+
+// --- instruction counts ---------------------------------------------------
+//
+// `RETRY_COUNT=<contender>` sends exactly 1 000 000 requests (each built in
+// the loop, as `bare` does) through one contender of `success_path` and
+// exits, so that `valgrind --tool=callgrind` counts what a request executes
+// (instructions repeat on a busy machine; times do not). Contenders:
+// `bare`, `apiguard`, `apiguard_no_budget`, `tower`, `tower_budget`. Run
+// `RETRY_COUNT=tower valgrind --tool=callgrind <bench binary>`; the
+// difference of two totals divided by 1 000 000 is what one request costs
+// more in one than in the other.
+
+fn count(who: &str) {
+    fn run<S>(mut svc: S)
+    where
+        S: Service<Req>,
+        S::Error: std::fmt::Debug,
+    {
+        for _ in 0..1_000_000 {
+            one(&mut svc, small_request());
+        }
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    match who {
+        "bare" => run(Noop),
+        "apiguard" => run(RetryLayer::new(RetryPolicy::builder().build().unwrap()).layer(Noop)),
+        "apiguard_no_budget" => {
+            run(RetryLayer::new(RetryPolicy::builder().no_budget().build().unwrap()).layer(Noop))
+        }
+        "tower" => run(tower::retry::RetryLayer::new(TowerPolicy::new()).layer(Noop)),
+        "tower_budget" => run(tower::retry::RetryLayer::new(TowerBudgetPolicy::new()).layer(Noop)),
+        other => panic!("RETRY_COUNT: no contender {other:?}"),
+    }
+}

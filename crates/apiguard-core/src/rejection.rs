@@ -234,16 +234,21 @@ where
 
     fn call(&mut self, req: http::Request<ReqB>) -> Self::Future {
         let grpc = crate::grpc::is_grpc(req.headers());
-        let state = match self.broken.take() {
-            Some(err) => State::Failed { err: Some(err) },
-            None => State::Called {
-                fut: self.inner.call(req),
+        // Each arm builds the whole future, so that the inner future is
+        // written in place rather than copied in from a temporary.
+        match self.broken.take() {
+            Some(err) => ResponseFuture {
+                state: State::Failed { err: Some(err) },
+                other: self.other.clone(),
+                grpc,
             },
-        };
-        ResponseFuture {
-            state,
-            other: self.other.clone(),
-            grpc,
+            None => ResponseFuture {
+                state: State::Called {
+                    fut: self.inner.call(req),
+                },
+                other: self.other.clone(),
+                grpc,
+            },
         }
     }
 }

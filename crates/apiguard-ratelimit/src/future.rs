@@ -156,9 +156,14 @@ where
     S: Service<Req>,
     L: Limiter<K>,
 {
-    pub(crate) fn called(fut: S::Future) -> Self {
+    /// An admitted request: `call` calls the inner service. The call is
+    /// made inside the literal so that the inner future is written in
+    /// place, not copied in from a temporary (see the breaker's
+    /// `ResponseFuture::called`).
+    #[inline]
+    pub(crate) fn called(call: impl FnOnce() -> S::Future) -> Self {
         Self {
-            state: State::Called { fut },
+            state: State::Called { fut: call() },
             hold: None,
         }
     }

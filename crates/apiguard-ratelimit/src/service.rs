@@ -207,7 +207,7 @@ where
     if limiter.take_now(&key, cost) {
         // No event for a plain admission: its checks would sit on every
         // request's path, and the admission says nothing a metric does not.
-        return ResponseFuture::called(inner.call(req));
+        return ResponseFuture::called(|| inner.call(req));
     }
     match limiter.reserve_now(&key, cost, max_wait) {
         Some(Ok(reservation)) => {
@@ -218,7 +218,7 @@ where
                     remaining = reservation.grant().remaining,
                     "admitted"
                 );
-                return ResponseFuture::called(inner.call(req));
+                return ResponseFuture::called(|| inner.call(req));
             }
             tracing::trace!(
                 target: "apiguard::ratelimit",
