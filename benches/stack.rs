@@ -126,6 +126,38 @@ fn single_task(c: &mut Criterion) {
     g.finish();
 }
 
+/// `STACK_COUNT=<case>` makes exactly 1 000 000 calls of one case of the
+/// `stack` group and exits, so that `valgrind --tool=callgrind` counts what
+/// a call executes (instructions repeat on a busy machine; times do not).
+/// Cases: `bare`, `apiguard_stack`, `apiguard_stack_global`, `bare_arc`,
+/// `tower_resilience_stack`. A case's total minus its bare case's, divided
+/// by 1 000 000, is its overhead per call.
+fn count(who: &str) {
+    const N: u32 = 1_000_000;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    match who {
+        "bare" => (0..N).for_each(|_| one(&mut Noop, request())),
+        "apiguard_stack" => {
+            let mut svc = support::guard().layer(Noop);
+            (0..N).for_each(|_| one(&mut svc, request()))
+        }
+        "apiguard_stack_global" => {
+            let mut svc = support::guard_global().layer(Noop);
+            (0..N).for_each(|_| one(&mut svc, request()))
+        }
+        "bare_arc" => (0..N).for_each(|_| one(&mut NoopArc, Arc::new(request()))),
+        "tower_resilience_stack" => {
+            let mut svc = support::tower_resilience_stack();
+            (0..N).for_each(|_| one(&mut svc, Arc::new(request())))
+        }
+        other => panic!("STACK_COUNT: no case {other:?}"),
+    }
+}
+
 /// Runs `tasks` tasks on `rt`, each making `iters` calls through its own
 /// clone of `svc`; returns the wall time until the last one is done.
 fn run_tasks<S, R>(
@@ -444,6 +476,10 @@ fn paired_tasks() {
 fn main() {
     if std::env::var_os("APIGUARD_FUTURE_SIZES").is_some() {
         future_sizes();
+        return;
+    }
+    if let Some(who) = std::env::var_os("STACK_COUNT") {
+        count(&who.to_string_lossy());
         return;
     }
     // A criterion filter that names other cases skips the paired rounds.

@@ -100,19 +100,27 @@ where
                 let host = shared.host_of(&mut self.last_host, &req);
                 shared.admit(host, now, &mut permit)
             };
-        // Only a request that may be retried needs the shared state later.
-        let stored = copy_for_retry(shared, &req);
-        let first = First {
+        // The slow paths keep what the first attempt was admitted with.
+        let first = |req: &Request<B>, permit| First {
             retry,
-            stored,
+            // Only a request that may be retried needs the shared state
+            // later.
+            stored: copy_for_retry(shared, req),
             permit,
         };
         match admission {
-            Admission::Go => self.go(req, first),
-            Admission::Wait(wait, hold) => self.wait_for_token(req, first, wait, hold),
-            Admission::Open(open, breaker) => self.wait_for_breaker(req, first, open, &breaker),
+            Admission::Go => self.go(req, retry, permit),
+            Admission::Wait(wait, hold) => {
+                let first = first(&req, permit);
+                self.wait_for_token(req, first, wait, hold)
+            }
+            Admission::Open(open, breaker) => {
+                let first = first(&req, permit);
+                self.wait_for_breaker(req, first, open, &breaker)
+            }
             Admission::Refused(err) => {
-                let timer = Timer::start(shared, false);
+                let first = first(&req, permit);
+                let timer = Timer::start(&self.shared, false);
                 self.refuse(timer, first, err)
             }
         }
@@ -144,27 +152,37 @@ impl<S> Guard<S> {
         std::mem::replace(&mut self.attempt, clone)
     }
 
-    /// The success path, built in place.
+    /// The success path, built in place: the first attempt's future is made
+    /// inside the future's literal, and nothing request-sized passes
+    /// through another struct on the way (each such move is a `memcpy`;
+    /// `STACK_COUNT` in `benches/stack.rs` counts them).
     #[inline]
-    fn go<B, R>(&mut self, req: Request<B>, first: First<B>) -> GuardFuture<Attempt<S>, B>
+    fn go<B, R>(
+        &mut self,
+        req: Request<B>,
+        retry: RetryState,
+        permit: Option<Call>,
+    ) -> GuardFuture<Attempt<S>, B>
     where
         S: Service<Request<B>, Response = http::Response<R>> + Clone,
         S::Error: Into<BoxError>,
         B: TryCloneBody,
     {
-        let timer = Timer::start(&self.shared, true);
-        let shared = self.later(&first);
+        let stored = copy_for_retry(&self.shared, &req);
+        // Only a request that may be retried needs the shared state later,
+        // and a clone of the service for the attempts after the first
+        // (made ready then).
+        let keep = stored.is_some();
         GuardFuture {
-            timer,
-            // Later attempts go through a clone, made ready then.
-            svc: first.stored.as_ref().map(|_| self.attempt.clone()),
-            stored: first.stored,
+            timer: Timer::start(&self.shared, true),
+            shared: keep.then(|| self.shared.clone()),
+            svc: keep.then(|| self.attempt.clone()),
+            stored,
             step: Step::Called {
                 fut: self.attempt.call(req),
             },
-            shared,
-            retry: first.retry,
-            permit: first.permit,
+            retry,
+            permit,
             slow: None,
         }
     }
