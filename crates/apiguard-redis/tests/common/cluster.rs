@@ -134,11 +134,26 @@ impl RedisCluster {
                 "cluster_state:ok",
             );
         }
-        // Every node sees three masters with replicas before tests start.
+        // Every node sees the same three masters, each at the address of one
+        // of the nodes started here, before tests start: a node still
+        // learning the others through gossip can already list the slot
+        // ranges while naming a master it has no address for yet (seen as a
+        // port no node has: a test that picked that master to kill found
+        // no node on it).
         wait_for(
             Duration::from_secs(30),
-            || ports.iter().all(|&p| masters_seen_by(p).len() == 3),
-            "three masters on every node",
+            || {
+                let view = |p: u16| {
+                    let mut m: Vec<u16> = masters_seen_by(p).iter().map(|r| r.2).collect();
+                    m.sort_unstable();
+                    m
+                };
+                let first = view(ports[0]);
+                first.len() == 3
+                    && first.iter().all(|m| ports.contains(m))
+                    && ports.iter().all(|&p| view(p) == first)
+            },
+            "the same three masters, at known ports, on every node",
         );
         // And every master has its replica in sync, so a killed master can
         // fail over.
@@ -258,11 +273,10 @@ impl RedisCluster {
 
     /// Kills the node on `port` (SIGKILL).
     pub fn kill(&mut self, port: u16) {
-        let node = self
-            .nodes
-            .iter_mut()
-            .find(|n| n.port == port)
-            .expect("a node on that port");
+        let known: Vec<u16> = self.nodes.iter().map(|n| n.port).collect();
+        let Some(node) = self.nodes.iter_mut().find(|n| n.port == port) else {
+            panic!("no node on port {port}; the nodes are on {known:?}");
+        };
         if let Some(mut child) = node.child.take() {
             let _ = child.kill();
             let _ = child.wait();
