@@ -156,7 +156,11 @@ fn test_origin() -> tokio::time::Instant {
 #[inline(always)]
 fn system_now() -> Nanos {
     match SYSTEM.get() {
-        Some(SystemSource::Tsc { clock, origin }) => clock.delta_as_nanos(*origin, clock.raw()),
+        Some(SystemSource::Tsc {
+            clock,
+            origin,
+            ns_per_tick,
+        }) => tsc_nanos(clock.raw(), *origin, *ns_per_tick),
         _ => system_now_slow(),
     }
 }
@@ -166,9 +170,35 @@ fn system_now() -> Nanos {
 #[inline(never)]
 fn system_now_slow() -> Nanos {
     match SYSTEM.get_or_init(SystemSource::detect) {
-        SystemSource::Tsc { clock, origin } => clock.delta_as_nanos(*origin, clock.raw()),
+        SystemSource::Tsc {
+            clock,
+            origin,
+            ns_per_tick,
+        } => tsc_nanos(clock.raw(), *origin, *ns_per_tick),
         SystemSource::Monotonic { origin } => duration_to_nanos(origin.elapsed()),
     }
+}
+
+/// quanta's calibration as nanoseconds per tick in 32.32 fixed point.
+///
+/// quanta scales `d` ticks to `(d * f) >> s` nanoseconds; over 2^48 ticks
+/// that is `2^48 * f / 2^s`, and shifting it down by 16 leaves `f / 2^s`
+/// with 32 fractional bits: within one part in 10^9 of quanta's factor, far
+/// finer than its calibration. A counter of more than 1 tick per 2^32 ns
+/// (any real one) keeps it in a `u64`.
+#[cfg_attr(all(feature = "test-util", not(test)), allow(dead_code))]
+fn ns_per_tick(clock: &quanta::Clock) -> u64 {
+    clock.delta_as_nanos(0, 1 << 48) >> 16
+}
+
+/// Nanoseconds since `origin` for a TSC reading: zero when the reading is
+/// not past it (as quanta's `delta_as_nanos` does: a thread may read a
+/// counter a few ticks behind another core's).
+#[cfg_attr(all(feature = "test-util", not(test)), allow(dead_code))]
+#[inline(always)]
+fn tsc_nanos(raw: u64, origin: u64, ns_per_tick: u64) -> Nanos {
+    let ticks = raw.saturating_sub(origin);
+    ((u128::from(ticks) * u128::from(ns_per_tick)) >> 32) as u64
 }
 
 #[cfg(not(any(test, feature = "test-util")))]
@@ -179,6 +209,10 @@ enum SystemSource {
     Tsc {
         clock: quanta::Clock,
         origin: u64,
+        /// Nanoseconds per TSC tick in 32.32 fixed point, from quanta's
+        /// calibration: a multiply and a constant shift per read, where
+        /// quanta's `delta_as_nanos` shifts by an amount it loads.
+        ns_per_tick: u64,
     },
     // This module is the one place allowed to read `std::time::Instant`.
     #[allow(clippy::disallowed_types)]
@@ -194,7 +228,12 @@ impl SystemSource {
         if kernel_trusts_tsc() {
             let clock = quanta::Clock::new();
             let origin = clock.raw();
-            Self::Tsc { clock, origin }
+            let ns_per_tick = ns_per_tick(&clock);
+            Self::Tsc {
+                clock,
+                origin,
+                ns_per_tick,
+            }
         } else {
             Self::Monotonic {
                 origin: std::time::Instant::now(),
@@ -259,6 +298,23 @@ mod tests {
             assert!(now >= last);
             last = now;
         }
+    }
+
+    #[test]
+    fn tsc_conversion_agrees_with_quanta() {
+        let clock = quanta::Clock::new();
+        let origin = clock.raw();
+        let per_tick = ns_per_tick(&clock);
+        assert!(per_tick > 0, "a tick shorter than 2^-32 ns");
+        for ticks in [1u64, 1_000, 3_000_000_007, 1 << 40, 1 << 52] {
+            let theirs = clock.delta_as_nanos(origin, origin + ticks);
+            let ours = tsc_nanos(origin + ticks, origin, per_tick);
+            let err = theirs.abs_diff(ours);
+            // Rounding of the two fixed-point factors: a nanosecond, plus
+            // one part in 10^8 of long spans.
+            assert!(err <= 1 + theirs / 100_000_000, "{ticks} ticks: quanta {theirs} ns, ours {ours} ns");
+        }
+        assert_eq!(tsc_nanos(origin - 5, origin, per_tick), 0, "a reading behind the origin");
     }
 
     #[test]

@@ -122,11 +122,36 @@ pin_project! {
         L: Limiter<K>,
     {
         #[pin]
+        kind: Kind<S::Future, Slow<S, Req, L, K>>,
+    }
+}
+
+pin_project! {
+    /// An admitted request's future alone, or everything else. Kept apart so
+    /// that the admitted path polls and drops the inner future with one
+    /// branch and no drop glue of its own: the state machine and its
+    /// reservation live in [`Slow`], polled out of line.
+    #[project = KindProj]
+    enum Kind<F, W> {
+        Called { #[pin] fut: F },
+        Slow { #[pin] slow: W },
+    }
+}
+
+pin_project! {
+    /// A request that was refused, waits for its tokens, or waits for a
+    /// remote decision.
+    struct Slow<S, Req, L, K>
+    where
+        S: Service<Req>,
+        L: Limiter<K>,
+    {
+        #[pin]
         state: State<S::Future, L::Future, S, Req>,
         hold: Option<Hold<L, K>>,
     }
 
-    impl<S, Req, L, K> PinnedDrop for ResponseFuture<S, Req, L, K>
+    impl<S, Req, L, K> PinnedDrop for Slow<S, Req, L, K>
     where
         S: Service<Req>,
         L: Limiter<K>,
@@ -163,43 +188,44 @@ where
     #[inline]
     pub(crate) fn called(call: impl FnOnce() -> S::Future) -> Self {
         Self {
-            state: State::Called { fut: call() },
-            hold: None,
+            kind: Kind::Called { fut: call() },
+        }
+    }
+
+    fn slow(state: State<S::Future, L::Future, S, Req>, hold: Option<Hold<L, K>>) -> Self {
+        Self {
+            kind: Kind::Slow {
+                slow: Slow { state, hold },
+            },
         }
     }
 
     pub(crate) fn refused(err: RateLimited) -> Self {
-        Self {
-            state: State::Refused { err: Some(err) },
-            hold: None,
-        }
+        Self::slow(State::Refused { err: Some(err) }, None)
     }
 
     pub(crate) fn missing_key(err: MissingKey) -> Self {
-        Self {
-            state: State::MissingKey { err: Some(err) },
-            hold: None,
-        }
+        Self::slow(State::MissingKey { err: Some(err) }, None)
     }
 
     pub(crate) fn waiting(svc: S, req: Req, wait: Duration, hold: Hold<L, K>) -> Self {
-        Self {
-            state: State::Waiting {
+        Self::slow(
+            State::Waiting {
                 sleep: sleep(wait),
                 svc: Some((svc, req)),
             },
-            hold: Some(hold),
-        }
+            Some(hold),
+        )
     }
 
     pub(crate) fn reserving(svc: S, req: Req, fut: L::Future) -> Self {
-        Self {
-            state: State::Reserving {
+        Self::slow(
+            State::Reserving {
                 fut,
                 svc: Some((svc, req)),
             },
-            hold: None,
-        }
+            None,
+        )
     }
 }
 
@@ -209,12 +235,15 @@ where
     L: Limiter<K>,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let state = match &self.state {
-            State::Refused { .. } | State::MissingKey { .. } => "refused",
-            State::Reserving { .. } => "reserving",
-            State::Waiting { .. } => "waiting",
-            State::Ready { .. } => "ready",
-            State::Called { .. } => "called",
+        let state = match &self.kind {
+            Kind::Called { .. } => "called",
+            Kind::Slow { slow } => match &slow.state {
+                State::Refused { .. } | State::MissingKey { .. } => "refused",
+                State::Reserving { .. } => "reserving",
+                State::Waiting { .. } => "waiting",
+                State::Ready { .. } => "ready",
+                State::Called { .. } => "called",
+            },
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)
@@ -232,6 +261,24 @@ where
 {
     type Output = Result<S::Response, BoxError>;
 
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            KindProj::Called { fut } => fut.poll(cx).map_err(Into::into),
+            KindProj::Slow { slow } => slow.poll(cx),
+        }
+    }
+}
+
+impl<S, Req, L, K> Future for Slow<S, Req, L, K>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    L: Limiter<K>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    #[inline(never)]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         loop {
