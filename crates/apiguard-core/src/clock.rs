@@ -216,9 +216,7 @@ enum SystemSource {
     },
     // This module is the one place allowed to read `std::time::Instant`.
     #[allow(clippy::disallowed_types)]
-    Monotonic {
-        origin: std::time::Instant,
-    },
+    Monotonic { origin: std::time::Instant },
 }
 
 #[cfg(not(any(test, feature = "test-util")))]
@@ -312,9 +310,16 @@ mod tests {
             let err = theirs.abs_diff(ours);
             // Rounding of the two fixed-point factors: a nanosecond, plus
             // one part in 10^8 of long spans.
-            assert!(err <= 1 + theirs / 100_000_000, "{ticks} ticks: quanta {theirs} ns, ours {ours} ns");
+            assert!(
+                err <= 1 + theirs / 100_000_000,
+                "{ticks} ticks: quanta {theirs} ns, ours {ours} ns"
+            );
         }
-        assert_eq!(tsc_nanos(origin - 5, origin, per_tick), 0, "a reading behind the origin");
+        assert_eq!(
+            tsc_nanos(origin - 5, origin, per_tick),
+            0,
+            "a reading behind the origin"
+        );
     }
 
     #[test]
