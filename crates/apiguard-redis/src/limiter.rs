@@ -381,11 +381,20 @@ impl Inner {
             .arg(u.w)
             .arg(u.l)
             .arg(u.tol)
-            .arg(cost)
-            .arg(u.max_wait_us(max_wait))
-            .arg(self.leases.as_ref().map_or(0, Leases::size))
-            .arg(deadline.unwrap_or(0))
-            .arg(debit);
+            .arg(cost);
+        // The script takes the rest as zero when left off: each one not
+        // sent is a string Redis need not make and the script need not
+        // read.
+        let rest = [
+            deadline.unwrap_or(0),
+            u.max_wait_us(max_wait),
+            self.leases.as_ref().map_or(0, |l| u64::from(l.size())),
+            debit,
+        ];
+        let sent_args = rest.iter().rposition(|&a| a != 0).map_or(0, |i| i + 1);
+        for arg in &rest[..sent_args] {
+            cmd.arg(*arg);
+        }
         cmd
     }
 

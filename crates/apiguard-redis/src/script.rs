@@ -26,12 +26,13 @@ use apiguard_core::InvalidConfig;
 
 /// The decision script. `KEYS[1]` is the bucket; `ARGV` is `w` (ticks per
 /// token), `l` (ticks per microsecond), `tol` (burst tolerance in ticks:
-/// capacity × `w`), `cost` (tokens), `max_wait` (microseconds), `lease`
-/// (extra tokens to take, if they are there now, for the caller to hand out
-/// locally), `deadline` (Redis time in microseconds after which the caller
-/// no longer waits for the answer; 0 for none) and `debit` (tokens the
-/// caller admitted on its own while Redis was away, to take from the
-/// bucket now, never below empty).
+/// capacity × `w`), `cost` (tokens), then four that are usually zero and
+/// may be left off from the end (an absent one is zero): `deadline` (Redis
+/// time in microseconds after which the caller no longer waits for the
+/// answer; 0 for none), `max_wait` (microseconds), `lease` (extra tokens to
+/// take, if they are there now, for the caller to hand out locally) and
+/// `debit` (tokens the caller admitted on its own while Redis was away, to
+/// take from the bucket now, never below empty).
 ///
 /// Returns `{allowed, remaining, wait_us, reset_us, leased, now_us}`: on
 /// admission `wait_us` is how long the caller must wait for its (reserved)
@@ -41,21 +42,35 @@ use apiguard_core::InvalidConfig;
 /// was available now); `now_us` Redis `TIME`. A script that runs after its
 /// deadline answers `allowed = -1` and touches nothing: the caller has
 /// already decided without it, so it must not spend a token.
+///
+/// # Cost in Redis
+///
+/// The script runs on Redis' one thread, so its cost bounds a fleet's
+/// decisions per second. Lua function calls are the dear part, so it makes
+/// few: numbers come from strings by arithmetic coercion (`s + 0`, not
+/// `tonumber`), `floor(x)` is `x - x % 1` and `ceil(x)` is `x + (-x) % 1`
+/// (exact for the non-negative integers-over-integers here: Lua 5.1's `%`
+/// is `a - floor(a / b) * b`), the write is in line rather than a closure
+/// made per call, and the usually-zero arguments are not sent.
 pub(crate) const GCRA_LUA: &str = r#"
-local w = tonumber(ARGV[1])
-local l = tonumber(ARGV[2])
-local tol = tonumber(ARGV[3])
-local cost = tonumber(ARGV[4])
-local max_wait = tonumber(ARGV[5]) * l
-local lease = tonumber(ARGV[6]) or 0
-local deadline = tonumber(ARGV[7]) or 0
-local debit = tonumber(ARGV[8]) or 0
+local w = ARGV[1] + 0
+local l = ARGV[2] + 0
+local tol = ARGV[3] + 0
+local cost = ARGV[4] + 0
+local deadline = ARGV[5]
+deadline = deadline and deadline + 0 or 0
+local max_wait = ARGV[6]
+max_wait = max_wait and max_wait * l or 0
+local lease = ARGV[7]
+lease = lease and lease + 0 or 0
+local debit = ARGV[8]
+debit = debit and debit + 0 or 0
 -- Before Redis 5 a script must opt in to effect replication to write after
 -- reading TIME. From Redis 7 on (which alone sets REDIS_VERSION_NUM) the
 -- call is a no-op; skipping it saves a call into Redis per decision.
 if redis.REDIS_VERSION_NUM == nil and redis.replicate_commands ~= nil then redis.replicate_commands() end
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now = t[1] * 1000000 + t[2]
 if deadline > 0 and now > deadline then
   return {-1, 0, 0, 0, 0, now}
 end
@@ -65,29 +80,18 @@ local v = redis.call('GET', KEYS[1])
 if v then
   local us, fr = string.match(v, '^(%d+):(%d+)$')
   if us then
-    local diff = tonumber(us) - now
+    local diff = us - now
     if diff >= 0 then
       -- A TAT this far ahead only comes from Redis' clock jumping back;
       -- the cap keeps the arithmetic exact.
-      local cap = math.floor(2251799813685248 / l)
+      local cap = 2251799813685248 / l
+      cap = cap - cap % 1
       if diff > cap then diff = cap end
-      fr = tonumber(fr)
+      fr = fr + 0
       if fr >= l then fr = l - 1 end
       d = diff * l + fr
     end
   end
-end
-local function store(new_d)
-  local us = math.floor(new_d / l)
-  local fr = new_d - us * l
-  if fr < 0 then us = us - 1; fr = fr + l end
-  if fr >= l then us = us + 1; fr = fr - l end
-  local ttl = math.ceil(new_d / (l * 1000))
-  if ttl < 1 then ttl = 1 end
-  -- '%d' formats through a C long (64 bits on every Redis platform), exact
-  -- below 2^53 and cheaper than '%.0f'; ttl (ms) is far below 10^14, so
-  -- Redis' own number-to-string conversion keeps it whole.
-  redis.call('SET', KEYS[1], string.format('%d:%d', now + us, fr), 'PX', ttl)
 end
 local debited = false
 if debit > 0 and d < tol then
@@ -99,22 +103,42 @@ end
 local new_d = d + cost * w
 local wait = new_d - tol
 if wait < 0 then wait = 0 end
-if wait > max_wait then
-  if debited then store(d) end
-  local remaining = 0
-  if tol > d then remaining = math.floor((tol - d) / w) end
-  return {0, remaining, math.ceil(wait / l), math.ceil(d / l), 0, now}
-end
+local allowed = 1
 local leased = 0
-if lease > 0 and cost > 0 and wait == 0 then
-  leased = math.floor((tol - new_d) / w)
+if wait > max_wait then
+  -- Refused: nothing but the debit is written.
+  allowed = 0
+  new_d = d
+elseif lease > 0 and cost > 0 and wait == 0 then
+  leased = (tol - new_d) / w
+  leased = leased - leased % 1
   if leased > lease then leased = lease end
   if leased > 0 then new_d = new_d + leased * w else leased = 0 end
 end
-if new_d > d or debited then store(new_d) end
+if new_d > d or debited then
+  local us = new_d / l
+  us = us - us % 1
+  local fr = new_d - us * l
+  if fr < 0 then us = us - 1; fr = fr + l end
+  if fr >= l then us = us + 1; fr = fr - l end
+  local ttl = new_d / (l * 1000)
+  ttl = ttl + (-ttl) % 1
+  if ttl < 1 then ttl = 1 end
+  -- '%d' formats through a C long (64 bits on every Redis platform), exact
+  -- below 2^53 and cheaper than '%.0f'; ttl (ms) is far below 10^14, so
+  -- Redis' own number-to-string conversion keeps it whole.
+  redis.call('SET', KEYS[1], string.format('%d:%d', now + us, fr), 'PX', ttl)
+end
 local remaining = 0
-if tol > new_d then remaining = math.floor((tol - new_d) / w) end
-return {1, remaining, math.ceil(wait / l), math.ceil(new_d / l), leased, now}
+if tol > new_d then
+  remaining = (tol - new_d) / w
+  remaining = remaining - remaining % 1
+end
+local wait_us = wait / l
+wait_us = wait_us + (-wait_us) % 1
+local reset_us = new_d / l
+reset_us = reset_us + (-reset_us) % 1
+return {allowed, remaining, wait_us, reset_us, leased, now}
 "#;
 
 /// The script that keeps the register of live instances: `KEYS[1]` is a
