@@ -209,6 +209,26 @@ where
         // request's path, and the admission says nothing a metric does not.
         return ResponseFuture::called(|| inner.call(req));
     }
+    decide_slow(inner, limiter, key, cost, max_wait, req)
+}
+
+/// [`decide`] when the tokens are not there now. Out of line, so that the
+/// request reaches it by reference to the caller's copy: in line, its
+/// several arms that take the request made the admitted path copy the
+/// request (240 bytes for an axum one) into a temporary first.
+#[inline(never)]
+fn decide_slow<S, Req, L, K>(
+    inner: &mut S,
+    limiter: &L,
+    key: K,
+    cost: u32,
+    max_wait: Duration,
+    req: Req,
+) -> ResponseFuture<S, Req, L, K>
+where
+    S: Service<Req> + Clone,
+    L: Limiter<K> + Clone,
+{
     match limiter.reserve_now(&key, cost, max_wait) {
         Some(Ok(reservation)) => {
             let wait = reservation.grant().wait;
