@@ -826,15 +826,22 @@ where
 {
     type Future = Wait;
 
+    #[inline]
     fn retry(
         &mut self,
         req: &mut Request<B>,
         result: &mut Result<Response<R>, BoxError>,
     ) -> Option<Wait> {
-        let mut state = self.state;
-        let wait = self.on_result(&mut state, req, result);
-        self.state = state;
-        wait
+        // Most responses end it: a status that is not retried, with no
+        // gRPC rules to consult. Decided here, in line; the rest (what
+        // `on_result` decides) out of line.
+        if let Ok(res) = &*result
+            && self.cfg.grpc.is_none()
+            && !self.cfg.statuses.contains(res.status())
+        {
+            return None;
+        }
+        self.retry_slow(req, result)
     }
 
     fn clone_request(&mut self, req: &Request<B>) -> Option<Request<B>> {
@@ -845,6 +852,21 @@ where
             self.state = self.start();
         }
         self.copy_request(req)
+    }
+}
+
+impl RetryPolicy {
+    /// [`Policy::retry`](tower::retry::Policy::retry) past its fast path.
+    #[inline(never)]
+    fn retry_slow<B: TryCloneBody, R>(
+        &mut self,
+        req: &Request<B>,
+        result: &mut Result<Response<R>, BoxError>,
+    ) -> Option<Wait> {
+        let mut state = self.state;
+        let wait = self.on_result(&mut state, req, result);
+        self.state = state;
+        wait
     }
 }
 
