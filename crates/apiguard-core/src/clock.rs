@@ -316,7 +316,7 @@ mod tests {
             );
         }
         assert_eq!(
-            tsc_nanos(origin - 5, origin, per_tick),
+            tsc_nanos(origin.saturating_sub(5), origin, per_tick),
             0,
             "a reading behind the origin"
         );
