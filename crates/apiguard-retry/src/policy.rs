@@ -535,6 +535,9 @@ impl RetryPolicy {
         req: &Request<B>,
         result: &mut Result<Response<R>, BoxError>,
     ) -> Option<Wait> {
+        if self.ends_plainly(result) {
+            return None;
+        }
         let grpc = match &self.cfg.grpc {
             Some(rules) if apiguard_core::grpc::is_grpc(req.headers()) => Some(rules),
             _ => None,
@@ -579,6 +582,15 @@ impl RetryPolicy {
                 None
             }
         }
+    }
+
+    /// A response that ends retrying whatever the request: no gRPC rules
+    /// to consult, and a status that is not retried. The first rule of
+    /// [`on_result`](Self::on_result), which tower's `retry` also checks in
+    /// line before calling out to the rest.
+    #[inline]
+    fn ends_plainly<R>(&self, result: &Result<Response<R>, BoxError>) -> bool {
+        matches!(result, Ok(res) if self.cfg.grpc.is_none() && !self.cfg.statuses.contains(res.status()))
     }
 
     /// The one decision, for both the layer and `run`.
@@ -832,13 +844,9 @@ where
         req: &mut Request<B>,
         result: &mut Result<Response<R>, BoxError>,
     ) -> Option<Wait> {
-        // Most responses end it: a status that is not retried, with no
-        // gRPC rules to consult. Decided here, in line; the rest (what
+        // Most responses end it; decided here, in line, and the rest (what
         // `on_result` decides) out of line.
-        if let Ok(res) = &*result
-            && self.cfg.grpc.is_none()
-            && !self.cfg.statuses.contains(res.status())
-        {
+        if self.ends_plainly(result) {
             return None;
         }
         self.retry_slow(req, result)
