@@ -10,7 +10,9 @@
 //!   default budget (one deposit per request) and without a budget;
 //!   tower likewise without a budget (`tower`) and with its own
 //!   `TpsBudget`, one deposit per request (`tower_budget`), so each of ours
-//!   has a like-for-like contender.
+//!   has a like-for-like contender; `tower_arc` is `tower` with an `Arc`
+//!   in its policy, as ours keeps its settings, to show what that
+//!   reference count costs per request.
 //!   tower-resilience needs a `Clone` request: `tower_resilience` gets an
 //!   `Arc<Request<_>>` (its clone is a reference count, less work than the
 //!   copy the others make), `tower_resilience_deep_clone` a request whose
@@ -45,7 +47,9 @@ use tower::{Layer, Service};
 
 mod support;
 
-use support::{Noop, NoopArc, Req, Res, TowerBudgetPolicy, TowerPolicy, copy_request, one};
+use support::{
+    Noop, NoopArc, Req, Res, TowerArcPolicy, TowerBudgetPolicy, TowerPolicy, copy_request, one,
+};
 
 /// A request whose `Clone` copies it the way a retry must (headers, URI,
 /// body), for a like-for-like run of tower-resilience.
@@ -127,6 +131,14 @@ fn success_path(c: &mut Criterion) {
     });
     g.bench_function("tower", |b| {
         let mut svc = tower::retry::RetryLayer::new(TowerPolicy::new()).layer(Noop);
+        b.iter_batched(
+            small_request,
+            |req| one(&mut svc, req),
+            BatchSize::SmallInput,
+        );
+    });
+    g.bench_function("tower_arc", |b| {
+        let mut svc = tower::retry::RetryLayer::new(TowerArcPolicy::new()).layer(Noop);
         b.iter_batched(
             small_request,
             |req| one(&mut svc, req),
@@ -252,7 +264,7 @@ fn main() {
 // the loop, as `bare` does) through one contender of `success_path` and
 // exits, so that `valgrind --tool=callgrind` counts what a request executes
 // (instructions repeat on a busy machine; times do not). Contenders:
-// `bare`, `apiguard`, `apiguard_no_budget`, `tower`, `tower_budget`. Run
+// `bare`, `apiguard`, `apiguard_no_budget`, `tower`, `tower_arc`, `tower_budget`. Run
 // `RETRY_COUNT=tower valgrind --tool=callgrind <bench binary>`; the
 // difference of two totals divided by 1 000 000 is what one request costs
 // more in one than in the other.
@@ -279,6 +291,7 @@ fn count(who: &str) {
             run(RetryLayer::new(RetryPolicy::builder().no_budget().build().unwrap()).layer(Noop))
         }
         "tower" => run(tower::retry::RetryLayer::new(TowerPolicy::new()).layer(Noop)),
+        "tower_arc" => run(tower::retry::RetryLayer::new(TowerArcPolicy::new()).layer(Noop)),
         "tower_budget" => run(tower::retry::RetryLayer::new(TowerBudgetPolicy::new()).layer(Noop)),
         other => panic!("RETRY_COUNT: no contender {other:?}"),
     }

@@ -247,6 +247,36 @@ impl Policy<Req, Res, BoxError> for TowerPolicy {
     }
 }
 
+/// [`TowerPolicy`] holding an `Arc` as well, as ours holds its settings:
+/// what one reference count written and dropped per request costs tower's
+/// `Retry` (which clones its policy for every request).
+#[derive(Clone)]
+pub struct TowerArcPolicy {
+    inner: TowerPolicy,
+    _shared: Arc<()>,
+}
+
+impl TowerArcPolicy {
+    pub fn new() -> Self {
+        Self {
+            inner: TowerPolicy::new(),
+            _shared: Arc::new(()),
+        }
+    }
+}
+
+impl Policy<Req, Res, BoxError> for TowerArcPolicy {
+    type Future = tokio::time::Sleep;
+
+    fn retry(&mut self, req: &mut Req, result: &mut Result<Res, BoxError>) -> Option<Self::Future> {
+        self.inner.retry(req, result)
+    }
+
+    fn clone_request(&mut self, req: &Req) -> Option<Req> {
+        self.inner.clone_request(req)
+    }
+}
+
 /// [`TowerPolicy`] with tower's own retry budget, used the way tower's
 /// `Budget` is meant to be: every request deposits, every retry withdraws.
 /// The like-for-like contender for apiguard's default policy, which keeps
