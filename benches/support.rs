@@ -327,16 +327,11 @@ impl Policy<Req, Res, BoxError> for TowerBudgetPolicy {
     }
 }
 
-/// The copy of a request a retry must make, written out by hand as a tower
-/// policy's `clone_request` would.
+/// The copy of a request a retry must make, as a tower policy's
+/// `clone_request` makes it for a `Clone` body: `Request::clone` (http 1.x),
+/// which copies the head field by field.
 pub fn copy_request(req: &Req) -> Req {
-    let mut out = Request::new(req.body().clone());
-    *out.method_mut() = req.method().clone();
-    *out.uri_mut() = req.uri().clone();
-    *out.version_mut() = req.version();
-    *out.headers_mut() = req.headers().clone();
-    *out.extensions_mut() = req.extensions().clone();
-    out
+    req.clone()
 }
 
 /// tower's `RateLimit` around tower's `Retry`. tower's `RateLimit` is not

@@ -34,7 +34,7 @@ use std::task::{Context, Poll, Waker};
 
 use apiguard_core::BoxError;
 use bytes::{Buf, Bytes};
-use http::HeaderMap;
+use http::{HeaderMap, Request};
 use http_body::{Body, Frame, SizeHint};
 
 /// A body that can (perhaps) be sent again.
@@ -63,6 +63,24 @@ pub trait TryCloneBody: Sized {
     fn can_replay(&self) -> bool {
         true
     }
+
+    /// A copy of a whole request with this body, for a retry: `None` when
+    /// the body cannot be copied.
+    ///
+    /// The provided method copies the head field by field around
+    /// [`try_clone_body`](Self::try_clone_body); `Clone` bodies use
+    /// `Request::clone`, which is cheaper. There is seldom a reason to
+    /// override it.
+    fn try_clone_request(req: &Request<Self>) -> Option<Request<Self>> {
+        let body = req.body().try_clone_body()?;
+        let mut out = Request::new(body);
+        *out.method_mut() = req.method().clone();
+        *out.uri_mut() = req.uri().clone();
+        *out.version_mut() = req.version();
+        *out.headers_mut() = req.headers().clone();
+        *out.extensions_mut() = req.extensions().clone();
+        Some(out)
+    }
 }
 
 // Not recommended, so that a body that is not `Clone` is reported as not
@@ -72,6 +90,11 @@ impl<B: Clone> TryCloneBody for B {
     #[inline]
     fn try_clone_body(&self) -> Option<Self> {
         Some(self.clone())
+    }
+
+    #[inline]
+    fn try_clone_request(req: &Request<Self>) -> Option<Request<Self>> {
+        Some(req.clone())
     }
 }
 

@@ -169,6 +169,12 @@ impl RetryBudget {
     }
 
     /// Gives back one retry taken with `try_withdraw` that never happened.
+    /// Whether `other` is this very budget (a clone of it).
+    #[cfg(test)]
+    pub(crate) fn same_as(&self, other: &RetryBudget) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     pub(crate) fn refund(&self) {
         self.inner.add(UNIT, self.inner.clock.now());
     }

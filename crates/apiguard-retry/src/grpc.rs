@@ -13,7 +13,7 @@ pub const DEFAULT_GRPC_RETRYABLE_CODES: [Code; 1] = [Code::Unavailable];
 
 /// The gRPC settings of a policy (see
 /// [`RetryPolicyBuilder::grpc`](crate::RetryPolicyBuilder::grpc)).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct GrpcRules {
     /// A bit per retryable code.
     codes: u32,

@@ -3,10 +3,10 @@
 use std::any::Any;
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use apiguard_core::clock::{Clock, Nanos, duration_to_nanos};
+use apiguard_core::clock::{Clock, Nanos, duration_to_nanos, nanos_to_duration};
 use apiguard_core::{
     BoxError, BudgetExhausted, Classify, InvalidConfig, Outcome, RetriesExhausted,
 };
@@ -23,10 +23,11 @@ use apiguard_core::grpc::Code;
 /// Decides whether and when to retry; drives [`RetryLayer`](crate::RetryLayer)
 /// and plain async closures ([`run`](Self::run)).
 ///
-/// Built with [`RetryPolicy::builder`]. Cloning is cheap (one `Arc`) and
-/// clones share the configuration and the [`RetryBudget`]; the state of one
-/// request (attempts made, when it started) lives in the clone tower makes
-/// for that request.
+/// Built with [`RetryPolicy::builder`]. Cloning is cheap: clones share the
+/// settings and the [`RetryBudget`], and the settings are interned (see
+/// [`RetryPolicyBuilder::build`]), so a clone of a policy without a budget
+/// touches no reference count. The state of one request (attempts made,
+/// when it started) lives in the clone kept for that request.
 ///
 /// ```
 /// use std::time::Duration;
@@ -44,9 +45,10 @@ use apiguard_core::grpc::Code;
 /// ```
 #[derive(Clone)]
 pub struct RetryPolicy {
-    cfg: Arc<Config>,
-    /// The request this clone serves (tower's `Retry` keeps one clone per
-    /// request).
+    cfg: Settings,
+    budget: Option<RetryBudget>,
+    /// The request this clone serves ([`Retry`](crate::Retry) keeps one
+    /// clone per request, as tower's `Retry` does).
     state: RetryState,
 }
 
@@ -62,9 +64,9 @@ pub struct RetryState {
     /// When the first attempt started.
     start: Nanos,
     /// The previous delay, for decorrelated jitter.
-    prev_delay: Duration,
+    prev_delay: Nanos,
     /// Time spent waiting out inner refusals, which spend no retry.
-    waited: Duration,
+    waited: Nanos,
 }
 
 impl RetryState {
@@ -79,6 +81,7 @@ impl RetryState {
     }
 }
 
+/// The settings (all but the budget, which is state).
 #[derive(Clone)]
 struct Config {
     max_retries: u32,
@@ -87,13 +90,122 @@ struct Config {
     max_retry_after: Duration,
     max_local_wait: Duration,
     deadline: Option<Duration>,
-    budget: Option<RetryBudget>,
     retry_non_idempotent: bool,
     max_replay_bytes: usize,
     clock: Clock,
-    random: SharedRandom,
+    /// `None`: [`ThreadRandom`].
+    random: Option<SharedRandom>,
     /// gRPC's rules, for gRPC requests.
     grpc: Option<GrpcRules>,
+}
+
+impl Config {
+    fn random_unit(&self) -> f64 {
+        match &self.random {
+            Some(random) => random.unit(),
+            None => ThreadRandom.unit(),
+        }
+    }
+
+    /// Settings that can be interned: plain values, no clock or random
+    /// source of the user's (those have an identity of their own).
+    fn is_plain(&self) -> bool {
+        !self.clock.is_manual() && self.random.is_none()
+    }
+
+    /// The same plain settings.
+    fn same_plain(&self, other: &Config) -> bool {
+        self.is_plain()
+            && other.is_plain()
+            && self.max_retries == other.max_retries
+            && self.backoff == other.backoff
+            && self.statuses == other.statuses
+            && self.max_retry_after == other.max_retry_after
+            && self.max_local_wait == other.max_local_wait
+            && self.deadline == other.deadline
+            && self.retry_non_idempotent == other.retry_non_idempotent
+            && self.max_replay_bytes == other.max_replay_bytes
+            && self.grpc == other.grpc
+    }
+}
+
+/// A policy's settings.
+///
+/// tower's `Retry` keeps a clone of its policy in each request's future,
+/// and so does ours: with the settings behind an `Arc`, every request would
+/// write a reference count and drop it again (two locked instructions, a
+/// few nanoseconds, the main cost of a retry layer on a request that
+/// succeeds). Settings made only of plain values are therefore interned:
+/// one copy per distinct settings, kept for the life of the process and
+/// shared as a `&'static` reference, at most [`MAX_INTERNED`] of them so
+/// that memory stays bounded whatever a program builds. Past that bound,
+/// and for settings with a clock or random source of the user's, a policy
+/// holds its own `Arc`.
+#[derive(Clone)]
+enum Settings {
+    Interned(&'static Config),
+    Counted(Arc<Config>),
+}
+
+/// The most distinct plain settings interned in one process.
+const MAX_INTERNED: usize = 64;
+
+/// The interned settings of the process.
+static INTERNED: Interner = Interner::new(MAX_INTERNED);
+
+/// A table of interned settings, bounded.
+struct Interner {
+    table: Mutex<Vec<&'static Config>>,
+    max: usize,
+}
+
+impl Interner {
+    const fn new(max: usize) -> Self {
+        Self {
+            table: Mutex::new(Vec::new()),
+            max,
+        }
+    }
+
+    fn settings(&self, cfg: Config) -> Settings {
+        if !cfg.is_plain() {
+            return Settings::Counted(Arc::new(cfg));
+        }
+        let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(&same) = table.iter().find(|c| c.same_plain(&cfg)) {
+            return Settings::Interned(same);
+        }
+        if table.len() >= self.max {
+            return Settings::Counted(Arc::new(cfg));
+        }
+        let cfg: &'static Config = Box::leak(Box::new(cfg));
+        table.push(cfg);
+        Settings::Interned(cfg)
+    }
+}
+
+impl Settings {
+    fn new(cfg: Config) -> Settings {
+        INTERNED.settings(cfg)
+    }
+
+    /// Whether these settings are interned (no reference count).
+    #[cfg(test)]
+    fn is_interned(&self) -> bool {
+        matches!(self, Settings::Interned(_))
+    }
+}
+
+impl std::ops::Deref for Settings {
+    type Target = Config;
+
+    #[inline]
+    fn deref(&self) -> &Config {
+        match self {
+            Settings::Interned(cfg) => cfg,
+            Settings::Counted(cfg) => cfg,
+        }
+    }
 }
 
 /// Builds a [`RetryPolicy`]; see each setting for its default.
@@ -116,7 +228,8 @@ pub struct RetryPolicyBuilder {
     retry_non_idempotent: bool,
     max_replay_bytes: usize,
     clock: Clock,
-    random: SharedRandom,
+    /// `None`: [`ThreadRandom`].
+    random: Option<SharedRandom>,
     grpc: Option<(Vec<Code>, Vec<String>)>,
 }
 
@@ -138,7 +251,7 @@ impl Default for RetryPolicyBuilder {
             retry_non_idempotent: false,
             max_replay_bytes: DEFAULT_MAX_REPLAY_BYTES,
             clock: Clock::system(),
-            random: Arc::new(ThreadRandom),
+            random: None,
             grpc: None,
         }
     }
@@ -318,7 +431,7 @@ impl RetryPolicyBuilder {
 
     /// The random source of jitter (default: a thread-local generator).
     pub fn random(mut self, random: impl Random) -> Self {
-        self.random = Arc::new(random);
+        self.random = Some(Arc::new(random));
         self
     }
 
@@ -328,6 +441,15 @@ impl RetryPolicyBuilder {
     }
 
     /// Checks the settings and builds the policy.
+    ///
+    /// Settings made of plain values (no [`clock`](Self::clock) or
+    /// [`random`](Self::random) source of your own) are interned: policies
+    /// built with the same settings share one copy, kept for the life of
+    /// the process, so that the clone each request keeps needs no reference
+    /// count. At most 64 distinct settings are kept that way; policies built
+    /// past that bound, or with a clock or random source of their own, hold
+    /// their settings behind an `Arc` instead. Either way the policy behaves
+    /// the same; the [`budget`](Self::budget) is never interned.
     pub fn build(self) -> Result<RetryPolicy, InvalidConfig> {
         let backoff = Backoff::new(self.base_delay, self.max_delay, self.jitter)?;
         let mut statuses = StatusSet::default();
@@ -348,27 +470,27 @@ impl RetryPolicyBuilder {
             None => None,
         };
         Ok(RetryPolicy {
-            cfg: Arc::new(Config {
+            cfg: Settings::new(Config {
                 max_retries: self.max_retries,
                 backoff,
                 statuses,
                 max_retry_after: self.max_retry_after,
                 max_local_wait: self.max_local_wait,
                 deadline: self.deadline,
-                budget: self.budget,
                 retry_non_idempotent: self.retry_non_idempotent,
                 max_replay_bytes: self.max_replay_bytes,
                 clock: self.clock,
                 random: self.random,
                 grpc,
             }),
+            budget: self.budget,
             state: RetryState::default(),
         })
     }
 }
 
 /// A bit set of status codes 0..640.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct StatusSet([u64; 10]);
 
 impl StatusSet {
@@ -445,7 +567,7 @@ impl RetryPolicy {
 
     /// The budget retries are drawn from, if any.
     pub fn budget(&self) -> Option<&RetryBudget> {
-        self.cfg.budget.as_ref()
+        self.budget.as_ref()
     }
 
     /// The cap on bytes kept for replaying a streaming body.
@@ -474,7 +596,8 @@ impl RetryPolicy {
         let mut cfg = (*self.cfg).clone();
         cfg.grpc = Some(GrpcRules::default());
         RetryPolicy {
-            cfg: Arc::new(cfg),
+            cfg: Settings::new(cfg),
+            budget: self.budget.clone(),
             state: self.state,
         }
     }
@@ -484,14 +607,14 @@ impl RetryPolicy {
     /// with other parts of a stack).
     #[inline]
     pub fn start_at(&self, now: Nanos) -> RetryState {
-        if let Some(budget) = &self.cfg.budget {
+        if let Some(budget) = &self.budget {
             budget.deposit_at(now);
         }
         RetryState {
             retries: 0,
             start: now,
-            prev_delay: Duration::ZERO,
-            waited: Duration::ZERO,
+            prev_delay: 0,
+            waited: 0,
         }
     }
 
@@ -501,7 +624,7 @@ impl RetryPolicy {
     pub fn start(&self) -> RetryState {
         // Time is only needed for a deadline or a budget; skipping the read
         // keeps the success path cheap without them.
-        let now = if self.cfg.deadline.is_some() || self.cfg.budget.is_some() {
+        let now = if self.cfg.deadline.is_some() || self.budget.is_some() {
             self.cfg.clock.now()
         } else {
             0
@@ -521,7 +644,7 @@ impl RetryPolicy {
         if self.cfg.max_retries == 0 {
             return None;
         }
-        clone_request(req)
+        B::try_clone_request(req)
     }
 
     /// Decides what follows an attempt of `req` (the copy kept for the next
@@ -627,9 +750,11 @@ impl RetryPolicy {
             None => {
                 let u = match self.cfg.backoff.jitter() {
                     Jitter::None => 0.0,
-                    _ => self.cfg.random.unit(),
+                    _ => self.cfg.random_unit(),
                 };
-                self.cfg.backoff.delay(st.retries + 1, st.prev_delay, u)
+                self.cfg
+                    .backoff
+                    .delay(st.retries + 1, nanos_to_duration(st.prev_delay), u)
             }
         };
         if let Some(deadline) = self.cfg.deadline {
@@ -647,8 +772,8 @@ impl RetryPolicy {
         // each look costs at least a millisecond of the local-wait bound.
         let wait = if refused {
             let wait = wait.max(Duration::from_millis(1));
-            let waited = st.waited.saturating_add(wait);
-            if waited > self.cfg.max_local_wait {
+            let waited = st.waited.saturating_add(duration_to_nanos(wait));
+            if waited > duration_to_nanos(self.cfg.max_local_wait) {
                 return Decision::Stop(Stop::AsIs);
             }
             st.waited = waited;
@@ -656,7 +781,7 @@ impl RetryPolicy {
         } else {
             wait
         };
-        let withdrawal = match &self.cfg.budget {
+        let withdrawal = match &self.budget {
             // The budget caps the extra load retries put on the other side.
             // Waiting out an inner refusal (an open breaker, an empty
             // bucket) sent nothing, and the next attempt passes the same
@@ -673,7 +798,7 @@ impl RetryPolicy {
             st.retries += 1;
         }
         if hint.is_none() {
-            st.prev_delay = wait;
+            st.prev_delay = duration_to_nanos(wait);
         }
         tracing::debug!(
             target: "apiguard::retry",
@@ -796,26 +921,13 @@ impl fmt::Debug for RetryPolicy {
             .field("max_retry_after", &c.max_retry_after)
             .field("max_local_wait", &c.max_local_wait)
             .field("deadline", &c.deadline)
-            .field("budget", &c.budget)
+            .field("budget", &self.budget)
             .field("retry_non_idempotent", &c.retry_non_idempotent)
             .field("max_replay_bytes", &c.max_replay_bytes)
             .field("grpc", &c.grpc)
             .field("retries", &self.state.retries)
             .finish_non_exhaustive()
     }
-}
-
-/// Copies a request for a later attempt; `None` when its body cannot be
-/// copied.
-fn clone_request<B: TryCloneBody>(req: &Request<B>) -> Option<Request<B>> {
-    let body = req.body().try_clone_body()?;
-    let mut out = Request::new(body);
-    *out.method_mut() = req.method().clone();
-    *out.uri_mut() = req.uri().clone();
-    *out.version_mut() = req.version();
-    *out.headers_mut() = req.headers().clone();
-    *out.extensions_mut() = req.extensions().clone();
-    Some(out)
 }
 
 /// tower's retry machinery, driven by this policy.
@@ -846,10 +958,7 @@ where
     ) -> Option<Wait> {
         // Most responses end it; decided here, in line, and the rest (what
         // `on_result` decides) out of line.
-        if self.ends_plainly(result) {
-            return None;
-        }
-        self.retry_slow(req, result)
+        self.after(req, result)
     }
 
     fn clone_request(&mut self, req: &Request<B>) -> Option<Request<B>> {
@@ -864,6 +973,32 @@ where
 }
 
 impl RetryPolicy {
+    /// This policy's copy for one new request of [`Retry`](crate::Retry),
+    /// started (see [`start`](Self::start)).
+    #[inline]
+    pub(crate) fn for_request(&self) -> RetryPolicy {
+        RetryPolicy {
+            cfg: self.cfg.clone(),
+            budget: self.budget.clone(),
+            state: self.start(),
+        }
+    }
+
+    /// What follows an attempt of [`Retry`](crate::Retry) whose kept copy is
+    /// `req`: [`Policy::retry`](tower::retry::Policy::retry) with this
+    /// request's state.
+    #[inline]
+    pub(crate) fn after<B: TryCloneBody, R>(
+        &mut self,
+        req: &Request<B>,
+        result: &mut Result<Response<R>, BoxError>,
+    ) -> Option<Wait> {
+        if self.ends_plainly(result) {
+            return None;
+        }
+        self.retry_slow(req, result)
+    }
+
     /// [`Policy::retry`](tower::retry::Policy::retry) past its fast path.
     #[inline(never)]
     fn retry_slow<B: TryCloneBody, R>(
@@ -905,6 +1040,58 @@ mod tests {
             .build()
             .unwrap_err();
         assert_eq!(e.field(), "deadline");
+    }
+
+    /// The settings `build` would make for `b`, interned in `interner`.
+    fn settings_in(interner: &Interner, b: RetryPolicyBuilder) -> Settings {
+        let p = b.build().unwrap();
+        interner.settings((*p.cfg).clone())
+    }
+
+    #[test]
+    fn the_same_plain_settings_share_one_interned_copy() {
+        let interner = Interner::new(4);
+        let build = || RetryPolicy::builder().deadline(Duration::from_secs(7));
+        let (a, b) = (
+            settings_in(&interner, build()),
+            settings_in(&interner, build()),
+        );
+        assert!(a.is_interned() && b.is_interned());
+        assert!(std::ptr::eq(&*a, &*b));
+        let c = settings_in(&interner, build().max_retries(5));
+        assert!(c.is_interned() && !std::ptr::eq(&*a, &*c));
+        // A policy's budget is state: two builds never share one.
+        let (p, q) = (build().build().unwrap(), build().build().unwrap());
+        assert!(
+            !p.budget
+                .as_ref()
+                .unwrap()
+                .same_as(q.budget.as_ref().unwrap())
+        );
+    }
+
+    #[test]
+    fn settings_with_a_clock_or_random_source_of_their_own_are_counted() {
+        let interner = Interner::new(4);
+        let clock = apiguard_core::ManualClock::new().clock();
+        assert!(!settings_in(&interner, RetryPolicy::builder().clock(clock)).is_interned());
+        assert!(!settings_in(&interner, RetryPolicy::builder().seed(1)).is_interned());
+        assert!(interner.table.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn interning_stops_at_its_bound() {
+        let interner = Interner::new(3);
+        let settings: Vec<_> = (1..=5)
+            .map(|n| settings_in(&interner, RetryPolicy::builder().max_retries(n)))
+            .collect();
+        assert_eq!(interner.table.lock().unwrap().len(), 3);
+        let interned: Vec<_> = settings.iter().map(Settings::is_interned).collect();
+        assert_eq!(interned, [true, true, true, false, false]);
+        // Counted settings are the same settings.
+        assert_eq!(settings[4].max_retries, 5);
+        // Settings already interned are still found once the table is full.
+        assert!(settings_in(&interner, RetryPolicy::builder().max_retries(2)).is_interned());
     }
 
     #[test]

@@ -8,23 +8,27 @@ use http_body::Body;
 use tower_service::Service;
 
 use crate::body::{CloneBodies, ReplayBodies, ReplayBody, TryCloneBody};
-use crate::future::{BoxErrorsFuture, ResponseFuture};
+use crate::future::ResponseFuture;
 use crate::policy::RetryPolicy;
 
-/// Retries requests to `S` by a [`RetryPolicy`]: tower's
-/// [`Retry`](tower::retry::Retry), with our policy and errors boxed.
+/// Retries requests to `S` by a [`RetryPolicy`], boxing its errors.
+///
+/// It works as tower's [`Retry`](tower::retry::Retry) does with the same
+/// policy (which implements tower's `Policy`), with a cheaper success path:
+/// the request's copy for a retry is split off the owned request, and the
+/// response is checked in line.
 ///
 /// `M` says what happens to request bodies: [`CloneBodies`] (the default)
 /// or [`ReplayBodies`] (see [`RetryLayer`](crate::RetryLayer)).
 ///
 /// # Clone
 ///
-/// Like tower's, this service clones itself (its policy and the inner
-/// service) for each request, so `S` must be `Clone`; wrap it in tower's
-/// `Buffer` if it is not. Clones share the policy's configuration and
-/// budget.
+/// Like tower's, each request's future keeps a clone of the inner service
+/// (for the retries), so `S` must be `Clone`; wrap it in tower's `Buffer`
+/// if it is not. Clones share the policy's configuration and budget.
 pub struct Retry<S, M = CloneBodies> {
-    inner: tower::retry::Retry<RetryPolicy, BoxErrors<S>>,
+    inner: S,
+    policy: RetryPolicy,
     max_replay_bytes: usize,
     _mode: PhantomData<fn() -> M>,
 }
@@ -40,24 +44,30 @@ impl<S, M> Retry<S, M> {
     pub(crate) fn with_mode(inner: S, policy: RetryPolicy) -> Self {
         Self {
             max_replay_bytes: policy.max_replay_bytes(),
-            inner: tower::retry::Retry::new(policy, BoxErrors(inner)),
+            inner,
+            policy,
             _mode: PhantomData,
         }
     }
 
     /// The inner service.
     pub fn get_ref(&self) -> &S {
-        &self.inner.get_ref().0
+        &self.inner
     }
 
     /// The inner service, mutably.
     pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner.get_mut().0
+        &mut self.inner
     }
 
     /// Takes the inner service out.
     pub fn into_inner(self) -> S {
-        self.inner.into_inner().0
+        self.inner
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> &RetryPolicy {
+        &self.policy
     }
 }
 
@@ -65,6 +75,7 @@ impl<S: Clone, M> Clone for Retry<S, M> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
+            policy: self.policy.clone(),
             max_replay_bytes: self.max_replay_bytes,
             _mode: PhantomData,
         }
@@ -75,6 +86,7 @@ impl<S: fmt::Debug, M> fmt::Debug for Retry<S, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Retry")
             .field("inner", &self.inner)
+            .field("policy", &self.policy)
             .field("mode", &std::any::type_name::<M>())
             .finish()
     }
@@ -92,12 +104,12 @@ where
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx)
+        self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     #[inline]
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        ResponseFuture::new(self.inner.call(req))
+        ResponseFuture::start(&mut self.inner, &self.policy, req)
     }
 }
 
@@ -113,38 +125,15 @@ where
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx)
+        self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let max = self.max_replay_bytes;
-        ResponseFuture::new(self.inner.call(req.map(|b| ReplayBody::new(b, max))))
-    }
-}
-
-/// Boxes the inner service's errors, so the policy can replace them with
-/// [`RetriesExhausted`](crate::error::RetriesExhausted).
-#[derive(Debug, Clone)]
-pub(crate) struct BoxErrors<S>(pub(crate) S);
-
-impl<S, Req> Service<Req> for BoxErrors<S>
-where
-    S: Service<Req>,
-    S::Error: Into<BoxError>,
-{
-    type Response = S::Response;
-    type Error = BoxError;
-    type Future = BoxErrorsFuture<S::Future>;
-
-    #[inline]
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.0.poll_ready(cx).map_err(Into::into)
-    }
-
-    #[inline]
-    fn call(&mut self, req: Req) -> Self::Future {
-        BoxErrorsFuture {
-            inner: self.0.call(req),
-        }
+        ResponseFuture::start(
+            &mut self.inner,
+            &self.policy,
+            req.map(|b| ReplayBody::new(b, max)),
+        )
     }
 }
