@@ -19,8 +19,9 @@
 //!   `Clone` copies it like the others (like for like);
 //! - `request_clone`: the copy kept for a retry — apiguard's
 //!   `clone_request` of a `Request<Full<Bytes>>` (1 KiB body, 4 headers)
-//!   against the same copy written by hand for tower's policy, plus
-//!   wrapping a body in a `ReplayBody` and copying it;
+//!   against `Request::clone`, the copy a tower policy makes of a request
+//!   with a `Clone` body (`tower_request_clone`), plus wrapping a body in a
+//!   `ReplayBody` and copying it;
 //! - `budget`: one deposit (what every request pays) and one deposit plus
 //!   withdrawal (a retry), apiguard's `RetryBudget` against tower's
 //!   `TpsBudget`, same settings (10 s, 10/s, 20 %).
@@ -204,7 +205,7 @@ fn request_clone(c: &mut Criterion) {
             black_box(copy)
         });
     });
-    g.bench_function("by_hand_for_tower", |b| {
+    g.bench_function("tower_request_clone", |b| {
         b.iter(|| black_box(copy_request(black_box(&req))));
     });
     g.bench_function("replay_body_wrap_and_copy", |b| {
