@@ -15,8 +15,9 @@ use crate::policy::RetryPolicy;
 ///
 /// It works as tower's [`Retry`](tower::retry::Retry) does with the same
 /// policy (which implements tower's `Policy`), with a cheaper success path:
-/// the request's copy for a retry is split off the owned request, and the
-/// response is checked in line.
+/// the policy's settings are shared without a reference count (see
+/// [`RetryPolicyBuilder::build`](crate::RetryPolicyBuilder::build)), and a
+/// response that ends retrying is recognised in line.
 ///
 /// `M` says what happens to request bodies: [`CloneBodies`] (the default)
 /// or [`ReplayBodies`] (see [`RetryLayer`](crate::RetryLayer)).
@@ -29,7 +30,6 @@ use crate::policy::RetryPolicy;
 pub struct Retry<S, M = CloneBodies> {
     inner: S,
     policy: RetryPolicy,
-    max_replay_bytes: usize,
     _mode: PhantomData<fn() -> M>,
 }
 
@@ -43,7 +43,6 @@ impl<S> Retry<S, CloneBodies> {
 impl<S, M> Retry<S, M> {
     pub(crate) fn with_mode(inner: S, policy: RetryPolicy) -> Self {
         Self {
-            max_replay_bytes: policy.max_replay_bytes(),
             inner,
             policy,
             _mode: PhantomData,
@@ -76,7 +75,6 @@ impl<S: Clone, M> Clone for Retry<S, M> {
         Self {
             inner: self.inner.clone(),
             policy: self.policy.clone(),
-            max_replay_bytes: self.max_replay_bytes,
             _mode: PhantomData,
         }
     }
@@ -129,7 +127,7 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let max = self.max_replay_bytes;
+        let max = self.policy.max_replay_bytes();
         ResponseFuture::start(
             &mut self.inner,
             &self.policy,
