@@ -105,54 +105,34 @@ fn success_path(c: &mut Criterion) {
     let _guard = rt.enter();
     let mut g = group(c, "success_path");
 
-    g.bench_function("bare", |b| {
-        let mut svc = Noop;
-        b.iter_batched(
-            small_request,
-            |req| one(&mut svc, req),
-            BatchSize::SmallInput,
-        );
-    });
+    g.bench_function("bare", |b| each_request(b, Noop));
     g.bench_function("apiguard", |b| {
-        let mut svc = RetryLayer::new(RetryPolicy::builder().build().unwrap()).layer(Noop);
-        b.iter_batched(
-            small_request,
-            |req| one(&mut svc, req),
-            BatchSize::SmallInput,
-        );
+        each_request(
+            b,
+            RetryLayer::new(RetryPolicy::builder().build().unwrap()).layer(Noop),
+        )
     });
     g.bench_function("apiguard_no_budget", |b| {
         let policy = RetryPolicy::builder().no_budget().build().unwrap();
-        let mut svc = RetryLayer::new(policy).layer(Noop);
-        b.iter_batched(
-            small_request,
-            |req| one(&mut svc, req),
-            BatchSize::SmallInput,
-        );
+        each_request(b, RetryLayer::new(policy).layer(Noop));
     });
     g.bench_function("tower", |b| {
-        let mut svc = tower::retry::RetryLayer::new(TowerPolicy::new()).layer(Noop);
-        b.iter_batched(
-            small_request,
-            |req| one(&mut svc, req),
-            BatchSize::SmallInput,
-        );
+        each_request(
+            b,
+            tower::retry::RetryLayer::new(TowerPolicy::new()).layer(Noop),
+        )
     });
     g.bench_function("tower_arc", |b| {
-        let mut svc = tower::retry::RetryLayer::new(TowerArcPolicy::new()).layer(Noop);
-        b.iter_batched(
-            small_request,
-            |req| one(&mut svc, req),
-            BatchSize::SmallInput,
-        );
+        each_request(
+            b,
+            tower::retry::RetryLayer::new(TowerArcPolicy::new()).layer(Noop),
+        )
     });
     g.bench_function("tower_budget", |b| {
-        let mut svc = tower::retry::RetryLayer::new(TowerBudgetPolicy::new()).layer(Noop);
-        b.iter_batched(
-            small_request,
-            |req| one(&mut svc, req),
-            BatchSize::SmallInput,
-        );
+        each_request(
+            b,
+            tower::retry::RetryLayer::new(TowerBudgetPolicy::new()).layer(Noop),
+        )
     });
     g.bench_function("tower_resilience", |b| {
         let layer = tower_resilience::retry::RetryLayer::<Arc<Req>, Res, BoxError>::builder()
@@ -189,6 +169,20 @@ fn big_request() -> Req {
         .header("idempotency-key", "5b1c7e0e-8c1f-4c52-9d8e-0f1a2b3c4d5e")
         .body(Full::new(Bytes::from(vec![b'x'; 1024])))
         .unwrap()
+}
+
+/// Sends a fresh request through `svc` per iteration, the request built
+/// outside the timed part.
+fn each_request<S>(b: &mut criterion::Bencher<'_>, mut svc: S)
+where
+    S: Service<Req>,
+    S::Error: std::fmt::Debug,
+{
+    b.iter_batched(
+        small_request,
+        |req| one(&mut svc, req),
+        BatchSize::SmallInput,
+    );
 }
 
 fn request_clone(c: &mut Criterion) {
