@@ -166,7 +166,11 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    #[inline]
+    // Out of line: the response future is large (a waiting request keeps
+    // its request, a timer and a reservation), and a caller that inlines
+    // this call builds it in a temporary and copies it out (448 bytes for
+    // an axum request). Called, it writes the future in place.
+    #[inline(never)]
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let key = match self.extractor.extract(&req) {
             Some(key) => key,
