@@ -51,33 +51,63 @@ pub const fn nanos_to_duration(n: Nanos) -> Duration {
     Duration::from_nanos(n)
 }
 
-/// A source of monotonic time. Cheap to clone: the default is a unit value,
-/// a manual clock is one `Arc`.
-#[derive(Clone, Debug, Default)]
+/// A source of monotonic time. Cheap to clone: the default is a
+/// reference to the process' one system source, a manual clock is one
+/// `Arc`.
+#[derive(Clone, Debug)]
 pub struct Clock {
     source: Source,
 }
 
-#[derive(Clone, Debug, Default)]
+/// Which time a [`Clock`] reads, resolved when the clock is made, so that a
+/// read is one match and the read itself: no check of the process-wide
+/// source's initialisation, no second match on which source it is.
+#[derive(Clone, Debug)]
 enum Source {
-    #[default]
+    /// tokio's clock (with `test-util`).
+    #[cfg(any(test, feature = "test-util"))]
     System,
+    #[cfg(not(any(test, feature = "test-util")))]
+    Tsc(&'static Tsc),
+    // This module is the one place allowed to read `std::time::Instant`.
+    #[cfg(not(any(test, feature = "test-util")))]
+    #[allow(clippy::disallowed_types)]
+    Monotonic(&'static std::time::Instant),
     Manual(Arc<AtomicU64>),
 }
 
+impl Default for Clock {
+    fn default() -> Self {
+        Self::system()
+    }
+}
+
 impl Clock {
-    /// The default clock (see the module docs for what it reads).
-    pub const fn system() -> Self {
-        Self {
-            source: Source::System,
-        }
+    /// The default clock (see the module docs for what it reads). The
+    /// first call in a process detects the source (reads one file on
+    /// Linux and calibrates the TSC); later ones copy a reference.
+    #[inline]
+    pub fn system() -> Self {
+        #[cfg(any(test, feature = "test-util"))]
+        let source = Source::System;
+        #[cfg(not(any(test, feature = "test-util")))]
+        let source = match SYSTEM.get() {
+            Some(system) => system.source(),
+            None => SYSTEM.get_or_init(SystemSource::detect).source(),
+        };
+        Self { source }
     }
 
     /// The current time.
     #[inline]
     pub fn now(&self) -> Nanos {
         match &self.source {
+            #[cfg(any(test, feature = "test-util"))]
             Source::System => system_now(),
+            #[cfg(not(any(test, feature = "test-util")))]
+            Source::Tsc(tsc) => tsc.now(),
+            #[cfg(not(any(test, feature = "test-util")))]
+            Source::Monotonic(origin) => monotonic_now(origin),
             Source::Manual(n) => n.load(Ordering::Acquire),
         }
     }
@@ -148,35 +178,14 @@ fn test_origin() -> tokio::time::Instant {
     tokio::time::Instant::from_std(early)
 }
 
-/// The hot path is the TSC, once detected: one check of the resolved
-/// source, then quanta. Detection and the monotonic fallback (whose read
-/// costs far more than a call) stay out of line, so a caller that inlines
-/// this keeps its registers.
+/// The monotonic fallback, out of line: its read costs far more than a
+/// call, and a caller that inlines [`Clock::now`] keeps its registers.
 #[cfg(not(any(test, feature = "test-util")))]
-#[inline(always)]
-fn system_now() -> Nanos {
-    match SYSTEM.get() {
-        Some(SystemSource::Tsc {
-            clock,
-            origin,
-            ns_per_tick,
-        }) => tsc_nanos(clock.raw(), *origin, *ns_per_tick),
-        _ => system_now_slow(),
-    }
-}
-
-#[cfg(not(any(test, feature = "test-util")))]
+#[allow(clippy::disallowed_types)]
 #[cold]
 #[inline(never)]
-fn system_now_slow() -> Nanos {
-    match SYSTEM.get_or_init(SystemSource::detect) {
-        SystemSource::Tsc {
-            clock,
-            origin,
-            ns_per_tick,
-        } => tsc_nanos(clock.raw(), *origin, *ns_per_tick),
-        SystemSource::Monotonic { origin } => duration_to_nanos(origin.elapsed()),
-    }
+fn monotonic_now(origin: &std::time::Instant) -> Nanos {
+    duration_to_nanos(origin.elapsed())
 }
 
 /// quanta's calibration as nanoseconds per tick in 32.32 fixed point.
@@ -204,19 +213,33 @@ fn tsc_nanos(raw: u64, origin: u64, ns_per_tick: u64) -> Nanos {
 #[cfg(not(any(test, feature = "test-util")))]
 static SYSTEM: OnceLock<SystemSource> = OnceLock::new();
 
+/// The TSC, as quanta reads it, and how to turn its ticks into
+/// [`Nanos`].
+#[cfg(not(any(test, feature = "test-util")))]
+#[derive(Debug)]
+struct Tsc {
+    clock: quanta::Clock,
+    origin: u64,
+    /// Nanoseconds per TSC tick in 32.32 fixed point, from quanta's
+    /// calibration: a multiply and a constant shift per read, where
+    /// quanta's `delta_as_nanos` shifts by an amount it loads.
+    ns_per_tick: u64,
+}
+
+#[cfg(not(any(test, feature = "test-util")))]
+impl Tsc {
+    #[inline(always)]
+    fn now(&self) -> Nanos {
+        tsc_nanos(self.clock.raw(), self.origin, self.ns_per_tick)
+    }
+}
+
 #[cfg(not(any(test, feature = "test-util")))]
 enum SystemSource {
-    Tsc {
-        clock: quanta::Clock,
-        origin: u64,
-        /// Nanoseconds per TSC tick in 32.32 fixed point, from quanta's
-        /// calibration: a multiply and a constant shift per read, where
-        /// quanta's `delta_as_nanos` shifts by an amount it loads.
-        ns_per_tick: u64,
-    },
+    Tsc(Tsc),
     // This module is the one place allowed to read `std::time::Instant`.
     #[allow(clippy::disallowed_types)]
-    Monotonic { origin: std::time::Instant },
+    Monotonic(std::time::Instant),
 }
 
 #[cfg(not(any(test, feature = "test-util")))]
@@ -227,15 +250,21 @@ impl SystemSource {
             let clock = quanta::Clock::new();
             let origin = clock.raw();
             let ns_per_tick = ns_per_tick(&clock);
-            Self::Tsc {
+            Self::Tsc(Tsc {
                 clock,
                 origin,
                 ns_per_tick,
-            }
+            })
         } else {
-            Self::Monotonic {
-                origin: std::time::Instant::now(),
-            }
+            Self::Monotonic(std::time::Instant::now())
+        }
+    }
+
+    #[inline]
+    fn source(&'static self) -> Source {
+        match self {
+            Self::Tsc(tsc) => Source::Tsc(tsc),
+            Self::Monotonic(origin) => Source::Monotonic(origin),
         }
     }
 }
