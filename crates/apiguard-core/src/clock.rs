@@ -83,18 +83,16 @@ impl Default for Clock {
 }
 
 impl Clock {
-    /// The default clock (see the module docs for what it reads). The
-    /// first call in a process detects the source (reads one file on
-    /// Linux and calibrates the TSC); later ones copy a reference.
+    /// The default clock (see the module docs for what it reads). Without
+    /// `test-util`, the first call in a process detects the source (reads
+    /// one file on Linux and calibrates the TSC); later ones copy a
+    /// reference.
     #[inline]
     pub fn system() -> Self {
         #[cfg(any(test, feature = "test-util"))]
         let source = Source::System;
         #[cfg(not(any(test, feature = "test-util")))]
-        let source = match SYSTEM.get() {
-            Some(system) => system.source(),
-            None => SYSTEM.get_or_init(SystemSource::detect).source(),
-        };
+        let source = SYSTEM.get_or_init(SystemSource::detect).source();
         Self { source }
     }
 
