@@ -12,7 +12,12 @@
 //! - `keyed/{1k,1M}`: a tracked key among 1 000 or 1 000 000 —
 //!   `KeyedLimiter::try_acquire` vs governor's keyed (DashMap) `check_key`;
 //! - `layer`: `poll_ready` + `call` + one poll through `RateLimitLayer` vs
-//!   tower's `RateLimit`, both around the same no-op service;
+//!   tower's `RateLimit`, both around the same no-op service; with them
+//!   `shared_floor`, the least any limit shared between clones does per
+//!   request (one read of apiguard's clock, one compare-and-swap on a
+//!   shared word, then the call): not a limiter, the floor under ours.
+//!   tower's `RateLimit` keeps its count per clone and does no atomic
+//!   operation, so its whole cost is one `Instant::now`;
 //! - `server_layer`: an axum-shaped request (peer address in
 //!   `ConnectInfo`) through apiguard's `server_layer` (per-IP
 //!   `KeyedRateLimitLayer` under `RejectionResponseLayer`) vs
@@ -30,10 +35,12 @@ use std::future::{Future, Ready, ready};
 use std::hint::black_box;
 use std::num::NonZeroU32;
 use std::pin::pin;
-use std::sync::Barrier;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use apiguard_core::Clock;
 use apiguard_ratelimit::{KeyedLimiter, RateLimitLayer, TokenBucket};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use governor::{Quota, RateLimiter};
@@ -127,6 +134,51 @@ impl Service<()> for Noop {
     }
 }
 
+/// The floor under a limit shared between clones: per call, one read of
+/// the clock `TokenBucket` reads and one compare-and-swap that moves a
+/// shared word to `max(word, now) + 1`, as a GCRA bucket moves its TAT,
+/// with no refusal, no tokens and no configuration. Not a limiter; what
+/// `RateLimitLayer` costs above this is its own work.
+struct SharedFloor<S> {
+    inner: S,
+    clock: Clock,
+    word: Arc<AtomicU64>,
+}
+
+impl<S> SharedFloor<S> {
+    fn new(inner: S) -> Self {
+        Self {
+            inner,
+            clock: Clock::system(),
+            word: Arc::new(AtomicU64::new(0)),
+        }
+    }
+}
+
+impl<S: Service<()>> Service<()> for SharedFloor<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: ()) -> Self::Future {
+        let now = self.clock.now();
+        let mut cur = self.word.load(Ordering::Relaxed);
+        while let Err(actual) = self.word.compare_exchange_weak(
+            cur,
+            cur.max(now) + 1,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        ) {
+            cur = actual;
+        }
+        self.inner.call(req)
+    }
+}
+
 /// `ready().await` + `call` + await, without an executor: every future here
 /// completes on its first poll.
 #[inline]
@@ -160,6 +212,8 @@ fn layer(c: &mut Criterion) {
     let mut theirs =
         tower::limit::RateLimitLayer::new(u64::MAX, Duration::from_secs(1)).layer(Noop);
     g.bench_function("tower", |b| b.iter(|| once(&mut theirs)));
+    let mut floor = SharedFloor::new(Noop);
+    g.bench_function("shared_floor", |b| b.iter(|| once(&mut floor)));
     g.finish();
 }
 
@@ -339,7 +393,7 @@ fn main() {
 // contender and exits, so that `valgrind --tool=callgrind` counts what a
 // call executes (instructions repeat on a busy machine; times do not).
 // Contenders: `direct_ours`, `direct_governor`, `layer_none`, `layer_ours`,
-// `layer_tower`, `server_bare`, `server_ours`, `server_governor`. Run
+// `layer_tower`, `layer_floor`, `server_bare`, `server_ours`, `server_governor`. Run
 // `RATELIMIT_COUNT=layer_ours valgrind --tool=callgrind <bench binary>`;
 // compare totals within one group (each includes the same setup), and
 // divide differences by 1 000 000.
@@ -388,6 +442,7 @@ fn count(who: &str) {
         "layer_tower" => layer_calls(
             tower::limit::RateLimitLayer::new(u64::MAX, Duration::from_secs(1)).layer(Noop),
         ),
+        "layer_floor" => layer_calls(SharedFloor::new(Noop)),
         "server_bare" => server_calls(handler),
         "server_ours" => {
             let limiter = KeyedLimiter::from_rate(1_000_000_000, 1e9)
