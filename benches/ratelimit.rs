@@ -16,8 +16,9 @@
 //!   `shared_floor`, the least any limit shared between clones does per
 //!   request (one read of apiguard's clock, one compare-and-swap on a
 //!   shared word, then the call): not a limiter, the floor under ours.
-//!   tower's `RateLimit` keeps its count per clone and does no atomic
-//!   operation, so its whole cost is one `Instant::now`;
+//!   tower's `RateLimit` keeps its count in the service instance (it is
+//!   not `Clone`) and does no atomic operation, so its whole cost is one
+//!   `Instant::now`;
 //! - `server_layer`: an axum-shaped request (peer address in
 //!   `ConnectInfo`) through apiguard's `server_layer` (per-IP
 //!   `KeyedRateLimitLayer` under `RejectionResponseLayer`) vs
