@@ -8,10 +8,11 @@
 //! `redis-cli` on `PATH` the tests print why and pass without running,
 //! except under `CI`, where a missing binary fails them.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::{connect, free_port, pid_on};
 
 /// Wall-clock microseconds since the Unix epoch.
 pub fn unix_us() -> u64 {
@@ -56,20 +57,6 @@ fn present(bin: &str) -> bool {
         .is_ok()
 }
 
-/// A free loopback port whose cluster bus port (+10000) is free too.
-fn free_port(taken: &[u16]) -> u16 {
-    loop {
-        let l = TcpListener::bind("127.0.0.1:0").expect("a free loopback port");
-        let port = l.local_addr().unwrap().port();
-        if port < 55_000
-            && !taken.contains(&port)
-            && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
-        {
-            return port;
-        }
-    }
-}
-
 impl RedisCluster {
     pub fn start() -> Option<Self> {
         for bin in ["redis-server", "redis-cli"] {
@@ -95,23 +82,29 @@ impl RedisCluster {
             nodes: Vec::new(),
             dir,
         };
-        // A port found free can be taken (by another test's node) before
-        // its redis-server binds it; such a node never answers. Start the
-        // six again on other ports then.
+        // A port found free can still be taken (by another program) before
+        // its redis-server binds it; that node then exits, and whatever
+        // holds the port must not answer for it (a test once joined another
+        // test's node into its cluster that way, and the two clusters
+        // merged). Each port must answer from the process started for it;
+        // start the six again on other ports otherwise.
         let mut ports = Vec::new();
         for attempt in 1..=3 {
-            ports.clear();
-            for _ in 0..6 {
-                ports.push(free_port(&ports));
-            }
+            ports = (0..6).map(|_| free_port(true)).collect();
             cluster.spawn(&ports);
-            if ports
-                .iter()
-                .all(|&port| until(Duration::from_secs(15), || ping(port)))
-            {
+            let ours = cluster.nodes.iter().all(|n| {
+                let pid = n.child.as_ref().map(Child::id);
+                until(Duration::from_secs(15), || {
+                    pid.is_some() && pid_on(n.port) == pid
+                })
+            });
+            if ours {
                 break;
             }
-            assert!(attempt < 3, "redis cluster: a node never answered PING");
+            assert!(
+                attempt < 3,
+                "redis cluster: a node never answered from its own process"
+            );
             cluster.stop_all();
         }
         let out = Command::new("redis-cli")
@@ -128,7 +121,7 @@ impl RedisCluster {
             String::from_utf8_lossy(&out.stdout)
         );
         for &port in &ports {
-            wait_for(
+            cluster.wait_for(
                 Duration::from_secs(30),
                 || info(port).contains("cluster_state:ok"),
                 "cluster_state:ok",
@@ -140,7 +133,7 @@ impl RedisCluster {
         // ranges while naming a master it has no address for yet (seen as a
         // port no node has: a test that picked that master to kill found
         // no node on it).
-        wait_for(
+        cluster.wait_for(
             Duration::from_secs(30),
             || {
                 let view = |p: u16| {
@@ -157,7 +150,7 @@ impl RedisCluster {
         );
         // And every master has its replica in sync, so a killed master can
         // fail over.
-        wait_for(
+        cluster.wait_for(
             Duration::from_secs(30),
             || {
                 let masters: Vec<u16> = masters_seen_by(ports[0]).iter().map(|r| r.2).collect();
@@ -192,6 +185,8 @@ impl RedisCluster {
                 .args(["--cluster-replica-validity-factor", "0"])
                 .args(["--repl-diskless-sync-delay", "0"])
                 .args(["--save", "", "--appendonly", "no"])
+                .arg("--logfile")
+                .arg(self.dir.join(format!("node-{port}.log")))
                 .arg("--dir")
                 .arg(&self.dir)
                 .stdout(Stdio::null())
@@ -288,7 +283,7 @@ impl RedisCluster {
     /// (unix µs) and the new master's port.
     pub fn wait_promoted(&self, slot: u16, old: u16, within: Duration) -> (u64, u16) {
         let mut seen = None;
-        wait_for(
+        self.wait_for(
             within,
             || {
                 let m = self
@@ -303,9 +298,42 @@ impl RedisCluster {
                     false
                 }
             },
-            "a replica promoted",
+            &format!("replica of {old} promoted"),
         );
         seen.unwrap()
+    }
+
+    /// Waits until `ok` holds; past `within`, prints what each node sees
+    /// and its log, and fails the test.
+    fn wait_for(&self, within: Duration, ok: impl FnMut() -> bool, what: &str) {
+        if !until(within, ok) {
+            self.dump();
+            panic!("redis cluster: no {what} within {within:?}");
+        }
+    }
+
+    /// Prints every live node's `CLUSTER NODES` and every node's log tail.
+    fn dump(&self) {
+        for n in &self.nodes {
+            if n.child.is_some() {
+                let nodes = connect(n.port)
+                    .and_then(|mut c| {
+                        redis::cmd("CLUSTER")
+                            .arg("NODES")
+                            .query::<String>(&mut c)
+                            .ok()
+                    })
+                    .unwrap_or_default();
+                eprintln!("--- CLUSTER NODES on {}:\n{nodes}", n.port);
+            }
+            let log = std::fs::read_to_string(self.dir.join(format!("node-{}.log", n.port)))
+                .unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("--- log of {} (last 40 lines, newest first):", n.port);
+            for l in tail {
+                eprintln!("{l}");
+            }
+        }
     }
 }
 
@@ -331,27 +359,6 @@ fn until(within: Duration, mut ok: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
     false
-}
-
-fn wait_for(within: Duration, ok: impl FnMut() -> bool, what: &str) {
-    assert!(
-        until(within, ok),
-        "redis cluster: no {what} within {within:?}"
-    );
-}
-
-fn connect(port: u16) -> Option<redis::Connection> {
-    let c = redis::Client::open(format!("redis://127.0.0.1:{port}/")).ok()?;
-    let con = c
-        .get_connection_with_timeout(Duration::from_millis(500))
-        .ok()?;
-    con.set_read_timeout(Some(Duration::from_millis(500)))
-        .ok()?;
-    Some(con)
-}
-
-fn ping(port: u16) -> bool {
-    connect(port).is_some_and(|mut c| redis::cmd("PING").query::<String>(&mut c).is_ok())
 }
 
 fn info(port: u16) -> String {

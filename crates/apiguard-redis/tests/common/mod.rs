@@ -7,9 +7,10 @@
 
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::collections::BTreeSet;
+use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::Duration;
 
 pub struct RedisServer {
@@ -44,10 +45,7 @@ impl RedisServer {
             eprintln!("skipping: redis-server is not on PATH (install it to run the Redis tests)");
             return None;
         }
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free loopback port")
-            .port();
+        let port = free_port(false);
         let mut server = Self { port, child: None };
         server.spawn();
         Some(server)
@@ -62,22 +60,19 @@ impl RedisServer {
             .spawn()
             .expect("redis-server starts");
         self.child = Some(child);
+        // The port must answer from the process just started: another
+        // program can take a port found free before redis-server binds it.
+        let pid = self.pid();
         for _ in 0..500 {
-            if self.ping() {
+            if pid_on(self.port) == Some(pid) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        panic!("redis-server did not answer PING on port {}", self.port);
-    }
-
-    fn ping(&self) -> bool {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
-        let mut buf = [0u8; 7];
-        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+        panic!(
+            "redis-server (pid {pid}) did not answer on port {}",
+            self.port
+        );
     }
 
     pub fn port(&self) -> u16 {
@@ -144,3 +139,56 @@ pub fn redis_time_us(con: &mut redis::Connection) -> u64 {
     s * 1_000_000 + us
 }
 pub mod cluster;
+
+/// Every port handed out in this process (with a cluster node's bus port),
+/// so that two tests starting servers at once never pick the same one.
+static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+
+/// A free loopback port not handed out before in this process. With `bus`,
+/// the port 10000 above it (a cluster node's bus port) is free and handed
+/// out too.
+pub fn free_port(bus: bool) -> u16 {
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").expect("a free loopback port");
+        let port = l.local_addr().unwrap().port();
+        if handed_out.contains(&port) {
+            continue;
+        }
+        if !bus {
+            handed_out.insert(port);
+            return port;
+        }
+        let bus = port + 10_000;
+        if port < 55_000
+            && !handed_out.contains(&bus)
+            && TcpListener::bind(("127.0.0.1", bus)).is_ok()
+        {
+            handed_out.insert(port);
+            handed_out.insert(bus);
+            return port;
+        }
+    }
+}
+
+/// A connection to the server on `port`, with 500 ms timeouts.
+pub fn connect(port: u16) -> Option<redis::Connection> {
+    let c = redis::Client::open(format!("redis://127.0.0.1:{port}/")).ok()?;
+    let con = c
+        .get_connection_with_timeout(Duration::from_millis(500))
+        .ok()?;
+    con.set_read_timeout(Some(Duration::from_millis(500)))
+        .ok()?;
+    Some(con)
+}
+
+/// The process id of the `redis-server` answering on `port`.
+pub fn pid_on(port: u16) -> Option<u32> {
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query(&mut connect(port)?)
+        .ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .and_then(|p| p.trim().parse().ok())
+}
