@@ -127,8 +127,9 @@ impl RedisCluster {
                 "cluster_state:ok",
             );
         }
-        // Every node sees the same three masters, each at the address of one
-        // of the nodes started here, before tests start: a node still
+        // Every node knows exactly the six nodes started here (no other
+        // cluster's node joined this one), and sees the same three masters,
+        // each at the address of one of them, before tests start: a node still
         // learning the others through gossip can already list the slot
         // ranges while naming a master it has no address for yet (seen as a
         // port no node has: a test that picked that master to kill found
@@ -141,8 +142,16 @@ impl RedisCluster {
                     m.sort_unstable();
                     m
                 };
+                let knows_only_ours = |p: u16| {
+                    let mut known = nodes_known_by(p);
+                    known.sort_unstable();
+                    let mut ours = ports.clone();
+                    ours.sort_unstable();
+                    known == ours
+                };
                 let first = view(ports[0]);
-                first.len() == 3
+                ports.iter().all(|&p| knows_only_ours(p))
+                    && first.len() == 3
                     && first.iter().all(|m| ports.contains(m))
                     && ports.iter().all(|&p| view(p) == first)
             },
@@ -370,6 +379,19 @@ fn info(port: u16) -> String {
                 .ok()
         })
         .unwrap_or_default()
+}
+
+/// The ports of every node `port` knows, itself included, from
+/// `CLUSTER NODES` (`id ip:port@bus flags ...` per line).
+fn nodes_known_by(port: u16) -> Vec<u16> {
+    let nodes: String = connect(port)
+        .and_then(|mut c| redis::cmd("CLUSTER").arg("NODES").query(&mut c).ok())
+        .unwrap_or_default();
+    nodes
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter_map(|addr| addr.split('@').next()?.rsplit(':').next()?.parse().ok())
+        .collect()
 }
 
 /// `(first slot, last slot, master port)` from `CLUSTER SLOTS` on `port`.
