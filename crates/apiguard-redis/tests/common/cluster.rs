@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::{connect, free_port, pid_on};
+use super::{ask, connect, free_port, pid_on};
 
 /// Wall-clock microseconds since the Unix epoch.
 pub fn unix_us() -> u64 {
@@ -123,7 +123,7 @@ impl RedisCluster {
         for &port in &ports {
             cluster.wait_for(
                 Duration::from_secs(30),
-                || info(port).contains("cluster_state:ok"),
+                || ask(port, &["CLUSTER", "INFO"]).contains("cluster_state:ok"),
                 "cluster_state:ok",
             );
         }
@@ -134,6 +134,8 @@ impl RedisCluster {
         // ranges while naming a master it has no address for yet (seen as a
         // port no node has: a test that picked that master to kill found
         // no node on it).
+        let mut sorted_ports = ports.clone();
+        sorted_ports.sort_unstable();
         cluster.wait_for(
             Duration::from_secs(30),
             || {
@@ -145,9 +147,7 @@ impl RedisCluster {
                 let knows_only_ours = |p: u16| {
                     let mut known = nodes_known_by(p);
                     known.sort_unstable();
-                    let mut ours = ports.clone();
-                    ours.sort_unstable();
-                    known == ours
+                    known == sorted_ports
                 };
                 let first = view(ports[0]);
                 ports.iter().all(|&p| knows_only_ours(p))
@@ -164,16 +164,9 @@ impl RedisCluster {
             || {
                 let masters: Vec<u16> = masters_seen_by(ports[0]).iter().map(|r| r.2).collect();
                 !masters.is_empty()
-                    && masters.iter().all(|&m| {
-                        connect(m)
-                            .and_then(|mut c| {
-                                redis::cmd("INFO")
-                                    .arg("replication")
-                                    .query::<String>(&mut c)
-                                    .ok()
-                            })
-                            .is_some_and(|i| i.contains("state=online"))
-                    })
+                    && masters
+                        .iter()
+                        .all(|&m| ask(m, &["INFO", "replication"]).contains("state=online"))
             },
             "replicas in sync",
         );
@@ -325,14 +318,7 @@ impl RedisCluster {
     fn dump(&self) {
         for n in &self.nodes {
             if n.child.is_some() {
-                let nodes = connect(n.port)
-                    .and_then(|mut c| {
-                        redis::cmd("CLUSTER")
-                            .arg("NODES")
-                            .query::<String>(&mut c)
-                            .ok()
-                    })
-                    .unwrap_or_default();
+                let nodes = ask(n.port, &["CLUSTER", "NODES"]);
                 eprintln!("--- CLUSTER NODES on {}:\n{nodes}", n.port);
             }
             let log = std::fs::read_to_string(self.dir.join(format!("node-{}.log", n.port)))
@@ -370,24 +356,10 @@ fn until(within: Duration, mut ok: impl FnMut() -> bool) -> bool {
     false
 }
 
-fn info(port: u16) -> String {
-    connect(port)
-        .and_then(|mut c| {
-            redis::cmd("CLUSTER")
-                .arg("INFO")
-                .query::<String>(&mut c)
-                .ok()
-        })
-        .unwrap_or_default()
-}
-
 /// The ports of every node `port` knows, itself included, from
 /// `CLUSTER NODES` (`id ip:port@bus flags ...` per line).
 fn nodes_known_by(port: u16) -> Vec<u16> {
-    let nodes: String = connect(port)
-        .and_then(|mut c| redis::cmd("CLUSTER").arg("NODES").query(&mut c).ok())
-        .unwrap_or_default();
-    nodes
+    ask(port, &["CLUSTER", "NODES"])
         .lines()
         .filter_map(|l| l.split_whitespace().nth(1))
         .filter_map(|addr| addr.split('@').next()?.rsplit(':').next()?.parse().ok())

@@ -159,13 +159,13 @@ pub fn free_port(bus: bool) -> u16 {
             handed_out.insert(port);
             return port;
         }
-        let bus = port + 10_000;
+        let bus_port = port + 10_000;
         if port < 55_000
-            && !handed_out.contains(&bus)
-            && TcpListener::bind(("127.0.0.1", bus)).is_ok()
+            && !handed_out.contains(&bus_port)
+            && TcpListener::bind(("127.0.0.1", bus_port)).is_ok()
         {
             handed_out.insert(port);
-            handed_out.insert(bus);
+            handed_out.insert(bus_port);
             return port;
         }
     }
@@ -182,13 +182,22 @@ pub fn connect(port: u16) -> Option<redis::Connection> {
     Some(con)
 }
 
+/// The text reply to the command `args` from the server on `port`, empty
+/// when it does not answer.
+pub fn ask(port: u16, args: &[&str]) -> String {
+    let Some(mut c) = connect(port) else {
+        return String::new();
+    };
+    redis::cmd(args[0])
+        .arg(&args[1..])
+        .query(&mut c)
+        .unwrap_or_default()
+}
+
 /// The process id of the `redis-server` answering on `port`.
 pub fn pid_on(port: u16) -> Option<u32> {
-    let info: String = redis::cmd("INFO")
-        .arg("server")
-        .query(&mut connect(port)?)
-        .ok()?;
-    info.lines()
+    ask(port, &["INFO", "server"])
+        .lines()
         .find_map(|l| l.strip_prefix("process_id:"))
         .and_then(|p| p.trim().parse().ok())
 }
